@@ -1,0 +1,28 @@
+# The two commands of the README:
+#   make quickstart   set up .venv and run the whole recipe on a tiny model (CPU)
+#   make test         set up .venv and run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_DIR ?= runs/quickstart
+
+.PHONY: venv quickstart test clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements-cpu.txt setup.py pyproject.toml $(wildcard csrc/*.cpp)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-cpu.txt
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+quickstart: venv
+	$(VENV)/bin/longsky quickstart --output $(RUN_DIR)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info megatron_longsky/_ext_*.so

@@ -1,0 +1,42 @@
+"""The ``longsky`` command: one entry point, a subcommand per capability.
+
+Each subcommand lives in its own module and exposes ``main(argv) -> int``; the
+scripts in ``tools/`` call the same functions, so both spellings behave the same.
+Modules are imported lazily so ``longsky --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("megatron_longsky.quickstart", "run the whole recipe on a tiny model (CPU)"),
+    "preprocess": ("megatron_longsky.data.preprocess", "jsonl corpora -> Megatron indexed datasets"),
+    "merge-datasets": ("megatron_longsky.data.merge", "merge indexed datasets into one"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: longsky <command> [args...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"longsky: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Process-group and megatron-core parallel-state initialisation.
+
+Launchers: torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), Slurm's
+``srun`` with one task per device (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, master
+taken from the first host of SLURM_JOB_NODELIST), or a plain single process.
+NCCL on GPU, gloo on CPU; on CPU the megatron-core compatibility layer is enabled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal, Mapping
+
+import torch
+
+from megatron_longsky.runtime import cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split across processes."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    # Megatron sequence parallelism (shards LayerNorm/dropout activations over TP).
+    sequence_parallel: bool = False
+    # Transformer Engine's CP communication (GPU only); our CPU attention all-gathers K/V.
+    cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = "p2p"
+    timeout_minutes: int = 30
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+@dataclass
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: Literal["torchrun", "slurm", "single"]
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("empty SLURM_JOB_NODELIST")
+    depth = 0
+    end = len(nodelist)
+    for i, ch in enumerate(nodelist):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            end = i
+            break
+    head = nodelist[:end]
+    match = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", head)
+    if not match:
+        return head
+    prefix, ranges, suffix = match.groups()
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}{suffix}"
+
+
+def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        if "MASTER_ADDR" in env:
+            master = env["MASTER_ADDR"]
+        elif "SLURM_JOB_NODELIST" in env:
+            master = first_host(env["SLURM_JOB_NODELIST"])
+        else:
+            master = env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        # A per-job port so two jobs sharing a node do not collide.
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=master,
+            master_port=port,
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+
+
+@dataclass
+class Runtime:
+    launch: LaunchEnv
+    backend: str
+    device: torch.device
+    parallel: ParallelConfig
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | None = None) -> Runtime:
+    """Initialise torch.distributed, megatron-core's parallel groups and RNG seeds."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    launch = launch or detect_launch_env()
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+        backend = "nccl"
+    else:
+        cpu_compat.enable()
+        device = torch.device("cpu")
+        backend = "gloo"
+
+    if launch.world_size % parallel.model_parallel_size:
+        raise ValueError(
+            f"world size {launch.world_size} is not divisible by TP*PP*CP = "
+            f"{parallel.tensor_model_parallel_size}*{parallel.pipeline_model_parallel_size}*"
+            f"{parallel.context_parallel_size}"
+        )
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(minutes=parallel.timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+            distributed_timeout_minutes=parallel.timeout_minutes,
+        )
+    set_seed(seed)
+    log.info(
+        "distributed: launcher=%s rank=%d/%d backend=%s device=%s TP=%d PP=%d CP=%d DP=%d",
+        launch.launcher, launch.rank, launch.world_size, backend, device,
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+        parallel.context_parallel_size, parallel_state.get_data_parallel_world_size(),
+    )
+    return Runtime(launch=launch, backend=backend, device=device, parallel=parallel)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and megatron-core's model-parallel RNG tracker."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,15 @@
+"""One logging set-up for every entry point: rank-aware, to stderr."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(level: str | int = "INFO", all_ranks: bool = False) -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank != 0 and not all_ranks:
+        level = logging.WARNING
+    fmt = f"[%(asctime)s rank{rank} %(name)s %(levelname)s] %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
