@@ -1,0 +1,126 @@
+"""Model configuration: a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_longsky.config import ConfigError, from_dict
+
+
+@dataclass
+class RopeConfig:
+    """Rotary embedding and its long-context extensions.
+
+    - ``base``: RoPE base (theta). Raising it is ABF (adjusted base frequency).
+    - ``scaling``: ``none``; ``linear`` (position interpolation by ``factor``);
+      ``llama3`` (Llama-3.1 frequency-band scaling); ``yarn``.
+    - ``original_max_position_embeddings``: the pretraining context the scaling refers to.
+    """
+
+    base: float = 10000.0
+    scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    mscale: float = 1.0  # yarn
+    mscale_all_dim: float = 0.0  # yarn
+
+    def __post_init__(self):
+        if self.base <= 0:
+            raise ValueError(f"rope.base must be > 0, got {self.base}")
+        if self.scaling != "none" and self.factor <= 0:
+            raise ValueError(f"rope.factor must be > 0 for scaling={self.scaling}")
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    # Number of KV heads (GQA); None means multi-head attention.
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: int = 176
+    # None: taken from the tokenizer (padded, see tokenizer.padded_vocab_size).
+    vocab_size: Optional[int] = None
+    make_vocab_size_divisible_by: int = 128
+    seq_length: int = 256
+    max_position_embeddings: Optional[int] = None
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    # float32 on CPU; bf16 on GPU.
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # 'auto': Transformer Engine when TE and CUDA are present, else megatron-core local modules.
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    # FP8 through Transformer Engine (GPU only); requesting it without TE is an error.
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    recompute_granularity: Optional[Literal["selective", "full"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    recompute_num_layers: Optional[int] = None
+
+    def __post_init__(self):
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups {groups}"
+            )
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+PRESETS: dict[str, dict] = {
+    # A model small enough to train on 2 CPU cores in minutes.
+    "tiny": dict(
+        num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=176, seq_length=256, rope=dict(base=10000.0),
+    ),
+    "llama3-8b": dict(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=128256, seq_length=8192, norm_epsilon=1e-5,
+        rope=dict(base=500000.0, scaling="llama3", factor=8.0, original_max_position_embeddings=8192),
+        params_dtype="bfloat16",
+    ),
+    # Skywork-13B: 52 layers, hidden 4608, 36 heads (MHA), RoPE base 10000, 4K context.
+    "skywork-13b": dict(
+        num_layers=52, hidden_size=4608, num_attention_heads=36, num_query_groups=None,
+        ffn_hidden_size=12288, vocab_size=65519, seq_length=4096, norm_epsilon=1e-6,
+        rope=dict(base=10000.0, original_max_position_embeddings=4096), params_dtype="bfloat16",
+    ),
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in PRESETS[name].items()}
+
+
+def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
+    """``{'preset': 'tiny', 'num_layers': 4}``: the preset's values, then the given keys."""
+    data = dict(data or {})
+    name = data.pop("preset", None)
+    base = preset(name) if name else {}
+    rope = {**base.get("rope", {}), **data.pop("rope", {})}
+    merged = {**base, **data, "rope": rope}
+    return from_dict(ModelConfig, merged, where)
+
+
+def replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    return dataclasses.replace(cfg, **changes)

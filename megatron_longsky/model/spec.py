@@ -1,0 +1,59 @@
+"""Which transformer layer implementation runs: Transformer Engine or megatron-core local.
+
+The choice is made at run time and logged. FP8 needs Transformer Engine: asking for it
+without TE (e.g. on CPU) is an error, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_longsky.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+def resolve_impl(cfg: ModelConfig) -> str:
+    """'transformer_engine' or 'local', validating the request against this machine."""
+    have_te = transformer_engine_available()
+    impl = cfg.transformer_impl
+    if impl == "auto":
+        impl = "transformer_engine" if have_te else "local"
+    if impl == "transformer_engine" and not have_te:
+        raise RuntimeError(
+            "transformer_impl=transformer_engine was requested but Transformer Engine with CUDA "
+            "is not available on this machine (use transformer_impl=local or auto)"
+        )
+    if cfg.fp8 and impl != "transformer_engine":
+        raise RuntimeError(
+            f"fp8={cfg.fp8!r} requires Transformer Engine on a CUDA device; this run uses the "
+            "local megatron-core layers (no TE): unset model.fp8 or run on an H100 with TE"
+        )
+    return impl
+
+
+def layer_spec(cfg: ModelConfig):
+    """The GPT layer spec for this config and machine."""
+    impl = resolve_impl(cfg)
+    if impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        log.info("layer spec: Transformer Engine (fp8=%s, recipe=%s) [GPU path, untested on CPU CI]",
+                 cfg.fp8, cfg.fp8_recipe)
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    log.info("layer spec: megatron-core local modules (no Transformer Engine)")
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
