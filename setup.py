@@ -47,6 +47,7 @@ setup(
         "transformers",
         "safetensors",
         "tqdm",
+        "psutil",
         "pyyaml",
         "matplotlib",
         "tensorboard",

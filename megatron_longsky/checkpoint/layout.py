@@ -1,0 +1,112 @@
+"""Where things live in a checkpoint directory.
+
+    <root>/latest                      names the newest *complete* iteration directory;
+                                       rewritten atomically only after it is fully saved
+    <root>/iter_0000100/config.yaml    the job config: model:, tokenizer:, parallel:, ...
+    <root>/iter_0000100/model/         megatron-core dist_checkpointing of the model
+    <root>/iter_0000100/optimizer/     dist_checkpointing of the optimizer (training only)
+    <root>/iter_0000100/trainer/       scheduler, data position, RNG states (training only)
+
+A model-only checkpoint (e.g. made by ``convert_checkpoint.py import``) has just
+``config.yaml`` and ``model/``. Both load at any TP/PP layout: dist_checkpointing
+stores global tensors and reshards on load.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from megatron_longsky.utils.atomic import atomic_write_text
+
+ITERATION_PREFIX = "iter_"
+LATEST = "latest"
+CONFIG = "config.yaml"
+MODEL = "model"
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that does not hold what it should."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"{ITERATION_PREFIX}{iteration:07d}"
+
+
+def write_latest(root: str | Path, iteration: int) -> None:
+    atomic_write_text(Path(root) / LATEST, iteration_dir(root, iteration).name + "\n")
+
+
+def read_latest(root: str | Path) -> Path | None:
+    path = Path(root) / LATEST
+    if not path.exists():
+        return None
+    name = path.read_text(encoding="utf-8").strip()
+    if not _ITER_RE.match(name):
+        raise CheckpointError(f"{path}: does not name an iteration directory: {name!r}")
+    target = Path(root) / name
+    if not (target / MODEL).is_dir():
+        raise CheckpointError(f"{path} points at {target}, which has no {MODEL}/ directory")
+    return target
+
+
+def list_iterations(root: str | Path) -> list[int]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _ITER_RE.match(child.name)
+        if match and child.is_dir():
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint root (with ``latest``) or an iteration directory -> the iteration directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / MODEL).is_dir():
+        return path
+    latest = read_latest(path)
+    if latest is not None:
+        return latest
+    raise CheckpointError(
+        f"{path} is neither a checkpoint root with a '{LATEST}' file nor an iteration "
+        f"directory with a '{MODEL}/' subdirectory"
+    )
+
+
+def write_checkpoint_config(ckpt_dir: str | Path, config: dict) -> None:
+    atomic_write_text(Path(ckpt_dir) / CONFIG, yaml.safe_dump(config, sort_keys=False))
+
+
+def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / CONFIG
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: not a megatron_longsky checkpoint")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> list[int]:
+    """Delete all but the newest ``keep`` iterations (never the one ``latest`` names)."""
+    if keep <= 0:
+        return []
+    latest = read_latest(root)
+    iterations = list_iterations(root)
+    removed = []
+    for it in iterations[:-keep]:
+        target = iteration_dir(root, it)
+        if latest is not None and target.resolve() == latest.resolve():
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        removed.append(it)
+    return removed
