@@ -15,6 +15,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("megatron_longsky.quickstart", "run the whole recipe on a tiny model (CPU)"),
     "preprocess": ("megatron_longsky.data.preprocess", "jsonl corpora -> Megatron indexed datasets"),
     "merge-datasets": ("megatron_longsky.data.merge", "merge indexed datasets into one"),
+    "build-cip": ("megatron_longsky.data.cip", "chunk-interleaved (CIP) long sequences from documents"),
+    "preprocess-sft": ("megatron_longsky.sft.preprocess", "chat jsonl -> SFT token + loss-mask datasets"),
+    "build-synl": ("megatron_longsky.synl.generate", "Synthetic Lengthy Tables (long-context SFT data)"),
+    "train": ("megatron_longsky.training.cli", "train / resume a model (torchrun or srun for several processes)"),
+    "plot-loss": ("megatron_longsky.training.plot", "loss curve PNG from a training metrics.jsonl"),
+    "convert": ("megatron_longsky.convert.cli", "HF <-> megatron_longsky checkpoints (import / export)"),
+    "needle": ("megatron_longsky.eval.needle_cli", "needle-in-a-haystack sweep: heatmap, JSON, Markdown"),
+    "eval": ("megatron_longsky.eval.tasks_cli", "passkey, RULER-style tasks, perplexity by position"),
 }
 
 

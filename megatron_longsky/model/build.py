@@ -82,8 +82,16 @@ def build_model(
     vocab_size: int,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    seed: int | None = None,
+    initialize: bool = True,
 ):
-    """One GPTModel holding this pipeline stage's layers, with RoPE as configured."""
+    """One GPTModel holding this pipeline stage's layers, with RoPE as configured.
+
+    ``seed``: layout-invariant initialisation (:func:`initialize_weights`): the same seed
+    gives the same full weights at any TP/PP. Without it megatron-core initialises (its
+    weights differ between PP layouts). ``initialize=False`` leaves the weights
+    uninitialised, for callers that load them next (conversion, evaluation).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -93,7 +101,7 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    tcfg = transformer_config(cfg, parallel)
+    tcfg = transformer_config(cfg, parallel, perform_initialization=initialize and seed is None)
     rope = cfg.rope
     model = GPTModel(
         config=tcfg,
@@ -108,4 +116,8 @@ def build_model(
         seq_len_interpolation_factor=rope.factor if rope.scaling == "linear" else None,
     )
     apply_rope_config(model, rope)
+    if initialize and seed is not None:
+        from megatron_longsky.model.init import initialize_weights
+
+        initialize_weights(model, seed, cfg.init_method_std, cfg.num_layers)
     return model

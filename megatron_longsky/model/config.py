@@ -91,13 +91,23 @@ PRESETS: dict[str, dict] = {
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
         ffn_hidden_size=176, seq_length=256, rope=dict(base=10000.0),
     ),
+    # Meta-Llama-3-8B: RoPE base 500000, 8K context, no scaling.
     "llama3-8b": dict(
         num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
         ffn_hidden_size=14336, vocab_size=128256, seq_length=8192, norm_epsilon=1e-5,
+        rope=dict(base=500000.0, original_max_position_embeddings=8192),
+        params_dtype="bfloat16",
+    ),
+    # Llama-3.1-8B: the same network with llama3 frequency scaling (x8 over 8K).
+    "llama3.1-8b": dict(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=128256, seq_length=8192, max_position_embeddings=131072,
+        norm_epsilon=1e-5,
         rope=dict(base=500000.0, scaling="llama3", factor=8.0, original_max_position_embeddings=8192),
         params_dtype="bfloat16",
     ),
-    # Skywork-13B: 52 layers, hidden 4608, 36 heads (MHA), RoPE base 10000, 4K context.
+    # Skywork-13B (its config.json): 52 layers, hidden 4608, 36 heads (MHA), FFN 12288,
+    # vocab 65519, RMSNorm eps 1e-6, RoPE base 10000, 4K pretraining context.
     "skywork-13b": dict(
         num_layers=52, hidden_size=4608, num_attention_heads=36, num_query_groups=None,
         ffn_hidden_size=12288, vocab_size=65519, seq_length=4096, norm_epsilon=1e-6,

@@ -55,5 +55,8 @@ def layer_spec(cfg: ModelConfig):
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    log.info("layer spec: megatron-core local modules (no Transformer Engine)")
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    from megatron_longsky.attention.select import install_core_attention
+
+    log.info("layer spec: megatron-core local modules (no Transformer Engine), LongSkyCoreAttention "
+             "for context parallelism and packed sequences")
+    return install_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"))

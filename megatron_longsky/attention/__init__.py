@@ -1,0 +1,1 @@
+"""Long-context attention: context parallelism and packed documents without Transformer Engine."""

@@ -1,0 +1,123 @@
+"""Context parallelism helpers: the load-balanced zig-zag split and the K/V all-gather.
+
+Each sequence is cut into ``2 * CP`` equal chunks; CP rank ``r`` keeps chunks ``r`` and
+``2 * CP - 1 - r`` (the layout of megatron-core's ``get_batch_on_this_cp_rank`` and
+Transformer Engine), so every rank gets the same amount of causal-attention work.
+Attention on a rank needs every key and value: :func:`all_gather_sequence` gathers
+them (autograd: all-gather forward, reduce-scatter of the gradient backward) and
+:func:`zigzag_positions` gives the global position of every local and gathered token,
+from which the exact causal mask follows.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class SequenceLengthError(ValueError):
+    """A sequence that cannot be split across the context-parallel ranks."""
+
+
+def validate_sequence_length(seq_length: int, cp_size: int, fp8: Optional[str] = None,
+                             where: str = "seq_length") -> None:
+    """Raise :class:`SequenceLengthError` unless ``seq_length`` splits into 2*CP chunks.
+
+    With FP8 (GPU, Transformer Engine) each rank's shard must also divide by 16.
+    """
+    if cp_size < 1:
+        raise SequenceLengthError(f"context_parallel_size must be >= 1, got {cp_size}")
+    if cp_size > 1 and seq_length % (2 * cp_size):
+        raise SequenceLengthError(
+            f"{where}={seq_length} is not divisible by 2 x context_parallel_size = {2 * cp_size}: "
+            f"context parallelism cuts every sequence into 2*CP equal chunks (pad it to a multiple "
+            f"of {2 * cp_size})")
+    if fp8 and (seq_length // cp_size) % 16:
+        raise SequenceLengthError(
+            f"{where}={seq_length} with context_parallel_size={cp_size} gives shards of "
+            f"{seq_length // cp_size} tokens; FP8 needs each shard divisible by 16 "
+            f"(use a multiple of {16 * cp_size})")
+
+
+def zigzag_chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
+    return cp_rank, 2 * cp_size - 1 - cp_rank
+
+
+def zigzag_positions(seq_length: int, cp_size: int, cp_rank: int, device=None) -> Tensor:
+    """Global positions (int64) of the tokens CP rank ``cp_rank`` holds, in its local order."""
+    validate_sequence_length(seq_length, cp_size)
+    if cp_size == 1:
+        return torch.arange(seq_length, device=device)
+    chunk = seq_length // (2 * cp_size)
+    first, second = zigzag_chunk_ids(cp_size, cp_rank)
+    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk, device=device),
+                      torch.arange(second * chunk, (second + 1) * chunk, device=device)])
+
+
+def gathered_positions(local_length: int, cp_size: int, device=None) -> Tensor:
+    """Global positions of :func:`all_gather_sequence`'s output (rank 0's tokens, then rank 1's...)."""
+    total = local_length * cp_size
+    return torch.cat([zigzag_positions(total, cp_size, r, device) for r in range(cp_size)])
+
+
+def split_for_cp(t: Tensor, dim: int, cp_size: int, cp_rank: int) -> Tensor:
+    """This rank's two zig-zag chunks of ``t`` along ``dim``."""
+    if cp_size == 1:
+        return t
+    validate_sequence_length(t.shape[dim], cp_size, where=f"tensor dim {dim} length")
+    chunks = t.chunk(2 * cp_size, dim=dim)
+    first, second = zigzag_chunk_ids(cp_size, cp_rank)
+    return torch.cat([chunks[first], chunks[second]], dim=dim)
+
+
+def unsplit_from_cp(parts: list[Tensor], dim: int) -> Tensor:
+    """Inverse of :func:`split_for_cp`: the per-rank shards (in rank order) -> the full tensor."""
+    cp_size = len(parts)
+    if cp_size == 1:
+        return parts[0]
+    chunks: list[Optional[Tensor]] = [None] * (2 * cp_size)
+    for rank, part in enumerate(parts):
+        first, second = zigzag_chunk_ids(cp_size, rank)
+        chunks[first], chunks[second] = part.chunk(2, dim=dim)
+    return torch.cat(chunks, dim=dim)
+
+
+def _group_size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """Concatenate every rank's tensor along dim 0; the gradient is reduce-scattered back."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group):
+        ctx.group = group
+        world = dist.get_world_size(group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        group = ctx.group
+        world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        grad = grad.contiguous()
+        if dist.get_backend(group) == dist.Backend.GLOO:
+            # gloo has no reduce-scatter: all-reduce, then keep this rank's slice.
+            dist.all_reduce(grad, group=group)
+            return grad.chunk(world, dim=0)[rank].contiguous(), None
+        out = torch.empty_like(grad.chunk(world, dim=0)[0])
+        dist.reduce_scatter_tensor(out, grad, group=group)
+        return out, None
+
+
+def all_gather_sequence(x: Tensor, group) -> Tensor:
+    """All ranks' ``x`` concatenated along dim 0 (rank order), differentiable."""
+    if _group_size(group) == 1:
+        return x
+    return _AllGatherSequence.apply(x, group)

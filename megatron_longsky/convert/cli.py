@@ -1,0 +1,64 @@
+"""``longsky convert import|export`` (also ``tools/convert_checkpoint.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_longsky.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longsky convert", description="Convert checkpoints between Hugging Face (Llama family) and megatron_longsky."
+    )
+    sub = parser.add_subparsers(dest="direction", required=True)
+    imp = sub.add_parser("import", help="HF model directory -> our checkpoint (dist_checkpointing)")
+    imp.add_argument("--hf-dir", required=True, help="directory with config.json and safetensors weights")
+    imp.add_argument("--output", required=True, help="checkpoint root to create (must not exist)")
+    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint is meant for")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is meant for")
+    imp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                     help="storage dtype of the weights (float32 holds bf16 sources exactly)")
+    imp.add_argument("--allow-pickle", action="store_true",
+                     help="accept pytorch_model*.bin pickles (only for sources you trust)")
+    imp.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    exp = sub.add_parser("export", help="our checkpoint (any layout) -> HF LlamaForCausalLM directory")
+    exp.add_argument("--checkpoint", required=True, help="checkpoint root (with 'latest') or iteration directory")
+    exp.add_argument("--output", required=True, help="HF directory to create (must not exist)")
+    exp.add_argument("--tokenizer-dir", default=None,
+                     help="tokenizer files to ship (default: the checkpoint's own HF tokenizer, if any)")
+    exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="dtype of the exported weights (default: the model's params_dtype)")
+    exp.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_longsky.convert.hf_config import ConversionError
+    from megatron_longsky.checkpoint.layout import CheckpointError
+    from megatron_longsky.utils.logging import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        if args.direction == "import":
+            from megatron_longsky.convert.importer import import_checkpoint
+
+            out = import_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                    allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+        else:
+            from megatron_longsky.convert.exporter import export_checkpoint
+
+            out = export_checkpoint(args.checkpoint, args.output, tokenizer_dir=args.tokenizer_dir,
+                                    dtype=args.dtype, overwrite=args.overwrite)
+    except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as exc:
+        print(f"longsky convert {args.direction}: error: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""What an evaluated model must provide, and the Hugging Face implementation.
+
+An :class:`LMBackend` turns token ids into next-token logits, generates greedily and
+gives per-token negative log-likelihoods. :class:`LogitsBackend` derives the last
+two from ``logits`` (generation recomputes the full prefix each step: simple, exact,
+and fine for the few answer tokens our tasks need). The Megatron backend lives in
+:mod:`megatron_longsky.eval.megatron_backend`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class LMBackend(Protocol):
+    def logits(self, token_ids: list[list[int]], last_n: Optional[int] = None) -> torch.Tensor:
+        """``[batch, n, vocab]`` float logits of the last ``n`` positions (all when None).
+
+        Rows must have equal length. Position ``i``'s logits predict token ``i + 1``.
+        """
+
+    def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
+                        stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation of ``prompt_ids``; stops after a token in ``stop_ids``
+        (which is not returned) or after ``max_new_tokens`` tokens."""
+
+    def token_nll(self, token_ids: list[int]) -> torch.Tensor:
+        """``[len - 1]`` negative log-likelihood of tokens ``1..len-1`` given their prefix."""
+
+
+def continuation_logits(backend: LMBackend, prompt_ids: list[int], continuation: list[int]) -> torch.Tensor:
+    """``[len(continuation), vocab]``: the logits that predict each continuation token."""
+    if not continuation:
+        raise ValueError("empty continuation")
+    full = list(prompt_ids) + list(continuation[:-1])
+    return backend.logits([full], last_n=len(continuation))[0]
+
+
+class LogitsBackend:
+    """Base class: implement :meth:`logits`; generation and NLL come from it."""
+
+    def logits(self, token_ids: list[list[int]], last_n: Optional[int] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
+                        stop_ids: Sequence[int] = ()) -> list[int]:
+        stops = set(int(s) for s in stop_ids)
+        ids = list(prompt_ids)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(self.logits([ids], last_n=1)[0, -1].argmax())
+            if token in stops:
+                break
+            out.append(token)
+            ids.append(token)
+        return out
+
+    def token_nll(self, token_ids: list[int]) -> torch.Tensor:
+        if len(token_ids) < 2:
+            raise ValueError("token_nll needs at least two tokens")
+        logits = self.logits([list(token_ids)])[0, :-1].float()
+        targets = torch.tensor(token_ids[1:], dtype=torch.long)
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
+def check_rows(token_ids: list[list[int]]) -> int:
+    if not token_ids or not token_ids[0]:
+        raise ValueError("logits() needs at least one non-empty row")
+    length = len(token_ids[0])
+    if any(len(row) != length for row in token_ids):
+        raise ValueError("logits() rows must have equal length")
+    return length
+
+
+class HFBackend(LogitsBackend):
+    """A ``transformers`` causal LM from a local directory (never a hub download)."""
+
+    def __init__(self, model, device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: str = "float32",
+                        device: str = "cpu") -> "HFBackend":
+        from transformers import AutoModelForCausalLM
+
+        path = Path(model_dir)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                     local_files_only=True)
+        log.info("HF backend: %s (%s) on %s", path, type(model).__name__, device)
+        return cls(model.to(device), device)
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[list[int]], last_n: Optional[int] = None) -> torch.Tensor:
+        check_rows(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        # logits_to_keep=n computes the LM head on the last n positions only (0 = all).
+        out = self.model(input_ids=ids, logits_to_keep=last_n or 0, use_cache=False)
+        return out.logits.float().cpu()
+
+    @torch.no_grad()
+    def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
+                        stop_ids: Sequence[int] = ()) -> list[int]:
+        # A KV cache loop: one prefill of the long prompt, then one token at a time.
+        stops = set(int(s) for s in stop_ids)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        generated: list[int] = []
+        for step in range(max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            if token in stops:
+                break
+            generated.append(token)
+            if step + 1 == max_new_tokens:
+                break
+            out = self.model(input_ids=torch.tensor([[token]], device=self.device),
+                             past_key_values=out.past_key_values, use_cache=True)
+        return generated

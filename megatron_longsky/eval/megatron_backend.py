@@ -1,0 +1,182 @@
+"""Forward-only evaluation of our Megatron checkpoints with TP / PP / CP.
+
+Every rank of the job runs the same evaluation loop in lockstep (prompts are
+deterministic), and every rank gets the same logits back:
+
+- the sequence is right-padded to a multiple of 2*CP (causal attention: padding at
+  the end changes no earlier logit), and with CP>1 each rank keeps its two zig-zag
+  chunks (megatron-core's ``get_batch_on_this_cp_rank``);
+- the pipeline runs through megatron-core's schedule with ``forward_only=True``;
+- on the last stage each CP rank writes the rows it owns into a zero tensor of the
+  wanted rows, summed over the CP group (so the long ``[s, vocab]`` logits are never
+  gathered), the vocabulary shards are gathered over TP, padding columns dropped,
+  and the result is broadcast from the last pipeline stage.
+
+NLL uses the model's own vocab-parallel cross entropy (``labels=``), so perplexity
+at long lengths never materialises full logits either.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_longsky.eval.backends import LogitsBackend, check_rows
+from megatron_longsky.runtime.distributed import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+def padded_vocab_for_checkpoint(ckpt_config: dict, model_cfg) -> int:
+    """The (padded) vocabulary size the checkpoint's embedding was saved with."""
+    from megatron_longsky.tokenizer import pad_vocab_size
+
+    if model_cfg.vocab_size:
+        return int(model_cfg.vocab_size)
+    tok = ckpt_config.get("tokenizer") or {}
+    if not tok.get("vocab_size"):
+        raise ValueError("checkpoint config has neither model.vocab_size nor tokenizer.vocab_size")
+    saved_tp = int((ckpt_config.get("parallel") or {}).get("tensor_model_parallel_size", 1))
+    return pad_vocab_size(int(tok["vocab_size"]), model_cfg.make_vocab_size_divisible_by, saved_tp)
+
+
+def _zigzag_positions(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Global positions of the local rows of CP rank ``cp_rank`` (chunks r and 2CP-1-r)."""
+    chunk = seq_len // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
+    return torch.cat([first, second])
+
+
+class MegatronBackend(LogitsBackend):
+    """A megatron-core GPTModel (one pipeline stage per rank) as an :class:`LMBackend`.
+
+    ``vocab_size`` is the tokenizer's real vocabulary: logits of padding entries are dropped.
+    """
+
+    def __init__(self, model, vocab_size: int):
+        from megatron.core import parallel_state
+
+        if not parallel_state.model_parallel_is_initialized():
+            raise RuntimeError("initialise megatron_longsky.runtime.distributed first")
+        self.model = model.eval()
+        self.vocab_size = vocab_size
+        self.config = model.config
+        self.cp_size = parallel_state.get_context_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.sequence_parallel = bool(self.config.sequence_parallel)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, parallel: ParallelConfig,
+                        vocab_size: Optional[int] = None) -> "MegatronBackend":
+        """Build the model the checkpoint describes at this job's TP/PP/CP and load it."""
+        from megatron_longsky.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
+        from megatron_longsky.model import build_model, model_config_from_dict
+
+        ckpt_dir = resolve_checkpoint(path)
+        ckpt_config = read_checkpoint_config(ckpt_dir)
+        model_cfg = model_config_from_dict(ckpt_config.get("model") or {}, where=f"{ckpt_dir}/config.yaml:model")
+        padded = padded_vocab_for_checkpoint(ckpt_config, model_cfg)
+        if padded % parallel.tensor_model_parallel_size:
+            raise ValueError(f"padded vocabulary {padded} of {ckpt_dir} does not divide by TP="
+                             f"{parallel.tensor_model_parallel_size}")
+        # No random initialisation: every weight comes from the checkpoint.
+        model = build_model(model_cfg, parallel, padded, initialize=False)
+        load_model_weights([model], ckpt_dir)
+        real_vocab = vocab_size or int((ckpt_config.get("tokenizer") or {}).get("vocab_size") or padded)
+        log.info("Megatron backend: %s (padded vocab %d, TP=%d PP=%d CP=%d)", ckpt_dir, padded,
+                 parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                 parallel.context_parallel_size)
+        return cls(model, real_vocab)
+
+    # -- one forward pass over the pipeline -------------------------------------------
+
+    def _padded_length(self, length: int) -> int:
+        multiple = 2 * self.cp_size
+        if self.sequence_parallel:
+            multiple *= self.tp_size
+        return -(-length // multiple) * multiple
+
+    def _run(self, tokens: torch.Tensor, labels: Optional[torch.Tensor]):
+        """Forward ``tokens [b, s_padded]``; the last stage's local output, else None."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        b, s = tokens.shape
+        batch = {"tokens": tokens, "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
+                 "labels": labels}
+        batch = get_batch_on_this_cp_rank(batch)
+
+        def forward_step(data_iterator, model):
+            data = next(data_iterator)
+            out = model(data["tokens"], data["position_ids"], None, labels=data["labels"])
+            return out, lambda output, non_loss_data=True: output.detach()
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=[self.model],
+            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+            collect_non_loss_data=True,
+        )
+        return outputs[0] if outputs else None
+
+    def _rows(self, local: Optional[torch.Tensor], seq_len: int, start: int, stop: int) -> Optional[torch.Tensor]:
+        """Rows ``start:stop`` (global positions) of a zig-zag sharded ``[b, s_local, ...]``."""
+        from megatron.core import parallel_state
+
+        if local is None:
+            return None
+        shape = (local.shape[0], stop - start) + tuple(local.shape[2:])
+        if self.cp_size == 1:
+            return local[:, start:stop].float()
+        out = torch.zeros(shape, dtype=torch.float32)
+        positions = _zigzag_positions(seq_len, self.cp_size, self.cp_rank)
+        keep = (positions >= start) & (positions < stop)
+        out[:, positions[keep] - start] = local[:, keep].float()
+        torch.distributed.all_reduce(out, group=parallel_state.get_context_parallel_group())
+        return out
+
+    def _broadcast_from_last_stage(self, tensor: Optional[torch.Tensor], shape) -> torch.Tensor:
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return tensor
+        if tensor is None:
+            tensor = torch.empty(shape, dtype=torch.float32)
+        torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+        return tensor
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[list[int]], last_n: Optional[int] = None) -> torch.Tensor:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        length = check_rows(token_ids)
+        n = length if last_n is None else min(last_n, length)
+        s = self._padded_length(length)
+        tokens = torch.zeros(len(token_ids), s, dtype=torch.long)
+        tokens[:, :length] = torch.tensor(token_ids, dtype=torch.long)
+        local = self._run(tokens, None)
+        rows = self._rows(local, s, length - n, length)
+        if rows is not None:
+            if self.tp_size > 1:
+                rows = gather_from_tensor_model_parallel_region(rows)
+            rows = rows[..., : self.vocab_size].contiguous()
+        return self._broadcast_from_last_stage(rows, (len(token_ids), n, self.vocab_size))
+
+    @torch.no_grad()
+    def token_nll(self, token_ids: list[int]) -> torch.Tensor:
+        length = check_rows([token_ids])
+        if length < 2:
+            raise ValueError("token_nll needs at least two tokens")
+        s = self._padded_length(length)
+        tokens = torch.zeros(1, s, dtype=torch.long)
+        tokens[0, :length] = torch.tensor(token_ids, dtype=torch.long)
+        labels = torch.zeros(1, s, dtype=torch.long)
+        labels[0, : length - 1] = tokens[0, 1:length]
+        local = self._run(tokens, labels)  # [1, s_local] per-token loss, TP-reduced
+        rows = self._rows(local, s, 0, length - 1)
+        return self._broadcast_from_last_stage(rows, (1, length - 1))[0]

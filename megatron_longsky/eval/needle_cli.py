@@ -1,0 +1,98 @@
+"""``longsky needle`` / ``tools/needle_test.py``: the needle-in-a-haystack sweep.
+
+    longsky needle --checkpoint ckpt/ --lengths 1024,2048,4096 --depths 11 --samples 2 \\
+        --output out/needle
+    torchrun --nproc-per-node 8 tools/needle_test.py --checkpoint ckpt/ --tp 4 --cp 2 ...
+    longsky needle --hf-model ./Llama-3-8B --mode chat --lengths 8192 --output out/hf
+
+Writes ``needle.png`` (heatmap), ``needle.json`` (every cell and sample) and
+``needle.md`` (summary). NeedleConfig fields can also come from ``--config YAML``
+and ``key=value`` overrides (e.g. ``needle="The code is {value}."``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatron_longsky.config import ConfigError, apply_overrides, from_dict, load_yaml
+from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
+from megatron_longsky.utils.logging import setup_logging
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longsky needle", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--lengths", help="context lengths in tokens, e.g. 1024,2048 (whole prompt)")
+    g.add_argument("--depths", help="a count of evenly spaced depths (11) or percentages (0,50,100)")
+    g.add_argument("--depth-spacing", choices=["linear", "sigmoid"])
+    g.add_argument("--samples", type=int, help="needles (prompts) per cell")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--mode", choices=["base", "chat"],
+                   help="base: teacher-forced argmax; chat: greedy generation with the chat template")
+    g.add_argument("--needles", type=int, help="needles per prompt (all must be retrieved)")
+    g.add_argument("--distractors", type=int, help="distractor needles with other keys")
+    g.add_argument("--haystack", help="'default' (built in), a .txt/.jsonl file, or indexed:<prefix>")
+    g.add_argument("--haystack-key", help="jsonl field holding the text (default: text)")
+    g.add_argument("--chat-template", help="Jinja file replacing the tokenizer's chat template")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--no-bos", action="store_true", help="base mode: do not start prompts with BOS")
+    p.add_argument("--config", help="YAML file of NeedleConfig fields")
+    p.add_argument("--output", required=True, help="directory for needle.png / .json / .md")
+    p.add_argument("overrides", nargs="*", help="NeedleConfig key=value overrides")
+    return p
+
+
+def needle_config_from_args(args: argparse.Namespace):
+    from megatron_longsky.eval.needle import NeedleConfig
+
+    data = load_yaml(args.config) if args.config else {}
+    flags = {
+        "lengths": parse_int_list(args.lengths, "--lengths") if args.lengths else None,
+        "depth_spacing": args.depth_spacing, "samples": args.samples, "seed": args.seed, "mode": args.mode,
+        "num_needles": args.needles, "num_distractors": args.distractors, "haystack": args.haystack,
+        "haystack_key": args.haystack_key, "chat_template": args.chat_template,
+        "max_new_tokens": args.max_new_tokens, "add_bos": False if args.no_bos else None,
+    }
+    if args.depths:
+        depths, count = parse_depths(args.depths)
+        if count is None:
+            flags["depths"] = depths
+        else:
+            flags["num_depths"] = count
+    data.update({k: v for k, v in flags.items() if v is not None})
+    data = apply_overrides(data, args.overrides)
+    return from_dict(NeedleConfig, data, where=args.config or "needle config")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_longsky.eval.needle import run_needle
+    from megatron_longsky.eval.report import write_report
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = needle_config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model = load_model(args)
+    try:
+        result = run_needle(cfg, model.backend, model.tokenizer, model_name=model.name, progress=model.is_writer)
+        if model.is_writer:
+            paths = write_report(result, args.output)
+            log.info("needle: accuracy %.1f%%; longest length with all cells passed: %s; report: %s",
+                     100 * result.accuracy, result.longest_length_all_passed(), paths["md"])
+            print(open(paths["md"], encoding="utf-8").read())
+    finally:
+        finish(model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Perplexity by position on long held-out documents.
+
+Each document with at least ``length`` tokens contributes its first ``length``
+tokens (after an optional BOS); the negative log-likelihood of every predicted
+token is grouped by its position into buckets, so one can see whether tokens far
+into the context are predicted better (the context is used) or worse (the model
+breaks past its trained length). Documents are never concatenated: that would
+measure something else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import torch
+
+from megatron_longsky.eval.backends import LMBackend
+from megatron_longsky.tokenizer.base import Tokenizer
+from megatron_longsky.utils.atomic import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class PerplexityConfig:
+    # An indexed dataset ("indexed:<prefix>"), or a .jsonl / .txt file of documents.
+    data: str = ""
+    json_key: str = "text"
+    length: int = 4096
+    max_documents: int = 16
+    # "log2": buckets [1,2), [2,4), ..., "linear": num_buckets equal-width buckets.
+    buckets: Literal["log2", "linear"] = "log2"
+    num_buckets: int = 8
+    add_bos: bool = True
+
+    def __post_init__(self):
+        if self.length < 2 or self.max_documents < 1 or self.num_buckets < 1:
+            raise ValueError("length must be >= 2, max_documents and num_buckets >= 1")
+
+
+def bucket_edges(length: int, kind: str = "log2", num_buckets: int = 8) -> list[int]:
+    """Edges over predicted-token positions ``1..length-1`` (position = index in the sequence)."""
+    if kind == "log2":
+        edges = [1]
+        while edges[-1] < length:
+            edges.append(min(edges[-1] * 2, length))
+        return edges
+    if kind == "linear":
+        edges = sorted({1 + round(i * (length - 1) / num_buckets) for i in range(num_buckets + 1)})
+        return edges
+    raise ValueError(f"bucket kind must be 'log2' or 'linear', got {kind!r}")
+
+
+def iter_documents(cfg: PerplexityConfig, tokenizer: Tokenizer) -> Iterator[list[int]]:
+    """Token ids of the documents in ``cfg.data`` (no BOS/EOD)."""
+    if cfg.data.startswith("indexed:"):
+        from megatron_longsky.data.indexed import open_indexed
+
+        dataset = open_indexed(cfg.data[len("indexed:"):])
+        bounds = dataset.document_indices
+        for d in range(len(bounds) - 1):
+            ids = [int(t) for s in range(bounds[d], bounds[d + 1]) for t in dataset[s]]
+            yield [t for t in ids if t != tokenizer.eod_id]
+        return
+    path = Path(cfg.data)
+    if not path.exists():
+        raise FileNotFoundError(f"perplexity data {path} does not exist")
+    if path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        text = json.loads(line)[cfg.json_key]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{path}:{lineno}: not a JSON object with a {cfg.json_key!r} string") from None
+                    yield tokenizer.encode(text)
+    else:
+        yield tokenizer.encode(path.read_text(encoding="utf-8"))
+
+
+@dataclass
+class PerplexityResult:
+    config: dict
+    documents: int
+    edges: list[int]
+    nll_sum: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    model: str = ""
+
+    def buckets(self) -> list[dict]:
+        out = []
+        for i, (lo, hi) in enumerate(zip(self.edges, self.edges[1:])):
+            mean = self.nll_sum[i] / self.tokens[i] if self.tokens[i] else float("nan")
+            out.append({"start": lo, "end": hi, "tokens": self.tokens[i], "nll": mean, "ppl": math.exp(mean)})
+        return out
+
+    @property
+    def overall_nll(self) -> float:
+        return sum(self.nll_sum) / max(1, sum(self.tokens))
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "config": self.config, "documents": self.documents,
+                "overall_nll": self.overall_nll, "overall_ppl": math.exp(self.overall_nll),
+                "buckets": self.buckets()}
+
+    def markdown(self) -> str:
+        lines = [f"# Perplexity by position{': ' + self.model if self.model else ''}", "",
+                 f"- {self.documents} documents of {self.config.get('length')} tokens from "
+                 f"{self.config.get('data')}; overall perplexity **{math.exp(self.overall_nll):.3f}**", "",
+                 "| positions | tokens | NLL | perplexity |", "|---|---:|---:|---:|"]
+        for b in self.buckets():
+            lines.append(f"| {b['start']}-{b['end'] - 1} | {b['tokens']} | {b['nll']:.4f} | {b['ppl']:.3f} |")
+        return "\n".join(lines) + "\n"
+
+
+def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer: Tokenizer,
+                           model_name: str = "", documents: Optional[list[list[int]]] = None,
+                           progress: bool = True) -> PerplexityResult:
+    """NLL per position bucket over up to ``max_documents`` long documents."""
+    from tqdm import tqdm
+
+    bos = [tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []
+    body = cfg.length - len(bos)
+    edges = bucket_edges(cfg.length, cfg.buckets, cfg.num_buckets)
+    result = PerplexityResult(asdict(cfg), 0, edges, [0.0] * (len(edges) - 1), [0] * (len(edges) - 1), model_name)
+    source = documents if documents is not None else iter_documents(cfg, tokenizer)
+    bar = tqdm(total=cfg.max_documents, desc="perplexity", disable=None if progress else True, leave=False)
+    positions = torch.arange(1, cfg.length)
+    index = torch.bucketize(positions, torch.tensor(edges), right=True) - 1
+    for doc in source:
+        if len(doc) < body:
+            continue
+        nll = backend.token_nll(bos + list(doc[:body])).double()
+        result.nll_sum = [s + float(nll[index == i].sum()) for i, s in enumerate(result.nll_sum)]
+        result.tokens = [n + int((index == i).sum()) for i, n in enumerate(result.tokens)]
+        result.documents += 1
+        bar.update(1)
+        if result.documents == cfg.max_documents:
+            break
+    bar.close()
+    if result.documents == 0:
+        raise ValueError(f"no document in {cfg.data or 'the given documents'} has {body} tokens "
+                         f"(--length {cfg.length}); use a shorter length or longer held-out documents")
+    return result
+
+
+def write_perplexity_report(result: PerplexityResult, out_dir: str | Path, name: str = "perplexity") -> dict:
+    out = Path(out_dir)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
+    atomic_write_json(paths["json"], result.to_dict())
+    atomic_write_text(paths["md"], result.markdown())
+    return {k: str(v) for k, v in paths.items()}

@@ -1,0 +1,101 @@
+"""Prompt framing shared by every task: what goes before and after the context.
+
+base mode:  [BOS] [instruction] context "\\n\\n" question "\\n" answer_prefix  -> the answer
+chat mode:  the model's chat template around one user turn ([instruction] context question),
+            with the generation prompt, then the answer prefix
+
+The context is given as token ids and spliced in between separately encoded
+prefix and suffix, so the prompt length is exact and the context tokens are
+exactly the haystack's. Chat templates are rendered with a marker in place of the
+context and split at it; special-token text in the template (e.g. ``<s>``) is
+mapped to its id by the tokenizer, never inserted into the context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from megatron_longsky.tokenizer.base import Tokenizer
+
+_MARKER = "\u2063LONGSKY_CONTEXT\u2063"
+
+Mode = Literal["base", "chat"]
+
+
+def render_chat_template(template: str, messages: list[dict], tokenizer: Tokenizer,
+                         add_generation_prompt: bool = True) -> str:
+    """Render a Hugging Face style Jinja chat template (sandboxed, like transformers)."""
+    from datetime import datetime
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    specials = {
+        "bos_token": tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else "",
+        "eos_token": tokenizer.decode([tokenizer.eod_id]),
+    }
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **specials)
+
+
+def load_chat_template(tokenizer: Tokenizer, path: Optional[str]) -> str:
+    """The template from ``path`` if given, else the tokenizer's own; an error if neither."""
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"chat template file {p} does not exist")
+        return p.read_text(encoding="utf-8")
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"chat mode needs a chat template, but tokenizer {tokenizer.model or tokenizer.type!r} has none; "
+            "pass a Jinja template file (--chat-template) or use --mode base"
+        )
+    return tokenizer.chat_template
+
+
+@dataclass
+class PromptFrame:
+    """Token ids that surround a context for one question."""
+
+    prefix: list[int]
+    suffix: list[int]
+
+    @property
+    def overhead(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+    def assemble(self, context: list[int]) -> list[int]:
+        return self.prefix + context + self.suffix
+
+
+def make_frame(tokenizer: Tokenizer, question: str, answer_prefix: str, mode: Mode,
+               chat_template: Optional[str] = None, add_bos: bool = True, instruction: str = "") -> PromptFrame:
+    """``instruction`` (optional) goes right before the context."""
+    if mode == "base":
+        prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+        if instruction:
+            prefix = prefix + tokenizer.encode(instruction)
+        return PromptFrame(prefix, tokenizer.encode(f"\n\n{question}\n{answer_prefix}"))
+    if mode != "chat":
+        raise ValueError(f"mode must be 'base' or 'chat', got {mode!r}")
+    if chat_template is None:
+        raise ValueError("chat mode needs a chat template")
+    content = f"{instruction}{_MARKER}\n\n{question}"
+    text = render_chat_template(chat_template, [{"role": "user", "content": content}], tokenizer)
+    if text.count(_MARKER) != 1:
+        raise ValueError("the chat template did not render the user message exactly once")
+    before, after = text.split(_MARKER)
+    return PromptFrame(tokenizer.encode(before), tokenizer.encode(after + answer_prefix))
+
+
+def answer_ids(tokenizer: Tokenizer, answers: list[str]) -> list[int]:
+    """The teacher-forced continuation: ``" " + ", ".join(answers)`` (no special tokens)."""
+    return tokenizer.encode(" " + ", ".join(answers))

@@ -1,0 +1,1 @@
+"""Cluster launch helpers (a local single-node Slurm for tests)."""

@@ -1,0 +1,338 @@
+"""Per-GPU memory of a training job: model states and activations.
+
+States (bytes per parameter held by a rank; ``DP`` = data-parallel size):
+
+===========================  =========================  ================================
+                             params fp32                params bf16/fp16 (mixed precision)
+===========================  =========================  ================================
+parameters                   4                          2
+gradients (DDP main grads)   4                          4 (fp32 buffer, grad_reduce_in_fp32)
+Adam states (m, v)           8 (/ DP with dist. opt.)   8 (/ DP)
+fp32 master copy             0                          4 (/ DP)
+===========================  =========================  ================================
+
+megatron-core's distributed optimizer (ZeRO-1) shards only the optimizer states; the
+parameter and gradient buffers stay whole on every rank.
+
+Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large
+Transformer Models", re-derived for a Llama layer (RMSNorm, GQA, RoPE, SwiGLU, no
+biases, no dropout) from the tensors autograd actually saves in megatron-core's layers
+(checked with ``saved_tensors_hooks``, see :mod:`megatron_longsky.plan.measure`). Per layer
+and per token on a rank (``t = s / CP`` tokens, ``T`` = TP size, ``S`` = T with sequence
+parallelism else 1, ``h`` hidden, ``a`` heads, ``g`` KV groups, ``d`` head dim, ``f`` FFN
+size, ``B`` activation bytes):
+
+* each RMSNorm: input, normalised input, weighted output (= next linear's input): ``6 h / S``
+* SwiGLU: fc1 output ``2 f / T``; SiLU input and output, the up half, fc2 input: ``3 f / T``
+  (measured: the gate/up halves are saved as separate tensors)
+* attention output (``linear_proj`` input) ``h / T``; softmax log-sum-exp ``4 a / T`` bytes
+* core attention, ``te`` (Transformer Engine, GPU): q and k after (fused) RoPE, v (a view
+  that keeps the fused QKV output alive), the output; with CP > 1 the K/V of the whole
+  sequence (counted as all-gathered: an upper bound for TE's ring).
+* core attention, ``longsky`` (ours, no TE): megatron-core's unfused RoPE keeps cos and sin
+  (``4 d``); when the rank's problem fits in one block, SDPA keeps q, K/V repeated to every
+  head over the gathered sequence, its output and a fp32 ``t x s`` mask; otherwise the
+  blockwise kernel keeps q (groups folded), the gathered K and V, its output and positions.
+
+Selective recomputation drops the core-attention terms (keeps its inputs and output);
+full recomputation keeps only each checkpointed block's input (``h / S`` per token) and
+rebuilds one block's activations during its backward. The last pipeline stage also holds
+the output layer: final norm and the cross-entropy's fp32 softmax over ``V / T`` (megatron-
+core computes it in the logits' place and reuses it as their gradient). Pipeline
+parallelism with 1F1B keeps ``min(PP, micro-batches)`` micro-batches in flight on the
+first stage.
+
+Peak = states + stored activations + the largest transient working set of a backward
+step (q/k/v and hidden-state gradients; with blockwise attention, five fp32 block x block
+score-sized temporaries per head). The
+CPU validation (tests/test_plan.py, docs/plan.md) checks these against measured
+allocations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+from megatron_longsky.model.config import ModelConfig
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+GiB = 1024**3
+
+
+@dataclass
+class PlanInput:
+    """Everything the estimate depends on; see :func:`plan_input_from_train_config`."""
+
+    model: ModelConfig
+    vocab_size: int
+    micro_batch_size: int = 1
+    num_microbatches: int = 1
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    data_parallel: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    # 'te': Transformer Engine's fused attention (GPU); 'longsky': our core attention
+    # (CPU / no TE): one SDPA call when the sequence fits in a block, else blockwise.
+    attention: Literal["te", "longsky"] = "te"
+    attention_block_size: int = 1024
+
+    def __post_init__(self):
+        m = self.model
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "data_parallel",
+                     "micro_batch_size", "num_microbatches", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if m.num_layers % self.pipeline_parallel:
+            raise ValueError(f"num_layers {m.num_layers} is not divisible by pipeline parallel size "
+                             f"{self.pipeline_parallel}")
+        if m.kv_groups % self.tensor_parallel and self.tensor_parallel % m.kv_groups:
+            raise ValueError(f"tensor parallel size {self.tensor_parallel} must divide the {m.kv_groups} KV "
+                             "groups (or be a multiple of it)")
+        if m.seq_length % (2 * self.context_parallel) and self.context_parallel > 1:
+            raise ValueError(f"seq_length {m.seq_length} is not divisible by 2*CP = {2 * self.context_parallel}")
+
+    @property
+    def param_bytes(self) -> int:
+        return _BYTES[self.model.params_dtype]
+
+    @property
+    def activation_bytes(self) -> int:
+        return _BYTES[self.model.params_dtype]
+
+    @property
+    def sp_divisor(self) -> int:
+        return self.tensor_parallel if self.sequence_parallel and self.tensor_parallel > 1 else 1
+
+
+@dataclass
+class ParamCounts:
+    per_layer: int
+    embedding: int
+    output_layer: int  # 0 when tied to the embedding
+    final_norm: int
+
+
+def param_counts(model: ModelConfig, vocab_size: int) -> ParamCounts:
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    qkv = h * (h + 2 * model.kv_groups * d)
+    per_layer = qkv + h * h + h * 2 * f + f * h + 2 * h
+    return ParamCounts(
+        per_layer=per_layer,
+        embedding=vocab_size * h,
+        output_layer=0 if model.tie_embeddings else vocab_size * h,
+        final_norm=h,
+    )
+
+
+def total_params(model: ModelConfig, vocab_size: int) -> int:
+    c = param_counts(model, vocab_size)
+    return c.per_layer * model.num_layers + c.embedding + c.output_layer + c.final_norm
+
+
+def params_on_rank(p: PlanInput, stage: Literal["first", "last"]) -> int:
+    """Parameters held by one rank of the given pipeline stage (replicated norms counted whole)."""
+    c = param_counts(p.model, p.vocab_size)
+    T = p.tensor_parallel
+    h = p.model.hidden_size
+    norms_per_layer = 2 * h
+    layers = p.model.num_layers // p.pipeline_parallel
+    n = layers * ((c.per_layer - norms_per_layer) // T + norms_per_layer)
+    single = p.pipeline_parallel == 1
+    if stage == "first" or single:
+        n += c.embedding // T
+    if stage == "last" or single:
+        n += c.final_norm
+        # With tied embeddings and PP > 1 the last stage keeps its own copy of the word embedding.
+        n += (c.output_layer or (c.embedding if not single else 0)) // T
+    return n
+
+
+@dataclass
+class StateBytes:
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def state_bytes(p: PlanInput, n_params: int, use_distributed_optimizer: Optional[bool] = None) -> StateBytes:
+    dist_opt = p.use_distributed_optimizer if use_distributed_optimizer is None else use_distributed_optimizer
+    shard = p.data_parallel if dist_opt else 1
+    master = 0 if p.param_bytes == 4 else 4
+    return StateBytes(
+        params=n_params * p.param_bytes,
+        grads=n_params * 4,
+        optimizer=-(-n_params * (8 + master) // shard),
+    )
+
+
+@dataclass
+class LayerActivations:
+    """Bytes saved for backward by one transformer layer for one micro-batch."""
+
+    linear_and_norm: int
+    core_attention: int
+
+    @property
+    def total(self) -> int:
+        return self.linear_and_norm + self.core_attention
+
+
+def _attention_path(p: PlanInput) -> str:
+    """'te', 'dense' (ours, one block) or 'blockwise' (ours, online softmax over blocks)."""
+    if p.attention == "te":
+        return "te"
+    s, t = p.model.seq_length, p.model.seq_length // p.context_parallel
+    return "dense" if t <= p.attention_block_size and s <= p.attention_block_size else "blockwise"
+
+
+def layer_activations(p: PlanInput) -> LayerActivations:
+    m = p.model
+    T, S, CP = p.tensor_parallel, p.sp_divisor, p.context_parallel
+    h, f, d, a, g = m.hidden_size, m.ffn_hidden_size, m.head_dim, m.num_attention_heads, m.kv_groups
+    s = m.seq_length
+    b = p.micro_batch_size
+    tokens = b * s // CP
+    B = p.activation_bytes
+    hq, hkv = h / T, g * d / T  # query and key/value widths on a rank
+    per_token = (
+        2 * 3 * h / S  # each RMSNorm: its input, the normalised input, the weighted output (linear input)
+        + 5 * f / T  # SwiGLU: fc1 output (2f); the gate's SiLU input and output, the up half, fc2 input (f each)
+        + hq  # attention output consumed by linear_proj
+    )
+    linear = tokens * (per_token * B + 2 * 4 / S)  # + the norms' fp32 inverse RMS
+    path = _attention_path(p)
+    core = tokens * (a / T) * 4  # softmax log-sum-exp (fp32)
+    if path == "te":
+        # q, k after RoPE, v (a view keeping the fused QKV output alive), the output.
+        core += tokens * B * (hq + hkv + (hq + 2 * hkv)) + tokens * (CP - 1) * 2 * hkv * B
+    else:
+        # megatron-core's unfused RoPE saves cos and sin (s x d) for q and for k.
+        core += tokens * 4 * d * B
+        if path == "dense":
+            # SDPA saves q, k and v repeated to every query head (or k after RoPE and the
+            # whole QKV output when a == g), its output, and the fp32 mask (t x s).
+            kv = 2 * hq * CP if a > g else hkv * CP + (hq + 2 * hkv)
+            core += tokens * B * (hq + kv + hq) + tokens * s * 4
+        else:
+            # q with the groups folded, contiguous (all-gathered) k and v, the output, and
+            # int64 positions of the folded queries and of the keys.
+            core += tokens * B * (hq + 2 * hkv * CP + hq) + tokens * 8 * (a // g + CP)
+    return LayerActivations(linear_and_norm=int(linear), core_attention=int(core))
+
+
+def output_layer_activations(p: PlanInput) -> int:
+    """Last stage: the final RMSNorm and the cross-entropy's fp32 softmax over the vocabulary
+    (megatron-core computes it in place of the logits and reuses it as the gradient)."""
+    m = p.model
+    tokens = p.micro_batch_size * m.seq_length // p.context_parallel
+    B = p.activation_bytes
+    norm = tokens * (3 * m.hidden_size * B + 4) / p.sp_divisor
+    softmax = tokens * (p.vocab_size // p.tensor_parallel) * 4
+    cast = tokens * (p.vocab_size // p.tensor_parallel) * B if B != 4 else 0  # logits before .float()
+    return int(norm + softmax + cast + tokens * 16)  # + labels and loss mask
+
+
+@dataclass
+class MemoryEstimate:
+    """One rank's memory in bytes (worst pipeline stage); see the module docstring."""
+
+    params: int
+    grads: int
+    optimizer: int
+    optimizer_without_distributed: int
+    optimizer_with_distributed: int
+    activations_per_layer: int
+    activations_per_layer_no_recompute: int
+    layers_per_stage: int
+    microbatches_in_flight: int
+    activations: int  # all stored activations of the in-flight micro-batches
+    transient: int  # largest backward working set above the stored activations
+    worst_stage: str
+
+    @property
+    def states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def peak(self) -> int:
+        return self.states + self.activations + self.transient
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "states": self.states, "peak": self.peak}
+
+
+def _recomputed_layer_bytes(p: PlanInput, full: LayerActivations) -> tuple[int, int]:
+    """(stored bytes per layer, extra bytes while one checkpointed block is rebuilt)."""
+    m = p.model
+    tokens = p.micro_batch_size * m.seq_length // p.context_parallel
+    if m.recompute_granularity == "selective":
+        return full.linear_and_norm, full.core_attention
+    if m.recompute_granularity == "full":
+        group = m.recompute_num_layers or 1
+        layers = m.num_layers // p.pipeline_parallel
+        block_input = tokens * m.hidden_size * p.activation_bytes / p.sp_divisor
+        if m.recompute_method == "block":
+            # The first `group` layers of the stage are checkpointed, the rest keep everything.
+            kept = max(layers - group, 0)
+            stored = (group * block_input + kept * full.total) / layers
+            return int(stored), group and full.total
+        # uniform: one input per block of `group` layers, and a block's worth rebuilt at once.
+        return int(block_input / group), group * full.total
+    return full.total, 0
+
+
+def transient_bytes(p: PlanInput) -> int:
+    """The largest working set a backward step adds on top of the stored activations."""
+    m = p.model
+    T, CP = p.tensor_parallel, p.context_parallel
+    tokens = p.micro_batch_size * m.seq_length // CP
+    hq, hkv = m.hidden_size / T, m.kv_groups * m.head_dim / T
+    # Gradients of q, k, v (fp32 accumulators, k/v over the gathered sequence) and of the
+    # hidden state flowing back through the layer.
+    grads = tokens * 4 * (2 * hq + 2 * hkv * CP + 2 * m.hidden_size / p.sp_divisor)
+    if _attention_path(p) == "blockwise":
+        # Backward of one masked block pair: scores, masked scores, probabilities, dP and dS,
+        # each [b, a/T, block, block] in fp32.
+        bq = min(p.attention_block_size, tokens // p.micro_batch_size)
+        bk = min(p.attention_block_size, m.seq_length)
+        grads += 5 * p.micro_batch_size * (m.num_attention_heads // T) * bq * bk * 4
+    return int(grads)
+
+
+def estimate_memory(p: PlanInput) -> MemoryEstimate:
+    full = layer_activations(p)
+    per_layer, rebuilt = _recomputed_layer_bytes(p, full)
+    layers = p.model.num_layers // p.pipeline_parallel
+    in_flight = min(p.pipeline_parallel, p.num_microbatches)
+    output = output_layer_activations(p)
+    transient = transient_bytes(p) + rebuilt
+    stages = {}
+    for stage in ("first", "last") if p.pipeline_parallel > 1 else ("first",):
+        n = params_on_rank(p, stage)
+        states = state_bytes(p, n)
+        flight = in_flight if stage == "first" else 1
+        acts = flight * per_layer * layers + (output if stage == "last" or p.pipeline_parallel == 1 else 0)
+        stages[stage] = (states.total + acts + transient, n, states, acts, flight)
+    worst = max(stages, key=lambda k: stages[k][0])
+    _, n, states, acts, flight = stages[worst]
+    return MemoryEstimate(
+        params=states.params,
+        grads=states.grads,
+        optimizer=states.optimizer,
+        optimizer_without_distributed=state_bytes(p, n, False).optimizer,
+        optimizer_with_distributed=state_bytes(p, n, True).optimizer,
+        activations_per_layer=per_layer,
+        activations_per_layer_no_recompute=full.total,
+        layers_per_stage=layers,
+        microbatches_in_flight=flight,
+        activations=acts,
+        transient=transient,
+        worst_stage=worst if p.pipeline_parallel > 1 else "only",
+    )

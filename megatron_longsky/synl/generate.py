@@ -1,0 +1,326 @@
+"""Synthetic Lengthy Tables (SynL): long tables with exactly answered questions, as chat jsonl.
+
+``build_synl(cfg, tokenizer)`` returns records; ``longsky build-synl`` writes them as jsonl
+(and, with ``--sft-output-prefix``, straight into the SFT indexed format). Each record::
+
+    {"messages": [{"role": "user", "content": <instruction, tables, question>},
+                  {"role": "assistant", "content": <worked steps>\\nAnswer: <answer>}],
+     "meta": {"id", "family", "kind", "format", "answer", "query", "table_tokens",
+              "prompt_tokens", "answer_tokens", "target_tokens", "rows", "seed", "index",
+              "tokenizer"}}
+
+Length targeting: each sample draws a target from the length distribution over
+``[min_tokens, max_tokens]`` and grows its table(s) row by row until the serialised
+tables (``table_tokens``, measured in the given tokenizer's tokens) reach it; the
+result always lies in ``[min_tokens, max_tokens]``. The prompt adds the instruction
+and question (``prompt_tokens``), typically under 100 tokens more.
+Sample ``i`` depends only on (seed, i, config, tokenizer): reproducible and order-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Optional
+
+from megatron_longsky.synl import questions as Q
+from megatron_longsky.synl.tables import (
+    ENTITIES,
+    FORMATS,
+    Column,
+    Table,
+    header_text,
+    make_rows,
+    make_schema,
+    row_line,
+    serialise,
+    title_line,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 3
+
+
+@dataclass
+class SynLConfig:
+    num_samples: int = 100
+    min_tokens: int = 2000
+    max_tokens: int = 8000
+    format: Literal["markdown", "csv", "jsonl", "mixed"] = "markdown"
+    seed: int = 0
+    # uniform | log-uniform | weighted ranges "2000-4000:0.7,4000-8000:0.3" (inside [min, max])
+    length_distribution: str = "uniform"
+    families: list[str] = field(default_factory=lambda: list(Q.FAMILIES))
+    system_prompt: Optional[str] = None
+
+    def __post_init__(self):
+        if self.num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if not 1 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"need 1 <= min_tokens ({self.min_tokens}) <= max_tokens ({self.max_tokens})")
+        unknown = [f for f in self.families if f not in Q.FAMILIES]
+        if unknown or not self.families:
+            raise ValueError(f"families {unknown or self.families} not in {list(Q.FAMILIES)}")
+        parse_length_distribution(self.length_distribution, self.min_tokens, self.max_tokens)
+
+
+def parse_length_distribution(spec: str, low: int, high: int):
+    """A function ``rng -> target tokens`` for ``spec`` (see :class:`SynLConfig`)."""
+    if spec == "uniform":
+        return lambda rng: rng.randint(low, high)
+    if spec in ("log-uniform", "loguniform"):
+        return lambda rng: min(high, max(low, round(math.exp(rng.uniform(math.log(low), math.log(high))))))
+    ranges, weights = [], []
+    for part in spec.split(","):
+        try:
+            span, weight = part.split(":")
+            a, b = (int(x) for x in span.split("-"))
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"length distribution {spec!r}: {part!r} is not of the form MIN-MAX:WEIGHT "
+                             "(or use uniform / log-uniform)") from None
+        if not low <= a <= b <= high or w < 0:
+            raise ValueError(f"length distribution {spec!r}: range {a}-{b} must lie inside "
+                             f"[min_tokens={low}, max_tokens={high}] with a weight >= 0")
+        ranges.append((a, b))
+        weights.append(w)
+    if sum(weights) <= 0:
+        raise ValueError(f"length distribution {spec!r}: weights sum to 0")
+    return lambda rng: rng.randint(*rng.choices(ranges, weights)[0])
+
+
+class _DoesNotFit(Exception):
+    pass
+
+
+class SynLBuilder:
+    def __init__(self, cfg: SynLConfig, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.draw_target = parse_length_distribution(cfg.length_distribution, cfg.min_tokens, cfg.max_tokens)
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    # -- tables sized in tokens -------------------------------------------------------
+
+    def _grow(self, rng, table: Table, fmt: str, budget: int, taken: set, refs=()) -> int:
+        """Add rows while they fit ``budget`` tokens (at least MIN_ROWS); returns the estimate used."""
+        used = self.count(title_line(table, fmt) + header_text(table, fmt))
+        per_row = None
+        while True:
+            room = budget - used
+            chunk = 8 if per_row is None else max(4, min(4096, int(room / per_row) + 2))
+            batch = make_rows(rng, table, chunk, taken, refs)
+            lines = [row_line(table, r, fmt) for r in batch]
+            costs = [len(ids) for ids in self.tokenizer.encode_batch(lines)]
+            per_row = max(1.0, sum(costs) / len(costs))
+            for row, cost in zip(batch, costs):
+                if len(table.rows) >= MIN_ROWS and used + cost > budget:
+                    return used
+                table.rows.append(row)
+                used += cost
+
+    def _fit(self, rng, tables: list[Table], fmt: str, taken: set, refs=()) -> tuple[str, int]:
+        """Measure the exact token count and trim/extend the last table into [min, max]."""
+        low, high = self.cfg.min_tokens, self.cfg.max_tokens
+        last = tables[-1]
+        for _ in range(8):
+            text = "\n".join(serialise(t, fmt) for t in tables)
+            n = self.count(text)
+            if low <= n <= high:
+                return text, n
+            per_row = max(1, n // max(1, sum(len(t.rows) for t in tables)))
+            if n > high:
+                if len(last.rows) <= MIN_ROWS:
+                    raise _DoesNotFit
+                drop = min(len(last.rows) - MIN_ROWS, -(-(n - high) // per_row))
+                del last.rows[len(last.rows) - drop:]
+            else:
+                last.rows.extend(make_rows(rng, last, -(-(low - n) // per_row), taken, refs))
+        raise _DoesNotFit
+
+    def _single(self, rng, target: int, fmt: str):
+        entity = rng.choice(ENTITIES)
+        table = make_schema(rng, entity[0], f"{entity[1]} ID", entity[2], target)
+        taken: set = set()
+        self._grow(rng, table, fmt, target, taken)
+        return [table], taken, ()
+
+    def _pair(self, rng, target: int, fmt: str):
+        names_a, single_a, prefix_a, names_b, single_b, prefix_b = rng.choice(ENTITIES)
+        key_a = f"{single_a} ID"
+        a = make_schema(rng, names_a, key_a, prefix_a, target // 2)
+        b = make_schema(rng, names_b, f"{single_b} ID", prefix_b, target // 2, extra=[Column(key_a, "ref")])
+        taken: set = set()
+        self._grow(rng, a, fmt, int(target * 0.4), taken)
+        refs = [row[0] for row in a.rows]
+        budget_b = target - self.count(serialise(a, fmt)) - 1
+        self._grow(rng, b, fmt, max(1, budget_b), taken, refs)
+        return [a, b], taken, refs
+
+    # -- samples ------------------------------------------------------------------------
+
+    def sample(self, index: int) -> dict:
+        cfg = self.cfg
+        rng = random.Random(f"synl/{cfg.seed}/{index}")
+        family = cfg.families[index % len(cfg.families)]
+        kind = rng.choice(Q.FAMILIES[family])
+        fmt = rng.choice(FORMATS) if cfg.format == "mixed" else cfg.format
+        target = self.draw_target(rng)
+        question = None
+        for attempt in range(6):
+            try:
+                if kind == "multi_hop":
+                    tables, taken, refs = self._pair(rng, target, fmt)
+                else:
+                    tables, taken, refs = self._single(rng, target, fmt)
+                text, table_tokens = self._fit(rng, tables, fmt, taken, refs)
+            except _DoesNotFit:
+                if kind == "multi_hop":  # two tables do not fit this budget: ask within one
+                    kind = "lookup"
+                    continue
+                raise ValueError(
+                    f"SynL sample {index}: cannot fit a {fmt} table of at least {MIN_ROWS} rows into "
+                    f"[{cfg.min_tokens}, {cfg.max_tokens}] tokens; raise --max-tokens") from None
+            if kind == "multi_hop":
+                question = Q.multi_hop(rng, tables[0], tables[1], tables[0].key)
+            else:
+                question = Q.SINGLE_TABLE[kind](rng, tables[0])
+            if question is not None:
+                break
+            kind = rng.choice(("lookup", "count", "sum_rows"))  # always possible
+        return self._record(index, question, tables, fmt, text, table_tokens, target)
+
+    def _record(self, index, q: Q.Question, tables, fmt, tables_text, table_tokens, target) -> dict:
+        several = len(tables) > 1
+        how = ("Work it out step by step, then give the final answer"
+               if q.family == "reasoning" else "Give the final answer")
+        user = (f"Answer the question using the table{'s' if several else ''} below. {how} on the last line, "
+                f"in the form 'Answer: <answer>'.\n\n{tables_text}\nQuestion: {q.text}")
+        assistant = "\n".join(q.steps + [f"Answer: {q.answer}"])
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        if self.cfg.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
+        meta = {
+            "id": f"synl-{self.cfg.seed}-{index}", "family": q.family, "kind": q.kind, "format": fmt,
+            "answer": q.answer, "query": q.query, "table_tokens": table_tokens,
+            "prompt_tokens": self.count(user), "answer_tokens": self.count(assistant),
+            "target_tokens": target, "rows": {t.name: len(t.rows) for t in tables},
+            "seed": self.cfg.seed, "index": index, "tokenizer": self.tokenizer.fingerprint,
+        }
+        return {"messages": messages, "meta": meta}
+
+
+def prompt_turns(record: dict):
+    """The record's conversation without its final assistant answer (what a model is
+    asked at evaluation time: pass it to ``ChatTemplate.encode_prompt``)."""
+    from megatron_longsky.sft.formats import Turn
+
+    return [Turn(m["role"], m["content"]) for m in record["messages"][:-1]]
+
+
+def iter_synl(cfg: SynLConfig, tokenizer, start: int = 0) -> Iterator[dict]:
+    builder = SynLBuilder(cfg, tokenizer)
+    for i in range(start, cfg.num_samples):
+        yield builder.sample(i)
+
+
+def build_synl(cfg: SynLConfig, tokenizer) -> list[dict]:
+    """All ``cfg.num_samples`` records in memory (use :func:`write_synl_jsonl` for big sets)."""
+    return list(iter_synl(cfg, tokenizer))
+
+
+def write_synl_jsonl(cfg: SynLConfig, tokenizer, path, progress: bool = False) -> Counter:
+    """Write the records to ``path`` atomically; returns counts per family/kind."""
+    from tqdm import tqdm
+
+    from megatron_longsky.utils.atomic import atomic_path
+
+    counts: Counter = Counter()
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        bar = tqdm(iter_synl(cfg, tokenizer), total=cfg.num_samples, desc="build-synl", unit="sample",
+                   disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
+        for record in bar:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            meta = record["meta"]
+            counts[f"{meta['family']}/{meta['kind']}"] += 1
+            counts["table_tokens"] += meta["table_tokens"]
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_longsky.tokenizer import add_tokenizer_args
+
+    p = argparse.ArgumentParser(prog="longsky build-synl",
+                                description="Synthetic Lengthy Tables: long tables with exactly answered questions")
+    p.add_argument("--output", required=True, help="chat jsonl to write")
+    p.add_argument("--config", help="YAML with SynLConfig fields; flags and key=value overrides win")
+    p.add_argument("--num-samples", type=int, help="default 100")
+    p.add_argument("--min-tokens", type=int, help="least table tokens per sample, in tokenizer tokens (default 2000)")
+    p.add_argument("--max-tokens", type=int, help="most table tokens per sample (default 8000)")
+    p.add_argument("--format", choices=FORMATS + ("mixed",), help="default markdown")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--length-distribution",
+                   help="uniform (default), log-uniform, or weighted ranges like 2000-4000:0.7,4000-8000:0.3")
+    p.add_argument("--families", nargs="+", choices=list(Q.FAMILIES), help="default: all three")
+    p.add_argument("--system-prompt")
+    p.add_argument("--sft-output-prefix", default=None,
+                   help="also write the SFT indexed datasets (as longsky preprocess-sft would)")
+    p.add_argument("--sft-max-length", type=int, default=None, help="truncate SFT samples to this many tokens")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="SynLConfig field overrides")
+    add_tokenizer_args(p)
+    return p
+
+
+CONFIG_FLAGS = ("num_samples", "min_tokens", "max_tokens", "format", "seed", "length_distribution", "families",
+                "system_prompt")
+
+
+def config_from_args(args: argparse.Namespace) -> SynLConfig:
+    from megatron_longsky.config import apply_overrides, from_dict, load_yaml
+
+    data = load_yaml(args.config) if args.config else {}
+    data.update({k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None})
+    data = apply_overrides(data, args.overrides)
+    return from_dict(SynLConfig, data, where=args.config or "command line")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from megatron_longsky.tokenizer import build_tokenizer, tokenizer_config_from_args
+    from megatron_longsky.utils.logging import setup_logging
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        tokenizer = build_tokenizer(tokenizer_config_from_args(args))
+        counts = write_synl_jsonl(cfg, tokenizer, args.output, progress=not args.no_progress)
+        if args.sft_output_prefix:
+            from megatron_longsky.sft.preprocess import SFTPreprocessConfig, preprocess_records
+
+            sft_cfg = SFTPreprocessConfig(output_prefix=args.sft_output_prefix, format="messages",
+                                          max_length=args.sft_max_length)
+            with open(args.output, encoding="utf-8") as f:
+                records = ((f"{args.output}:{n}", json.loads(line)) for n, line in enumerate(f, start=1))
+                summary = preprocess_records(records, tokenizer, sft_cfg, {"synl": {"source": args.output}})
+            print(f"wrote SFT datasets {args.sft_output_prefix}_*: {summary.text()}", file=sys.stderr)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    table_tokens = counts.pop("table_tokens", 0)
+    kinds = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    print(f"wrote {args.output}: {cfg.num_samples} samples, {table_tokens} table tokens ({kinds})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Training checkpoints: model, optimizer, scheduler, data position, RNG states, config.
+
+Layout (see :mod:`megatron_longsky.checkpoint.layout`)::
+
+    <root>/latest                           written last, atomically
+    <root>/iter_0000100/config.yaml         the job config
+    <root>/iter_0000100/model/              dist_checkpointing (global tensors: reshardable)
+    <root>/iter_0000100/optimizer/          dist_checkpointing of the optimizer state, sharded
+                                            in model space, so it also reshards over TP/PP/DP
+    <root>/iter_0000100/trainer/state.json  iteration, consumed samples, NaN counters, scheduler
+    <root>/iter_0000100/trainer/rng_rank00000.pt   python/numpy/torch/megatron RNG per rank
+
+A save goes to ``<root>/.iter_0000100.partial`` and is renamed into place by rank 0
+after every rank has finished writing; only then is ``latest`` rewritten and old
+iterations pruned. A crash at any point leaves ``latest`` on the previous complete
+checkpoint (a left-over ``.partial`` directory is removed by the next save).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_longsky.checkpoint.layout import iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest
+from megatron_longsky.checkpoint.model_io import load_model_weights, model_sharded_state_dict, save_model_weights
+from megatron_longsky.utils.atomic import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER = "optimizer"
+TRAINER = "trainer"
+STATE_FILE = "state.json"
+# Optimizer state stored per model parameter (reshardable across TP/PP/DP layouts).
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+@dataclass
+class TrainerState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+    consecutive_nan_steps: int = 0
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / TRAINER / f"rng_rank{rank:05d}.pt"
+
+
+def _optimizer_sharded_state_dict(optimizer, model_chunks, is_loading: bool):
+    model_sd = model_sharded_state_dict(model_chunks)
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
+
+
+def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimizer, scheduler,
+                    config: dict, keep_last: int = 0) -> Path:
+    """Collective. Writes ``<root>/iter_<state.iteration>`` completely, then points ``latest`` at it."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iteration_dir(root, state.iteration)
+    staging = root / f".{final.name}.partial"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        (staging / OPTIMIZER).mkdir(parents=True)
+        (staging / TRAINER).mkdir(parents=True)
+    _barrier()
+    save_model_weights(model_chunks, staging)
+    dist_checkpointing.save(_optimizer_sharded_state_dict(optimizer, model_chunks, False), str(staging / OPTIMIZER))
+    torch.save(rng_state(), _rng_file(staging, _rank()))
+    if _rank() == 0:
+        atomic_write_json(staging / TRAINER / STATE_FILE, {
+            **dataclasses.asdict(state),
+            "scheduler": scheduler.state_dict(),
+            "world_size": torch.distributed.get_world_size(),
+        })
+        write_checkpoint_config(staging, config)
+    _barrier()
+    if _rank() == 0:
+        if final.exists():  # re-saving an iteration (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        write_latest(root, state.iteration)
+        removed = prune_checkpoints(root, keep_last)
+        log.info("saved checkpoint %s%s", final, f" (pruned {removed})" if removed else "")
+    _barrier()
+    return final
+
+
+def read_trainer_state(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / TRAINER / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is a weights-only checkpoint "
+                                "(start from it with checkpoint.init_from instead of resuming)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) -> TrainerState:
+    """Collective. Restore everything saved by :func:`save_checkpoint`, at any layout.
+
+    RNG states are restored when the world size matches the one saved (they are per rank);
+    otherwise the fresh seeds are kept (and a warning says so).
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    saved = read_trainer_state(ckpt_dir)
+    load_model_weights(model_chunks, ckpt_dir)
+    sharded = _optimizer_sharded_state_dict(optimizer, model_chunks, True)
+    optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER)))
+    scheduler.load_state_dict(saved["scheduler"])
+    rng_file = _rng_file(ckpt_dir, _rank())
+    if saved.get("world_size") == torch.distributed.get_world_size() and rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    elif _rank() == 0:
+        log.warning("%s was saved by %s processes, this run has %d: RNG states start fresh",
+                    ckpt_dir, saved.get("world_size"), torch.distributed.get_world_size())
+    fields = {f.name for f in dataclasses.fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in saved.items() if k in fields})

@@ -1,0 +1,386 @@
+"""The training loop: ``train(cfg) -> TrainResult``, and ``evaluate`` for held-out loss.
+
+Usable in-process (the quickstart calls ``train(cfg)``) and under torchrun / srun
+(``longsky train``). Each step: zero the DDP grad buffers, run megatron-core's
+forward/backward schedule (1F1B with pipeline parallelism) over this rank's
+micro-batches, reduce the per-token loss over the global batch, and step the
+optimizer and LR schedule, unless the loss is not finite: then the step is skipped
+(parameters unchanged), counted, and the run stops after
+``max_consecutive_nan_steps`` in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_longsky.checkpoint.layout import read_checkpoint_config, read_latest, resolve_checkpoint
+from megatron_longsky.checkpoint.model_io import load_model_weights
+from megatron_longsky.config import ConfigError
+from megatron_longsky.training import step as step_lib
+from megatron_longsky.training.checkpointing import TrainerState, load_checkpoint, save_checkpoint
+from megatron_longsky.training.config import TrainConfig, train_config_to_dict
+from megatron_longsky.training.data import (
+    build_gpt_splits, build_sft_splits, check_dataset_tokenizers, micro_batch_loader,
+)
+from megatron_longsky.training.metrics import MetricsLogger, default_peak_tflops, flops_per_token, peak_memory_gib
+from megatron_longsky.training.optimizer import build_optimizer, current_lr
+from megatron_longsky.training.signals import PreemptionHandler
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss."""
+
+
+@dataclass
+class TrainResult:
+    iterations: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[Optional[float]] = field(default_factory=list)
+    skipped_steps: int = 0
+    final_iteration: int = 0
+    checkpoint_dir: Optional[Path] = None
+    metrics_path: Optional[Path] = None
+    # Mean over the steps of this run, excluding the first (warm-up) step when there are others.
+    tokens_per_s: float = 0.0
+    steps_per_s: float = 0.0
+    tflops_per_device: float = 0.0
+    data_wait_fraction: float = 0.0
+    valid_losses: dict[int, float] = field(default_factory=dict)
+    exit_reason: str = "completed"  # or "preempted"
+    resumed_from: Optional[Path] = None
+
+
+@dataclass
+class TrainingSetup:
+    """Everything built for a run (also used by the overhead benchmark)."""
+
+    cfg: TrainConfig
+    runtime: object
+    model: list
+    optimizer: object
+    scheduler: object
+    vocab_size: int
+    tokenizer: object
+    config_dict: dict
+    owns_process_group: bool
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_vocab_size(cfg: TrainConfig, tokenizer, checkpoint_dir: Optional[Path]) -> int:
+    """The model's (padded) vocabulary: a checkpoint's wins, then model.vocab_size, then the
+    tokenizer's padded size. Kept fixed across layouts so checkpoints reshard."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    vocab = cfg.model.vocab_size
+    if checkpoint_dir is not None:
+        saved = (read_checkpoint_config(checkpoint_dir).get("model") or {}).get("vocab_size")
+        if saved:
+            if vocab and vocab != saved:
+                raise ConfigError(f"model.vocab_size={vocab} but checkpoint {checkpoint_dir} has {saved}")
+            vocab = int(saved)
+    if not vocab:
+        vocab = tokenizer.padded_vocab_size(cfg.model.make_vocab_size_divisible_by, tp)
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model vocab size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if vocab % tp:
+        raise ConfigError(f"model vocab size {vocab} is not divisible by tensor_model_parallel_size {tp}")
+    return vocab
+
+
+def build_training_model(cfg: TrainConfig, vocab_size: int) -> list:
+    """This stage's GPTModel wrapped in megatron-core DDP (and Float16Module for bf16/fp16)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_longsky.model import build_model
+
+    model = build_model(cfg.model, cfg.parallel, vocab_size)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    tcfg = model.config
+    if tcfg.bf16 or tcfg.fp16:
+        model = Float16Module(tcfg, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+        # Per-token loss: gradients are summed over ranks, then divided by the token count.
+        average_in_collective=False,
+    )
+    return [DistributedDataParallel(tcfg, ddp_config, model)]
+
+
+def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optional[Path]]:
+    """Initialise distributed state, model, optimizer; resume or ``init_from`` if asked."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_longsky.runtime.distributed import initialize
+    from megatron_longsky.tokenizer import build_tokenizer
+
+    owns_pg = not torch.distributed.is_initialized()
+    runtime = initialize(cfg.parallel, cfg.seed)
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    check_dataset_tokenizers(cfg.data, tokenizer)
+
+    load_root = Path(cfg.checkpoint.load) if cfg.checkpoint.load else cfg.checkpoint_root
+    resume_dir = read_latest(load_root) if load_root.exists() else None
+    if cfg.checkpoint.load and resume_dir is None:
+        raise ConfigError(f"checkpoint.load={cfg.checkpoint.load}: no 'latest' checkpoint there")
+    init_dir = None
+    if resume_dir is None and cfg.checkpoint.init_from:
+        init_dir = resolve_checkpoint(cfg.checkpoint.init_from)
+    vocab_size = resolve_vocab_size(cfg, tokenizer, resume_dir or init_dir)
+    config_dict = train_config_to_dict(cfg)
+    config_dict["model"]["vocab_size"] = vocab_size
+
+    model = build_training_model(cfg, vocab_size)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    tcfg = model[0].config
+    tcfg.no_sync_func = model[0].no_sync
+    tcfg.finalize_model_grads_func = finalize_model_grads
+    tcfg.grad_scale_func = optimizer.scale_loss
+
+    state = TrainerState()
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, model, optimizer, scheduler)
+        log.info("resumed from %s at iteration %d (%d samples consumed)", resume_dir, state.iteration,
+                 state.consumed_samples)
+    elif init_dir is not None:
+        load_model_weights(model, init_dir)
+        optimizer.reload_model_params()
+        log.info("initialised weights from %s (fresh optimizer, schedule and data)", init_dir)
+    setup = TrainingSetup(cfg, runtime, model, optimizer, scheduler, vocab_size, tokenizer, config_dict, owns_pg)
+    return setup, state, resume_dir
+
+
+def teardown(setup: TrainingSetup) -> None:
+    from megatron.core import parallel_state
+
+    from megatron_longsky.runtime.distributed import shutdown
+
+    if setup.owns_process_group:
+        shutdown()
+    elif parallel_state.model_parallel_is_initialized():
+        torch.distributed.barrier()
+        parallel_state.destroy_model_parallel()
+
+
+def build_splits(cfg: TrainConfig, tokenizer):
+    train_samples = cfg.train_iters * cfg.global_batch_size
+    if cfg.data.kind == "sft":
+        return build_sft_splits(cfg, train_samples)
+    valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_interval else 0
+    return build_gpt_splits(cfg, tokenizer, train_samples, valid_samples)
+
+
+def _data_parallel():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def run_batches(setup: TrainingSetup, iterator, num_microbatches: int, forward_only: bool):
+    """One global batch through megatron-core's schedule; returns the loss reports."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    cfg = setup.cfg
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, device=_device()),
+        data_iterator=iterator,
+        model=setup.model,
+        num_microbatches=num_microbatches,
+        seq_length=cfg.seq_length,
+        micro_batch_size=cfg.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _forward_step(data_iterator, model, device):
+    return step_lib.forward_step(data_iterator, model, device)
+
+
+def evaluate_loss(setup: TrainingSetup, dataset, num_batches: int) -> float:
+    """Mean per-token loss over the first ``num_batches`` global batches of ``dataset``."""
+    cfg = setup.cfg
+    dp_rank, dp_size = _data_parallel()
+    num_batches = min(num_batches, len(dataset) // cfg.global_batch_size)
+    if num_batches < 1:
+        raise ValueError(f"evaluation data holds {len(dataset)} samples, less than one global batch "
+                         f"({cfg.global_batch_size})")
+    iterator = micro_batch_loader(dataset, cfg, 0, dp_rank, dp_size,
+                                  total_samples=num_batches * cfg.global_batch_size)
+    for chunk in setup.model:
+        chunk.eval()
+    reports = []
+    with torch.no_grad():
+        for _ in range(num_batches):
+            reports += run_batches(setup, iterator, cfg.num_microbatches(dp_size), forward_only=True)
+    for chunk in setup.model:
+        chunk.train()
+    loss, _ = step_lib.reduce_loss(reports)
+    return loss
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) as configured; collective over all launched processes."""
+    setup, state, resume_dir = setup_training(cfg)
+    try:
+        return _train_loop(setup, state, resume_dir)
+    finally:
+        teardown(setup)
+
+
+def _save(setup: TrainingSetup, state: TrainerState) -> Path:
+    return save_checkpoint(setup.cfg.checkpoint_root, state, setup.model, setup.optimizer, setup.scheduler,
+                           setup.config_dict, keep_last=setup.cfg.checkpoint.keep_last)
+
+
+def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[Path]) -> TrainResult:
+    cfg = setup.cfg
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    dp_rank, dp_size = _data_parallel()
+    num_microbatches = cfg.num_microbatches(dp_size)
+    splits = build_splits(cfg, setup.tokenizer)
+    iterator = step_lib.TimedIterator(
+        micro_batch_loader(splits.train, cfg, state.consumed_samples, dp_rank, dp_size,
+                           total_samples=cfg.train_iters * cfg.global_batch_size))
+    metrics = MetricsLogger(cfg.output_dir, cfg.logging.log_interval, cfg.logging.tensorboard,
+                            enabled=rank == 0, resume_iteration=state.iteration)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_length
+    flops_per_step = tokens_per_step * flops_per_token(
+        cfg.model, cfg.seq_length, setup.vocab_size, recompute=cfg.model.recompute_granularity == "full")
+    peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
+    result = TrainResult(metrics_path=metrics.path, resumed_from=resume_dir)
+    step_times, waits = [], []
+    last_saved = None
+    try:
+        with PreemptionHandler() as preemption:
+            while state.iteration < cfg.train_iters:
+                start = time.perf_counter()
+                wait_before = iterator.wait_seconds
+                for chunk in setup.model:
+                    chunk.zero_grad_buffer()
+                setup.optimizer.zero_grad()
+                reports = run_batches(setup, iterator, num_microbatches, forward_only=False)
+                loss, loss_tokens = step_lib.reduce_loss(reports)
+                state.iteration += 1
+                state.consumed_samples += cfg.global_batch_size
+                grad_norm = None
+                lr = current_lr(setup.optimizer)  # the rate this step uses
+                skipped = not math.isfinite(loss)
+                if skipped:
+                    state.skipped_steps += 1
+                    state.consecutive_nan_steps += 1
+                    log.warning("iteration %d: non-finite loss %s; step skipped (%d in a row, %d in total)",
+                                state.iteration, loss, state.consecutive_nan_steps, state.skipped_steps)
+                    if state.consecutive_nan_steps >= cfg.max_consecutive_nan_steps:
+                        raise NonFiniteLossError(
+                            f"stopping: {state.consecutive_nan_steps} consecutive non-finite losses (iterations "
+                            f"{state.iteration - state.consecutive_nan_steps + 1}-{state.iteration}, "
+                            f"max_consecutive_nan_steps={cfg.max_consecutive_nan_steps}); parameters are those "
+                            "of the last finite step. Check the data around these samples, lower the learning "
+                            "rate or raise the limit; resume from the last checkpoint."
+                        )
+                else:
+                    ok, grad_norm, _ = setup.optimizer.step()
+                    if ok:
+                        setup.scheduler.step(increment=1)
+                        state.consecutive_nan_steps = 0
+                    else:  # fp16 loss-scale overflow: megatron-core skipped the update
+                        skipped = True
+                        state.skipped_steps += 1
+                    grad_norm = float(grad_norm) if grad_norm is not None else None
+                elapsed = time.perf_counter() - start
+                wait = iterator.wait_seconds - wait_before
+                step_times.append(elapsed)
+                waits.append(wait)
+                record = {
+                    "iteration": state.iteration, "loss": loss, "loss_tokens": loss_tokens,
+                    "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
+                    "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed,
+                    "tflops_per_device": flops_per_step / elapsed / world / 1e12,
+                    "mfu": (flops_per_step / elapsed / world / 1e12 / peak) if peak else None,
+                    "peak_memory_gib": peak_memory_gib(), "data_wait_s": wait,
+                    "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
+                    "consumed_samples": state.consumed_samples,
+                }
+                metrics.log(record)
+                result.iterations.append(state.iteration)
+                result.losses.append(loss)
+                result.grad_norms.append(grad_norm)
+                if cfg.eval_interval and state.iteration % cfg.eval_interval == 0 and splits.valid is not None:
+                    result.valid_losses[state.iteration] = evaluate_loss(setup, splits.valid, cfg.eval_iters)
+                    metrics.log_eval(state.iteration, result.valid_losses[state.iteration])
+                stop = preemption.should_stop()
+                interval = cfg.checkpoint.save_interval
+                if stop or (interval and state.iteration % interval == 0):
+                    last_saved = _save(setup, state)
+                if stop:
+                    result.exit_reason = "preempted"
+                    log.warning("preempted: checkpoint %s saved at iteration %d; exiting", last_saved,
+                                state.iteration)
+                    break
+            if (result.exit_reason == "completed" and cfg.checkpoint.save_at_end
+                    and (last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}"))):
+                last_saved = _save(setup, state)
+    finally:
+        metrics.close()
+    timed = step_times[1:] if len(step_times) > 1 else step_times
+    timed_waits = waits[1:] if len(waits) > 1 else waits
+    if timed:
+        mean = sum(timed) / len(timed)
+        result.steps_per_s = 1.0 / mean
+        result.tokens_per_s = tokens_per_step / mean
+        result.tflops_per_device = flops_per_step / mean / world / 1e12
+        result.data_wait_fraction = sum(timed_waits) / sum(timed)
+    result.skipped_steps = state.skipped_steps
+    result.final_iteration = state.iteration
+    result.checkpoint_dir = last_saved
+    return result
+
+
+def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_batches: int | None = None) -> float:
+    """Held-out mean per-token loss of ``checkpoint``'s weights on ``prefixes`` (forward only).
+
+    Uses ``cfg``'s model, layout, sequence length and batch sizes; every sample of the
+    datasets counts (split 100,0,0), up to ``num_batches`` global batches (default
+    ``cfg.eval_iters``). Collective, like :func:`train`.
+    """
+    import dataclasses
+
+    from megatron_longsky.runtime.distributed import initialize
+    from megatron_longsky.tokenizer import build_tokenizer
+
+    owns_pg = not torch.distributed.is_initialized()
+    runtime = initialize(cfg.parallel, cfg.seed)
+    ckpt_dir = resolve_checkpoint(checkpoint)
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefixes=list(prefixes), weights=None))
+    check_dataset_tokenizers(eval_cfg.data, tokenizer)
+    vocab_size = resolve_vocab_size(cfg, tokenizer, ckpt_dir)
+    model = build_training_model(cfg, vocab_size)
+    setup = TrainingSetup(cfg, runtime, model, None, None, vocab_size, tokenizer, {}, owns_pg)
+    try:
+        load_model_weights(model, ckpt_dir)
+        num_batches = num_batches or cfg.eval_iters
+        if cfg.data.kind == "sft":
+            dataset = build_sft_splits(eval_cfg, num_batches * cfg.global_batch_size).train
+        else:
+            dataset = build_gpt_splits(eval_cfg, tokenizer, num_batches * cfg.global_batch_size, 0,
+                                       prefixes=list(prefixes), split="100,0,0").train
+        return evaluate_loss(setup, dataset, num_batches)
+    finally:
+        teardown(setup)

@@ -1,0 +1,153 @@
+"""Training metrics: console, ``metrics.jsonl`` and TensorBoard.
+
+FLOPs (:func:`flops_per_token`), a Llama-style decoder with GQA, SwiGLU and causal
+attention; h hidden size, L layers, s sequence length, f FFN size, V vocabulary,
+d head size, g KV heads (query groups). Per token and layer, a forward pass costs::
+
+    QKV projections     2 h (h + 2 g d)
+    attention output    2 h h
+    scores + weighted V 2 * 2 * (s/2) * h   (causal: on average s/2 keys per query)
+    SwiGLU MLP          2 * 3 * h f          (gate, up, down)
+
+plus the output layer ``2 h V`` once per token. Training = 3 x forward (backward
+costs twice the forward); full activation recomputation adds one more forward.
+TFLOP/s per device = FLOPs of the global batch / step time / number of processes;
+MFU = that / the device's peak dense TFLOP/s (``logging.peak_tflops_per_device``;
+989 for H100 SXM bf16 when detected; not reported on CPU).
+
+Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS
+(``ru_maxrss``) on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_longsky.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int, recompute: bool = False) -> float:
+    """Training FLOPs per token (forward + backward), formula in the module docstring."""
+    h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.kv_groups
+    per_layer = 2 * h * (h + 2 * g * d) + 2 * h * h + 2 * seq_length * h + 6 * h * f
+    forward = model.num_layers * per_layer + 2 * h * vocab_size
+    passes = 4 if recompute else 3
+    return float(passes * forward)
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def default_peak_tflops() -> Optional[float]:
+    if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name():
+        return H100_BF16_DENSE_TFLOPS
+    return None
+
+
+class MetricsLogger:
+    """Writes one JSON line per step to ``metrics.jsonl`` and, every ``log_interval`` steps,
+    a console line and TensorBoard scalars. Only the writing rank (global rank 0) writes."""
+
+    def __init__(self, output_dir: str | Path, log_interval: int, tensorboard: bool, enabled: bool,
+                 resume_iteration: int = 0):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.log_interval = log_interval
+        self.enabled = enabled
+        self.writer = None
+        self._file = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_iteration)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"),
+                                        purge_step=resume_iteration + 1 if resume_iteration else None)
+
+    def _truncate_after(self, iteration: int) -> None:
+        """Drop records of steps a resumed run will redo (they were lost with the process)."""
+        if not self.path.exists():
+            return
+        from megatron_longsky.utils.atomic import atomic_write_text
+
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("iteration", 0) <= iteration:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        it = record["iteration"]
+        if it % self.log_interval:
+            return
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, it)
+            self.writer.flush()
+        log.info(format_record(record))
+
+    def log_eval(self, iteration: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"iteration": iteration, "valid_loss": loss}) + "\n")
+        self._file.flush()
+        if self.writer is not None:
+            self.writer.add_scalar("valid/loss", loss, iteration)
+        log.info("iteration %d: valid loss %.4f", iteration, loss)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def format_record(r: dict) -> str:
+    parts = [f"iter {r['iteration']}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}",
+             f"grad_norm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "grad_norm -",
+             f"{r['tokens_per_s']:.0f} tok/s", f"{r['tflops_per_device']:.3f} TFLOP/s/dev"]
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts += [f"mem {r['peak_memory_gib']:.2f} GiB", f"data wait {100 * r['data_wait_fraction']:.1f}%"]
+    if r.get("skipped"):
+        parts.append("SKIPPED (non-finite loss)")
+    return " | ".join(parts)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Training records of a metrics.jsonl (the last record of each iteration wins)."""
+    by_iter: dict[int, dict] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            by_iter[record["iteration"]] = record
+    return [by_iter[k] for k in sorted(by_iter)]

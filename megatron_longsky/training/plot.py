@@ -1,0 +1,63 @@
+"""Loss curve PNG from a ``metrics.jsonl``: ``longsky plot-loss metrics.jsonl -o loss.png``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Optional
+
+from megatron_longsky.training.metrics import read_metrics
+from megatron_longsky.utils.atomic import atomic_path
+
+
+def _valid_points(path: Path) -> list[tuple[int, float]]:
+    points = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "valid_loss" in record:
+            points[record["iteration"]] = record["valid_loss"]
+    return sorted(points.items())
+
+
+def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str | None = None) -> Path:
+    """Training loss per iteration (skipped steps left out), plus valid loss if recorded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics_path = Path(metrics_path)
+    records = [r for r in read_metrics(metrics_path) if not r.get("skipped")]
+    if not records:
+        raise ValueError(f"{metrics_path} holds no training records")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["iteration"] for r in records], [r["loss"] for r in records], label="train loss")
+    valid = _valid_points(metrics_path)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="valid loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (per token)")
+    ax.set_title(title or metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="longsky plot-loss", description=__doc__)
+    parser.add_argument("metrics", help="metrics.jsonl written by longsky train")
+    parser.add_argument("-o", "--output", default=None, help="PNG path (default: beside metrics, loss.png)")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args(argv)
+    out = args.output or str(Path(args.metrics).with_name("loss.png"))
+    print(plot_loss(args.metrics, out, args.title))
+    return 0

@@ -1,0 +1,281 @@
+"""HF <-> megatron conversion: logits parity with transformers at TP=1, TP=2, PP=2;
+exact round trips; RoPE fields kept; clear errors.
+
+Tiny random ``LlamaForCausalLM`` models (no hub). Weights use a large init (std 0.2) so
+attention is far from uniform and a wrong RoPE or head layout changes the logits.
+Tokens run to position 47, past each model's original context of 16.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from megatron_longsky.testing.multiprocess import run_distributed
+
+SEQ = 48
+ORIGINAL_CTX = 16
+VOCAB = 100
+
+CASES = {
+    # name: (LlamaConfig overrides, import TP)
+    "mha_untied_theta": (dict(num_key_value_heads=4, tie_word_embeddings=False, rope_theta=50000.0), 1),
+    "gqa_tied_linear": (
+        dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0,
+             rope_scaling={"rope_type": "linear", "factor": 4.0}), 2),
+    "gqa_untied_llama3": (
+        dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
+             rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": ORIGINAL_CTX}), 2),
+    "gqa_tied_yarn": (
+        dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=20000.0,
+             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL_CTX}), 1),
+}
+LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+RESAVED = "gqa_untied_llama3"  # also re-saved by the TP=2 and PP=2 ranks, then exported
+
+
+def make_hf_model(out_dir: Path, seed: int = 0, shards: bool = False, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=ORIGINAL_CTX, initializer_range=0.2,
+                  rms_norm_eps=1e-5)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    with torch.no_grad():  # random norm weights, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    model.save_pretrained(out_dir, max_shard_size="40KB" if shards else "5GB")
+    return model
+
+
+def make_tokenizer(out_dir: Path, size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+
+
+def _logits_at_layouts(cases, layouts, resave_dir):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_longsky.checkpoint import save_model_weights
+    from _megatron_forward import full_logits, load_checkpoint_model, switch_layout
+
+    results = {}
+    for tp, pp in layouts:
+        switch_layout(tp, pp)
+        for name, root, tokens in cases:
+            model = load_checkpoint_model(root)
+            logits = full_logits(model, tokens)
+            if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+                results[(name, tp, pp)] = logits
+            if name == RESAVED and (tp, pp) != (1, 1):
+                # A checkpoint genuinely written by TP=2 / PP=2 ranks, for the export test.
+                target = Path(resave_dir) / f"tp{tp}pp{pp}"
+                src = Path(root) / "iter_0000000"
+                if dist.get_rank() == 0:
+                    (target / "iter_0000000").mkdir(parents=True)
+                    for f in ("config.yaml", "hf_config.json"):
+                        shutil.copy(src / f, target / "iter_0000000" / f)
+                    (target / "latest").write_text("iter_0000000\n")
+                dist.barrier()
+                save_model_weights(model, target / "iter_0000000")
+    return results
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from megatron_longsky.convert import import_checkpoint
+
+    root = tmp_path_factory.mktemp("convert")
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    out = {"root": root, "tokens": tokens, "hf": {}, "ckpt": {}, "hf_logits": {}}
+    for i, (name, (overrides, tp)) in enumerate(CASES.items()):
+        hf_dir = root / f"hf_{name}"
+        model = make_hf_model(hf_dir, seed=i, shards=(name == "gqa_untied_llama3"), **overrides)
+        if name == "mha_untied_theta":
+            make_tokenizer(hf_dir, 60)
+        with torch.no_grad():
+            out["hf_logits"][name] = model(tokens).logits.float()
+        out["hf"][name] = model
+        out["ckpt"][name] = import_checkpoint(hf_dir, root / f"ckpt_{name}", tp=tp, pp=1)
+    cases = [(name, str(path), tokens) for name, path in out["ckpt"].items()]
+    ranks = run_distributed(_logits_at_layouts, 2, cases, LAYOUTS, str(root / "resaved"))
+    out["megatron_logits"] = {k: v for r in ranks for k, v in r.items()}
+    return out
+
+
+def test_hf_rope_settings_matter_for_these_models(converted):
+    """Guard: the parity test below could fail if RoPE were converted wrongly."""
+    model = converted["hf"]["gqa_untied_llama3"]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**model.config.to_dict(), "rope_scaling": None, "rope_parameters": None,
+                         "rope_theta": 500000.0})
+    plain = LlamaForCausalLM(cfg).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        diff = (plain(converted["tokens"]).logits - converted["hf_logits"]["gqa_untied_llama3"]).abs().max()
+    assert diff > 1e-2
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}pp{l[1]}")
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_match_transformers(converted, name, layout):
+    ours = converted["megatron_logits"][(name, *layout)][:, :, :VOCAB]
+    ref = converted["hf_logits"][name]
+    assert ours.shape == ref.shape
+    # Beyond the original context too (positions 16..47).
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[:, ORIGINAL_CTX:], ref[:, ORIGINAL_CTX:], rtol=1e-4, atol=1e-4)
+
+
+def _hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def _rope_fields(config) -> dict:
+    params = dict(config.rope_parameters)
+    return {k: v for k, v in params.items() if k not in ("attention_factor", "truncate", "beta_fast", "beta_slow")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_round_trip_reproduces_every_tensor_and_rope(converted, name, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from megatron_longsky.convert import export_checkpoint
+
+    out = export_checkpoint(converted["ckpt"][name], tmp_path / "hf")
+    original = converted["hf"][name]
+    expected = {k: v for k, v in original.state_dict().items()
+                if not (original.config.tie_word_embeddings and k == "lm_head.weight")}
+    exported = _hf_tensors(out)
+    assert set(exported) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(exported[key], value), key
+    reloaded = LlamaForCausalLM.from_pretrained(out).eval()
+    assert _rope_fields(reloaded.config) == _rope_fields(original.config)
+    assert reloaded.config.tie_word_embeddings == original.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.equal(reloaded(converted["tokens"]).logits, converted["hf_logits"][name])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(exported)
+
+
+@pytest.mark.parametrize("layout", ["tp2pp1", "tp1pp2"])
+def test_export_of_checkpoint_written_at_other_layouts(converted, layout, tmp_path):
+    from megatron_longsky.convert import export_checkpoint
+
+    out = export_checkpoint(converted["root"] / "resaved" / layout, tmp_path / "hf")
+    exported = _hf_tensors(out)
+    expected = converted["hf"][RESAVED].state_dict()
+    assert set(exported) == set(expected)
+    assert all(torch.equal(exported[k], v) for k, v in expected.items())
+
+
+def test_imported_config_vocab_padding_and_tokenizer(converted):
+    from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
+
+    it = converted["ckpt"]["gqa_untied_llama3"] / "iter_0000000"
+    conf = yaml.safe_load((it / "config.yaml").read_text())
+    assert conf["parallel"]["tensor_model_parallel_size"] == 2
+    assert conf["model"]["vocab_size"] == 256  # 100 padded to a multiple of 128 * TP
+    assert conf["model"]["num_query_groups"] == 2 and conf["model"]["tie_embeddings"] is False
+    assert conf["model"]["rope"]["scaling"] == "llama3" and conf["model"]["rope"]["base"] == 500000.0
+    assert (converted["root"] / "ckpt_gqa_untied_llama3" / "latest").read_text().strip() == "iter_0000000"
+    assert "tokenizer" not in conf
+    mha = converted["ckpt"]["mha_untied_theta"] / "iter_0000000"
+    conf = yaml.safe_load((mha / "config.yaml").read_text())
+    assert conf["model"]["vocab_size"] == 128 and conf["model"]["num_query_groups"] is None
+    assert conf["tokenizer"] == {"type": "hf", "model": str((mha / "tokenizer").resolve())}
+    tok = build_tokenizer(TokenizerConfig(**conf["tokenizer"]))
+    assert tok.vocab_size == 60 and tok.eod_id == 1
+
+
+def test_export_ships_tokenizer(converted, tmp_path):
+    from megatron_longsky.convert import export_checkpoint
+
+    out = export_checkpoint(converted["ckpt"]["mha_untied_theta"], tmp_path / "hf")
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+
+
+def test_cli_import_refuses_tp_not_dividing_kv_groups(converted, tmp_path, capsys):
+    from megatron_longsky.cli import main
+
+    hf_dir = converted["root"] / "hf_gqa_tied_linear"
+    rc = main(["convert", "import", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "c"), "--tp", "4"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "TP=4 does not divide the 2 KV groups" in err
+    assert not (tmp_path / "c").exists()
+
+
+def _copy_config(src: Path, dst: Path, **changes) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(architectures=["GPT2LMHeadModel"]), "unsupported architecture"),
+        (dict(intermediate_size=128), "mlp.gate_proj.weight' has shape"),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, rope_parameters=None), "rope type 'dynamic'"),
+        (dict(vocab_size=50), "the tokenizer has 60 tokens"),
+    ],
+    ids=["architecture", "shape", "rope", "tokenizer"],
+)
+def test_import_errors_are_clear(converted, tmp_path, changes, message):
+    from megatron_longsky.convert import import_checkpoint
+    from megatron_longsky.convert.hf_config import ConversionError
+
+    hf_dir = _copy_config(converted["root"] / "hf_mha_untied_theta", tmp_path / "hf", **changes)
+    with pytest.raises(ConversionError, match=message):
+        import_checkpoint(hf_dir, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]  # no leftovers
+
+
+def test_pickle_weights_refused_unless_allowed(converted, tmp_path):
+    from megatron_longsky.convert import import_checkpoint
+    from megatron_longsky.convert.hf_config import ConversionError
+
+    hf_dir = _copy_config(converted["root"] / "hf_mha_untied_theta", tmp_path / "hf")
+    (hf_dir / "model.safetensors").unlink()
+    torch.save(converted["hf"]["mha_untied_theta"].state_dict(), hf_dir / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="--allow-pickle"):
+        import_checkpoint(hf_dir, tmp_path / "ckpt")
+    root = import_checkpoint(hf_dir, tmp_path / "ckpt", allow_pickle=True)
+    assert (root / "iter_0000000" / "model").is_dir()
+
+
+def test_existing_output_is_not_overwritten(converted, tmp_path):
+    from megatron_longsky.convert import import_checkpoint
+    from megatron_longsky.convert.hf_config import ConversionError
+
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ConversionError, match="already exists"):
+        import_checkpoint(converted["root"] / "hf_mha_untied_theta", tmp_path / "ckpt")

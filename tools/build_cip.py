@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Chunk Interleaved Pretraining data: see docs/cip.md or `--help`."""
+import sys
+
+from megatron_longsky.data.cip import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

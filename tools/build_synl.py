@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Synthetic Lengthy Tables (SynL) as chat jsonl: see docs/synl.md or `--help`."""
+import sys
+
+from megatron_longsky.synl.generate import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

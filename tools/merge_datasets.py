@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Merge indexed datasets into one; see `longsky merge-datasets --help`."""
+import sys
+
+from megatron_longsky.data.merge import main
+
+if __name__ == "__main__":
+    sys.exit(main())

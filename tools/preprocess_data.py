@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""jsonl corpora -> Megatron indexed datasets; see `longsky preprocess --help`."""
+import sys
+
+from megatron_longsky.data.preprocess import main
+
+if __name__ == "__main__":
+    sys.exit(main())
