@@ -45,6 +45,7 @@ setup(
         "tokenizers",
         "sentencepiece",
         "transformers",
+        "jinja2",
         "safetensors",
         "tqdm",
         "psutil",

@@ -20,9 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-synl": ("megatron_longsky.synl.generate", "Synthetic Lengthy Tables (long-context SFT data)"),
     "train": ("megatron_longsky.training.cli", "train / resume a model (torchrun or srun for several processes)"),
     "plot-loss": ("megatron_longsky.training.plot", "loss curve PNG from a training metrics.jsonl"),
+    "synl-eval": ("megatron_longsky.synl.eval_cli", "exact-match accuracy on held-out SynL questions"),
     "convert": ("megatron_longsky.convert.cli", "HF <-> megatron_longsky checkpoints (import / export)"),
     "needle": ("megatron_longsky.eval.needle_cli", "needle-in-a-haystack sweep: heatmap, JSON, Markdown"),
     "eval": ("megatron_longsky.eval.tasks_cli", "passkey, RULER-style tasks, perplexity by position"),
+    "plan": ("megatron_longsky.plan.cli", "per-GPU memory, fit and step time/MFU of a training config"),
 }
 
 

@@ -20,15 +20,23 @@ def switch_layout(tp: int, pp: int, seed: int = 1):
     return initialize(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=seed)
 
 
+def current_layout():
+    from megatron.core import parallel_state as ps
+
+    from megatron_longsky.runtime.distributed import ParallelConfig
+
+    return ParallelConfig(tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                          pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size())
+
+
 def load_checkpoint_model(root):
     """Build the model a checkpoint describes at the current layout and load its weights."""
     from megatron_longsky.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
     from megatron_longsky.model import build_model, model_config_from_dict
-    from megatron_longsky.runtime.distributed import ParallelConfig
 
     ckpt = resolve_checkpoint(root)
     cfg = model_config_from_dict(read_checkpoint_config(ckpt)["model"])
-    model = build_model(cfg, ParallelConfig(), cfg.vocab_size, initialize=False)
+    model = build_model(cfg, current_layout(), cfg.vocab_size, initialize=False)
     load_model_weights(model, ckpt)
     return model.eval()
 

@@ -82,7 +82,14 @@ def _build(tp: int, cp: int, recompute=None, megatron_local_attention=False):
         return GPTModel(config=transformer_config(cfg, parallel),
                         transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                         vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
-    return build_model(cfg, parallel, vocab_size=VOCAB)
+    model = build_model(cfg, parallel, vocab_size=VOCAB)
+    if cp > 1:  # CP runs take the blockwise path (tiny blocks); the CP=1 references the SDPA one
+        from megatron_longsky.attention.core_attention import LongSkyCoreAttention
+
+        for module in model.modules():
+            if isinstance(module, LongSkyCoreAttention):
+                module.block_size = 4
+    return model
 
 
 def _full_grads(model) -> dict[str, torch.Tensor]:
@@ -269,3 +276,52 @@ def test_cip_full_causal_reaches_back_packed_does_not(cp_results):
     # Packed row 0 = documents [0,16), [16,24), [24,32): the last token sees only its own document.
     assert float(packed[:24].abs().max()) == 0.0
     assert bool((packed[24:] > 0).all())
+
+
+# ------------------------------------------------------------- through the trainer (issue 4 config)
+def _trainer_runs(tmp: str, prefix: str):
+    """C's trainer, same job at CP=1 (DP=2), CP=2, and CP=2 with full recomputation."""
+    from _training_fixtures import tiny_config_dict
+
+    from megatron_longsky.training.config import train_config_from_dict
+    from megatron_longsky.training.loop import train
+
+    from megatron_longsky.attention import sharding
+    from megatron_longsky.training import batch as batch_module
+
+    seen_cp_sizes = set()
+
+    def recording_shard(*args, **kwargs):  # which CP size the trainer's batches were cut for
+        seen_cp_sizes.add(sharding.context_parallel_topology()[0])
+        return sharding.shard_for_context_parallel(*args, **kwargs)
+
+    batch_module.shard_for_context_parallel = recording_shard
+    torch.distributed.init_process_group("gloo", init_method="env://")
+    out = {}
+    for name, parallel, model in [
+        ("cp1", {}, {}),
+        ("cp2", {"context_parallel_size": 2, "cp_comm_type": "a2a"}, {}),
+        ("cp2_full_recompute", {"context_parallel_size": 2},
+         {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}),
+    ]:
+        cfg = tiny_config_dict(tmp, prefix, train_iters=2, parallel=parallel, output_dir=f"{tmp}/{name}",
+                               checkpoint={"save": f"{tmp}/{name}/ckpt", "save_at_end": False})
+        cfg["model"] = {**cfg["model"], **model}
+        seen_cp_sizes.clear()
+        result = train(train_config_from_dict(cfg))
+        out[name] = {"losses": result.losses, "grad_norms": result.grad_norms, "cp_sizes": sorted(seen_cp_sizes)}
+    return out
+
+
+def test_trainer_with_context_parallel_matches_cp1(tmp_path):
+    from _training_fixtures import write_token_dataset
+
+    prefix = write_token_dataset(tmp_path / "ds")
+    runs = run_distributed(_trainer_runs, 2, str(tmp_path), prefix, timeout=900)
+    for rank_runs in runs:
+        ref = rank_runs["cp1"]
+        for name in ("cp2", "cp2_full_recompute"):
+            assert rank_runs[name]["losses"] == pytest.approx(ref["losses"], rel=1e-5), name
+            assert rank_runs[name]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-4), name
+        assert rank_runs["cp1"]["cp_sizes"] == [1] and rank_runs["cp2"]["cp_sizes"] == [2]
+    assert runs[0]["cp1"]["losses"][0] != runs[0]["cp1"]["losses"][1]

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_longsky.testing.multiprocess import run_distributed
 
@@ -111,7 +113,14 @@ def converted(tmp_path_factory):
         with torch.no_grad():
             out["hf_logits"][name] = model(tokens).logits.float()
         out["hf"][name] = model
-        out["ckpt"][name] = import_checkpoint(hf_dir, root / f"ckpt_{name}", tp=tp, pp=1)
+        if name == "mha_untied_theta":  # one import through the command line
+            from megatron_longsky.cli import main
+
+            assert main(["convert", "import", "--hf-dir", str(hf_dir), "--output", str(root / f"ckpt_{name}"),
+                         "--tp", str(tp)]) == 0
+            out["ckpt"][name] = root / f"ckpt_{name}"
+        else:
+            out["ckpt"][name] = import_checkpoint(hf_dir, root / f"ckpt_{name}", tp=tp, pp=1)
     cases = [(name, str(path), tokens) for name, path in out["ckpt"].items()]
     ranks = run_distributed(_logits_at_layouts, 2, cases, LAYOUTS, str(root / "resaved"))
     out["megatron_logits"] = {k: v for r in ranks for k, v in r.items()}
@@ -279,3 +288,157 @@ def test_existing_output_is_not_overwritten(converted, tmp_path):
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ConversionError, match="already exists"):
         import_checkpoint(converted["root"] / "hf_mha_untied_theta", tmp_path / "ckpt")
+
+
+def test_export_of_a_megatron_trained_checkpoint_matches_in_transformers(tmp_path):
+    """A checkpoint with no HF origin (our init, byte tokenizer, vocab padded by the
+    trainer's rule, llama3 RoPE): exported, loaded by transformers, same logits."""
+    from transformers import LlamaForCausalLM
+
+    from _megatron_forward import full_logits
+    from megatron_longsky.checkpoint import iteration_dir, save_model_weights, write_latest
+    from megatron_longsky.config import to_dict
+    from megatron_longsky.convert import export_checkpoint
+    from megatron_longsky.convert.session import single_process_runtime
+    from megatron_longsky.model import build_model, model_config_from_dict
+    from megatron_longsky.runtime.distributed import ParallelConfig
+
+    cfg = model_config_from_dict({"preset": "tiny", "init_method_std": 0.2, "vocab_size": 384,
+                                  "rope": {"base": 50000.0, "scaling": "llama3", "factor": 4.0,
+                                           "original_max_position_embeddings": ORIGINAL_CTX}})
+    tokens = torch.randint(0, 259, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    ckpt = iteration_dir(tmp_path / "run", 20)
+    with single_process_runtime():
+        model = build_model(cfg, ParallelConfig(), 384, pre_process=True, post_process=True, seed=3).eval()
+        ours = full_logits(model, tokens)[:, :, :259]
+        save_model_weights(model, ckpt)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(
+        {"model": to_dict(cfg), "tokenizer": {"type": "byte", "model": None},
+         "parallel": {"tensor_model_parallel_size": 1}}))
+    write_latest(tmp_path / "run", 20)
+    out = export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["vocab_size"] == 259 and conf["eos_token_id"] == 257 and conf["bos_token_id"] == 256
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    assert hf.config.rope_parameters["rope_type"] == "llama3"
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+LLAMA31_8B_CONFIG = {  # Meta-Llama-3.1-8B config.json (transformers 4.x spelling)
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256,
+}
+
+
+def test_reads_transformers4_config_and_matches_presets():
+    from megatron_longsky.convert.hf_config import hf_config_from_model, model_config_from_hf
+    from megatron_longsky.model import model_config_from_dict
+
+    ours = model_config_from_hf(LLAMA31_8B_CONFIG)
+    ref = model_config_from_dict({"preset": "llama3.1-8b"})
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                  "vocab_size", "norm_epsilon", "tie_embeddings", "rope"):
+        assert getattr(ours, field) == getattr(ref, field), field
+    skywork = {**LLAMA31_8B_CONFIG, "architectures": ["SkyworkForCausalLM"], "model_type": "skywork",
+               "hidden_size": 4608, "intermediate_size": 12288, "num_attention_heads": 36,
+               "num_key_value_heads": 36, "num_hidden_layers": 52, "vocab_size": 65519, "rms_norm_eps": 1e-6,
+               "rope_theta": 10000.0, "rope_scaling": None, "max_position_embeddings": 4096}
+    ours = model_config_from_hf(skywork)
+    ref = model_config_from_dict({"preset": "skywork-13b"})
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "kv_groups", "ffn_hidden_size",
+                  "vocab_size", "norm_epsilon", "seq_length", "rope"):
+        assert getattr(ours, field) == getattr(ref, field), field
+    # Legacy {"type": "linear"} spelling, and back out in both spellings.
+    legacy = {**LLAMA31_8B_CONFIG, "rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 1e6}
+    cfg = model_config_from_hf(legacy)
+    assert (cfg.rope.scaling, cfg.rope.factor, cfg.rope.base) == ("linear", 2.0, 1e6)
+    out = hf_config_from_model(cfg, 128256, base=legacy)
+    assert out["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and out["rope_theta"] == 1e6
+    assert out["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    assert out["bos_token_id"] == 128000 and out["architectures"] == ["LlamaForCausalLM"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(groups=st.sampled_from([1, 2, 4]), per_group=st.integers(1, 3), head_dim=st.sampled_from([2, 4]),
+       tp=st.sampled_from([1, 2, 4]), ffn=st.sampled_from([4, 8]))
+def test_mapping_round_trips_and_tp_shards_whole_kv_groups(groups, per_group, head_dim, tp, ffn):
+    from megatron_longsky.convert.mapping import layer_to_hf, layer_to_megatron, tp_shard
+    from megatron_longsky.model.config import ModelConfig
+
+    heads = groups * per_group
+    cfg = ModelConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
+                      num_query_groups=groups, ffn_hidden_size=ffn)
+    h, d = cfg.hidden_size, head_dim
+    gen = torch.Generator().manual_seed(groups * 100 + per_group * 10 + head_dim)
+    hf = {"input_layernorm.weight": torch.randn(h, generator=gen),
+          "post_attention_layernorm.weight": torch.randn(h, generator=gen),
+          "self_attn.q_proj.weight": torch.randn(heads * d, h, generator=gen),
+          "self_attn.k_proj.weight": torch.randn(groups * d, h, generator=gen),
+          "self_attn.v_proj.weight": torch.randn(groups * d, h, generator=gen),
+          "self_attn.o_proj.weight": torch.randn(h, heads * d, generator=gen),
+          "mlp.gate_proj.weight": torch.randn(ffn, h, generator=gen),
+          "mlp.up_proj.weight": torch.randn(ffn, h, generator=gen),
+          "mlp.down_proj.weight": torch.randn(h, ffn, generator=gen)}
+    meg = layer_to_megatron(hf, cfg)
+    back = layer_to_hf(meg, cfg)
+    assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+    if groups % tp:
+        return
+    q, k, v = hf["self_attn.q_proj.weight"], hf["self_attn.k_proj.weight"], hf["self_attn.v_proj.weight"]
+    for rank in range(tp):
+        # Rank r's QKV shard holds exactly its own KV groups and their query heads, in order.
+        shard = tp_shard("linear_qkv.weight", meg["self_attention.linear_qkv.weight"], 0, rank, tp)
+        g0, g1 = rank * groups // tp, (rank + 1) * groups // tp
+        expected = []
+        for g in range(g0, g1):
+            expected += [q[g * per_group * d:(g + 1) * per_group * d], k[g * d:(g + 1) * d], v[g * d:(g + 1) * d]]
+        assert torch.equal(shard, torch.cat(expected))
+        if ffn % tp == 0:
+            fc1 = tp_shard("mlp.linear_fc1.weight", meg["mlp.linear_fc1.weight"], 0, rank, tp)
+            rows = ffn // tp
+            gate, up = hf["mlp.gate_proj.weight"], hf["mlp.up_proj.weight"]
+            assert torch.equal(fc1, torch.cat([gate[rank * rows:(rank + 1) * rows], up[rank * rows:(rank + 1) * rows]]))
+
+
+def test_checkpoint_trained_by_longsky_train_exports_and_matches(tmp_path, monkeypatch):
+    """`longsky train` (2 steps, llama3 RoPE, in this process) -> export -> transformers: same logits."""
+    from transformers import LlamaForCausalLM
+
+    from _megatron_forward import full_logits, load_checkpoint_model
+    from _training_fixtures import tiny_config_dict, write_token_dataset
+    from megatron_longsky.cli import main
+    from megatron_longsky.convert import export_checkpoint
+    from megatron_longsky.convert.session import single_process_runtime
+    from megatron_longsky.runtime import cpu_compat
+    from megatron_longsky.testing.multiprocess import free_port
+
+    prefix = write_token_dataset(tmp_path / "data", num_docs=16)
+    cfg = tiny_config_dict(tmp_path, prefix, train_iters=2, output_dir=str(tmp_path / "run"),
+                           model={"rope": {"base": 50000.0, "scaling": "llama3", "factor": 4.0,
+                                           "original_max_position_embeddings": 16}})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    compat_was_active = cpu_compat.is_active()
+    try:
+        assert main(["train", "--config", str(tmp_path / "job.yaml")]) == 0
+    finally:
+        if not compat_was_active:
+            cpu_compat.disable()
+    ckpt_root = next(p.parent for p in (tmp_path / "run").rglob("latest"))
+    tokens = torch.randint(0, 259, (1, SEQ), generator=torch.Generator().manual_seed(2))
+    with single_process_runtime():
+        ours = full_logits(load_checkpoint_model(ckpt_root), tokens)[:, :, :259]
+    out = export_checkpoint(ckpt_root, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    assert hf.config.vocab_size == 259 and hf.config.rope_parameters["factor"] == 4.0
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours, rtol=1e-4, atol=1e-4)

@@ -1,27 +1,32 @@
-"""Megatron backend: a checkpoint evaluated at TP=2 / PP=2 (/ CP=2) gives the TP=1 scores.
+"""Megatron backend: a checkpoint evaluated at TP=2 / PP=2 / CP=2 gives the TP=1 scores.
 
 One 2-process gloo job saves a tiny random model as a checkpoint at TP=1 and
-evaluates it at every layout in turn (re-initialising megatron-core's groups), so
-the imports are paid once.
+evaluates it at every layout in turn (re-initialising megatron-core's groups), then
+runs the ``longsky needle`` command at TP=2, so the imports are paid once.
 """
+
+import json
 
 import pytest
 import torch
 
 from megatron_longsky.testing.multiprocess import run_distributed
 
-LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)]  # (TP, PP, CP)
-CP_UNSUPPORTED = "Context parallelism is only supported by TEDotProductAttention"
+# (TP, PP, CP, sequence parallel). Sequence parallelism needs TE or apex norms (GPU):
+# megatron-core's torch LayerNorm refuses it, so it is not tested here.
+LAYOUTS = [(1, 1, 1, 0), (2, 1, 1, 0), (1, 2, 1, 0), (1, 1, 2, 0)]
 
 
-def _evaluate_layouts(ckpt_root, layouts):
+def _evaluate_layouts(ckpt_root, layouts, cli_output=None):
     from megatron.core import parallel_state
 
     from megatron_longsky.checkpoint import save_model_weights, write_checkpoint_config, write_latest
     from megatron_longsky.checkpoint.layout import iteration_dir
     from megatron_longsky.config import to_dict
     from megatron_longsky.eval import NeedleConfig, run_needle
+    from megatron_longsky.eval.distribute import data_parallel_layout
     from megatron_longsky.eval.megatron_backend import MegatronBackend
+    from megatron_longsky.eval.perplexity import PerplexityConfig, perplexity_by_position
     from megatron_longsky.eval.scoring import Case, score_case
     from megatron_longsky.model import build_model, model_config_from_dict
     from megatron_longsky.runtime.distributed import ParallelConfig, initialize
@@ -46,53 +51,53 @@ def _evaluate_layouts(ckpt_root, layouts):
     sequence = torch.randint(0, 256, (77,), generator=gen).tolist()  # odd length: exercises padding
     cfg = NeedleConfig(lengths=[300], depths=[0, 100], samples=1, value_digits=3)
     results = {}
-    for tp, pp, cp in layouts:
+    for tp, pp, cp, sp in layouts:
         parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                  context_parallel_size=cp)
+                                  context_parallel_size=cp, sequence_parallel=bool(sp))
         initialize(parallel, seed=11)
-        try:
-            backend = MegatronBackend.from_checkpoint(ckpt_root, parallel)
-        except AssertionError as exc:
-            # The model builder does not yet put our CP attention in the CPU layer spec.
-            if cp > 1 and CP_UNSUPPORTED in str(exc):
-                results[(tp, pp, cp)] = "unsupported"
-                parallel_state.destroy_model_parallel()
-                continue
-            raise
+        backend = MegatronBackend.from_checkpoint(ckpt_root, parallel)
         needle = run_needle(cfg, backend, tok, progress=False)
         chat = score_case(backend, tok, Case(sequence[:40], ["x"]), "chat", max_new_tokens=5)
-        results[(tp, pp, cp)] = {
+        results[(tp, pp, cp, sp)] = {
             "logits": backend.logits([sequence], last_n=9),
             "logits_batch": backend.logits([sequence[:30], sequence[30:60]]),
             "nll": backend.token_nll(sequence),
             "needle": [(c.prediction, c.correct_tokens) for cell in needle.cells for s in cell.samples
                        for c in s.cases],
             "generated": chat.prediction,
+            # Three documents over DP=2 at TP=1 (uneven shards), all on one replica elsewhere.
+            "ppl": perplexity_by_position(PerplexityConfig(length=40, num_buckets=3, buckets="linear"), backend,
+                                          tok, documents=[sequence[i:i + 40] for i in (0, 10, 30)],
+                                          progress=False).nll_sum,
+            "data_parallel": data_parallel_layout() is not None,
         }
-        if (tp, pp, cp) == (1, 1, 1):
+        if (tp, pp, cp, sp) == (1, 1, 1, 0):
             # Reference NLL straight from the model's full (padded) vocabulary logits.
             with torch.no_grad():
                 ids = torch.tensor([sequence])
                 raw = backend.model(ids, torch.arange(len(sequence)).unsqueeze(0), None)[0]
-            results[(tp, pp, cp)]["nll_direct"] = torch.nn.functional.cross_entropy(raw[:-1], ids[0, 1:],
+            results[(tp, pp, cp, sp)]["nll_direct"] = torch.nn.functional.cross_entropy(raw[:-1], ids[0, 1:],
                                                                                   reduction="none")
         parallel_state.destroy_model_parallel()
+    if cli_output:
+        # The command line at TP=2 under this 2-process launch; the tokenizer comes
+        # from the checkpoint's config.
+        from megatron_longsky.eval.needle_cli import main
+
+        results["cli_exit"] = main(["--checkpoint", ckpt_root, "--tp", "2", "--lengths", "300",
+                                    "--depths", "0,100", "--output", cli_output, "value_digits=3"])
     return results
 
 
 @pytest.fixture(scope="module")
 def layout_results(tmp_path_factory):
-    return run_distributed(_evaluate_layouts, 2, str(tmp_path_factory.mktemp("ckpt")), LAYOUTS[:3])
-
-
-@pytest.fixture(scope="module")
-def cp_results(tmp_path_factory):
-    return run_distributed(_evaluate_layouts, 2, str(tmp_path_factory.mktemp("ckpt")), [LAYOUTS[0], LAYOUTS[3]])
+    out = tmp_path_factory.mktemp("cli")
+    return out, run_distributed(_evaluate_layouts, 2, str(tmp_path_factory.mktemp("ckpt")), LAYOUTS, str(out))
 
 
 def _check_against_reference(results, layouts):
     for rank_results in results:
-        ref = rank_results[(1, 1, 1)]
+        ref = rank_results[(1, 1, 1, 0)]
         assert ref["logits"].shape == (1, 9, 259) and ref["nll"].shape == (76,)
         assert ref["logits_batch"].shape == (2, 30, 259)
         for layout in layouts:
@@ -102,20 +107,34 @@ def _check_against_reference(results, layouts):
             assert torch.allclose(got["nll"], ref["nll"], atol=1e-4), layout
             assert got["needle"] == ref["needle"], layout
             assert got["generated"] == ref["generated"], layout
-    # Every rank returns the same answers.
-    assert results[0][(1, 1, 1)]["needle"] == results[1][(1, 1, 1)]["needle"]
+            assert got["ppl"] == pytest.approx(ref["ppl"], abs=1e-3), layout
+    # At TP=1 the two ranks are data-parallel replicas that split the cases; each
+    # returns all of them.
+    assert results[0][(1, 1, 1, 0)]["data_parallel"]
+    assert results[0][(1, 1, 1, 0)]["needle"] == results[1][(1, 1, 1, 0)]["needle"]
+    assert results[0][(1, 1, 1, 0)]["ppl"] == results[1][(1, 1, 1, 0)]["ppl"]
 
 
 def test_tp2_and_pp2_match_tp1(layout_results):
-    _check_against_reference(layout_results, [(2, 1, 1), (1, 2, 1)])
+    _, layout_results = layout_results
+    _check_against_reference(layout_results, [(2, 1, 1, 0), (1, 2, 1, 0)])
     # The NLL path (labels through vocab-parallel cross entropy) equals the cross
     # entropy of the model's logits.
-    ref = layout_results[0][(1, 1, 1)]
+    ref = layout_results[0][(1, 1, 1, 0)]
     assert torch.allclose(ref["nll"], ref["nll_direct"], atol=1e-4)
 
 
-def test_cp2_matches_cp1(cp_results):
-    if cp_results[0][(1, 1, 2)] == "unsupported":
-        pytest.skip("the model builder does not use the context-parallel core attention on CPU yet; "
-                    "CP=2 evaluation is untested")
-    _check_against_reference(cp_results, [(1, 1, 2)])
+def test_cp2_matches_cp1(layout_results):
+    # Zig-zag sharded input, LongSkyCoreAttention's K/V all-gather, rows reassembled.
+    _check_against_reference(layout_results[1], [(1, 1, 2, 0)])
+
+
+def test_needle_command_on_a_checkpoint_at_tp2(layout_results):
+    out, results = layout_results
+    assert [r["cli_exit"] for r in results] == [0, 0]
+    data = json.loads((out / "needle.json").read_text())
+    # Same prompts and model as the library run above: the same predictions.
+    cli = [(c["prediction"], c["correct_tokens"]) for cell in data["cells"] for s in cell["samples"]
+           for c in s["cases"]]
+    assert cli == results[0][(1, 1, 1, 0)]["needle"]
+    assert (out / "needle.png").stat().st_size > 0 and (out / "needle.md").exists()

@@ -7,7 +7,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from _eval_backends import CopyBackend, SolverBackend
 from megatron_longsky.eval import Haystack, NeedleConfig
@@ -197,3 +196,45 @@ def test_perplexity_by_position_measures_context_use(tmp_path):
     assert json.loads(open(paths["json"]).read())["buckets"][-2]["tokens"] == 128
     with pytest.raises(ValueError, match="no document"):
         perplexity_by_position(PerplexityConfig(data=str(jsonl), length=5000), backend, BYTE)
+
+
+# -- command lines (tiny Hugging Face model) --------------------------------------------
+
+def test_command_lines_on_a_hf_model(tmp_path, capsys):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_longsky.cli import main
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=BYTE.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    model = ["--hf-model", str(tmp_path / "hf"), "--tokenizer-type", "byte"]
+    out = tmp_path / "out"
+    assert main(["needle", *model, "--lengths", "600,700", "--depths", "0,100", "--distractors", "1",
+                 "--output", str(out), "needle=The secret code of {key} is {value}."]) == 0
+    data = json.loads((out / "needle.json").read_text())
+    assert data["config"]["depths"] == [0.0, 100.0] and data["config"]["num_distractors"] == 1
+    assert {c["length"] for c in data["cells"]} == {600, 700}
+    assert all(n["key"] for c in data["cells"] for s in c["samples"] for n in s["needles"])
+    assert "# Needle in a haystack: hf" in capsys.readouterr().out
+
+    assert main(["eval", "passkey", *model, "--lengths", "400", "--depths", "2", "--output", str(out)]) == 0
+    assert json.loads((out / "passkey.json").read_text())["config"]["needle"].startswith("The pass key is")
+    assert main(["eval", "ruler", *model, "--lengths", "900", "--samples", "1", "--tasks",
+                 "variable_tracking,common_words", "--output", str(out), "vt_hops=2"]) == 0
+    rows = json.loads((out / "ruler.json").read_text())["rows"]
+    assert [r["task"] for r in rows] == ["variable_tracking", "common_words"] and len(rows[0]["answers"]) == 3
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "abc " * 200}) + "\n")
+    assert main(["eval", "ppl", *model, "--data", str(tmp_path / "docs.jsonl"), "--length", "256",
+                 "--output", str(out)]) == 0
+    assert json.loads((out / "perplexity.json").read_text())["documents"] == 1
+
+    # Bad input: a clear message and exit code 2, or an argparse error.
+    assert main(["needle", *model, "--output", str(out), "samples=zero"]) == 2
+    assert "samples" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["needle", "--output", str(out)])  # neither --checkpoint nor --hf-model
+    with pytest.raises(SystemExit, match="no tokenizer.json"):
+        main(["needle", "--hf-model", str(tmp_path / "hf"), "--output", str(out)])

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from _eval_backends import CopyBackend
 from megatron_longsky.eval import (
     Haystack, HFBackend, LogitsBackend, NeedleConfig, depth_grid, exact_match, load_result,
-    run_needle, write_report,
+    run_needle, write_comparison, write_report,
 )
 from megatron_longsky.eval.needle import NeedleBuilder
 from megatron_longsky.tokenizer import ByteTokenizer, TokenizerConfig, build_tokenizer, train_bpe_tokenizer
@@ -22,6 +22,7 @@ CHAT_TEMPLATE = (
 
 BYTE = ByteTokenizer()
 HAYSTACK = Haystack.default()
+LONGEST_SENTENCE = 1 + max(len(s.encode()) for s in HAYSTACK.sentences)  # tokens <= bytes + the space
 
 
 def count_subsequence(seq, sub):
@@ -55,7 +56,7 @@ def check_sample(tok, cfg, sample, length, depth):
         # Present exactly once, at the recorded offset, as its own encoding (no specials).
         assert count_subsequence(context, ids) == 1
         assert context[needle["offset"]:needle["offset"] + len(ids)] == ids
-        assert all(i < 256 or tok is not BYTE for i in ids)
+        assert not set(ids) & {tok.bos_id, tok.eod_id, tok.pad_id}
         assert text.count(cfg.needle.format(key=needle["key"], value=needle["value"])) == 1
         assert text.count(needle["value"]) == 1
         # At a sentence boundary: the start, or right after a sentence's final period.
@@ -63,7 +64,7 @@ def check_sample(tok, cfg, sample, length, depth):
         assert needle["offset"] == 0 or before.rstrip().endswith(".")
     # The first target sits at the boundary nearest the requested depth.
     first = targets[0]
-    longest_sentence = max(len(HAYSTACK.sentence_ids(tok, i)) for i in range(len(HAYSTACK.sentences)))
+    longest_sentence = LONGEST_SENTENCE
     assert abs(first["depth"] * budget - depth / 100 * budget) <= longest_sentence
     if depth == 0:
         # The start, or just after a leading sentence fragment of the window.
@@ -99,6 +100,28 @@ def test_prompt_construction_is_exact_bpe(bpe, mode):
         else:
             assert prompt[0] == bpe.bos_id and prompt.count(bpe.bos_id) == 1
     bpe.chat_template = None
+
+
+def test_chat_template_special_tokens_become_ids(tmp_path):
+    # Byte and SentencePiece tokenizers do not parse "<bos>" / "<s>" in text: the
+    # template's BOS must still be the BOS id, once, at the start.
+    import sentencepiece as spm
+
+    from megatron_longsky.eval.haystack import default_sentences
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(default_sentences(300) + ["0123456789 - abcdefghijklmnopqrstuvwxyz ?"]),
+        model_prefix=str(tmp_path / "sp"), vocab_size=150,
+        model_type="bpe", character_coverage=1.0, minloglevel=2, num_threads=1,
+    )
+    sp = build_tokenizer(TokenizerConfig("sentencepiece", str(tmp_path / "sp.model")))
+    for tok in (ByteTokenizer(), sp):
+        cfg = NeedleConfig(lengths=[700], depths=[50], mode="chat", chat_template=None)
+        tok.chat_template = CHAT_TEMPLATE
+        sample = NeedleBuilder(cfg, tok, HAYSTACK).build(700, 0, 50.0, 0)
+        prompt = sample.cases[0].prompt_ids
+        assert len(prompt) == 700 and prompt[0] == tok.bos_id and prompt.count(tok.bos_id) == 1
+        check_sample(tok, cfg, sample, 700, 50.0)
 
 
 def test_fixed_seed_gives_identical_prompts_and_seed_changes_them():
@@ -180,6 +203,13 @@ def test_report_files(tmp_path):
     assert "overall accuracy: **50.0%**" in md and "longest length with all cells passed: **none**" in md
     assert "| 600 | 50.0% | 1/2 |" in md
     assert not list((tmp_path / "report").glob(".*tmp*"))
+    # Several runs (e.g. training stages) side by side with one accuracy table.
+    perfect = run_needle(cfg, CopyBackend(BYTE.vocab_size), BYTE, haystack=HAYSTACK)
+    both = write_comparison({"stage 1": result, "stage 2": perfect}, tmp_path / "report")
+    assert open(both["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = open(both["md"]).read()
+    assert "| stage 1 | 50.0% | 50.0% | 50.0% | none |" in table
+    assert "| stage 2 | 100.0% | 100.0% | 100.0% | 900 |" in table
 
 
 def test_hf_backend_matches_transformers_and_recompute(tmp_path):
@@ -201,3 +231,49 @@ def test_hf_backend_matches_transformers_and_recompute(tmp_path):
     assert nll.shape == (len(ids) - 1,) and torch.isfinite(nll).all()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         HFBackend.from_pretrained(tmp_path)
+
+
+def test_needle_values_never_occur_in_the_haystack():
+    # One-digit values and a haystack containing "1": the value is redrawn, never "1".
+    haystack = Haystack(["The code is 1.", "Nothing else is here."], "digits")
+    cfg = NeedleConfig(lengths=[300], depths=[50], samples=12, value_digits=1)
+    builder = NeedleBuilder(cfg, BYTE, haystack)
+    values = [builder.build(*g).needles[0]["value"] for g in builder.grid()]
+    assert "1" not in values and len(set(values)) > 1
+    every_digit = Haystack([f"The code is {d}." for d in range(10)], "all digits")
+    with pytest.raises(ValueError, match="keeps containing"):  # a window of 20+ sentences
+        NeedleBuilder(cfg, BYTE, every_digit).build(700, 0, 50.0, 0)
+
+
+def test_haystack_sources(tmp_path):
+    import numpy as np
+
+    from megatron_longsky.data.indexed import IndexedDatasetWriter
+
+    docs = ["Dr. Smith went to Washington. He arrived at noon! Was it raining? Nobody knew.",
+            "A second document starts here. It has two sentences."]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    writer = IndexedDatasetWriter(tmp_path / "docs", np.uint16)
+    for d in docs:
+        ids = BYTE.encode(d) + [BYTE.eod_id]
+        writer.add_document(np.asarray(ids, dtype=np.uint16), [len(ids)])
+    writer.finalize({})
+    writer.commit()
+    for spec, key in ((str(tmp_path / "corpus.txt"), "text"), (str(tmp_path / "corpus.jsonl"), "body"),
+                      (f"indexed:{tmp_path / 'docs'}", "text")):
+        haystack = Haystack.from_spec(spec, BYTE, key)
+        # Every character kept (whitespace normalised), split into several sentences.
+        assert " ".join(haystack.sentences) == " ".join(" ".join(docs).split())
+        assert len(haystack.sentences) >= 5 and "Nobody knew." in haystack.sentences
+        full = [haystack.sentence_ids(BYTE, i) for i in range(len(haystack.sentences))]
+        for n in (50, 51, 52):
+            pieces, fragment = haystack.window(BYTE, n, 0)
+            assert sum(map(len, pieces)) == n and all(p in full for p in pieces[1:])
+            # The first piece is a whole sentence, or (fragment) the tail of one.
+            assert (pieces[0] in full) != fragment
+            assert any(f[-len(pieces[0]):] == pieces[0] for f in full)
+    with pytest.raises(ValueError, match=r"corpus.jsonl:1: no string field 'text'"):
+        Haystack.from_file(tmp_path / "corpus.jsonl")
+    with pytest.raises(FileNotFoundError):
+        Haystack.from_spec(str(tmp_path / "missing.txt"), BYTE)

@@ -91,18 +91,22 @@ def bpe_dir(tmp_path_factory):
     return train_bpe_tokenizer([d["text"] for d in DOCS], vocab_size=320, out_dir=tmp_path_factory.mktemp("bpe"))
 
 
-def test_output_identical_for_any_worker_count_with_hf_and_sentences(tmp_path, bpe_dir):
+@pytest.mark.parametrize("split", [True, False], ids=["sentences-processes", "documents-threads"])
+def test_output_identical_for_any_worker_count_with_hf(tmp_path, bpe_dir, split):
+    # with sentence splitting the workers are processes; without, HF encodes on threads
     src = write_jsonl(tmp_path / "in.jsonl", DOCS)
     outputs = {}
     for workers in (1, 2):
         cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / f"w{workers}"), workers=workers,
-                               tokenizer=TokenizerConfig("hf", str(bpe_dir)), split_sentences=True,
+                               tokenizer=TokenizerConfig("hf", str(bpe_dir)), split_sentences=split,
                                append_eod=True, batch_lines=3, progress=False)
         preprocess(cfg)
         prefix = dataset_prefix(cfg.output_prefix, "text")
         outputs[workers] = (Path(prefix + ".bin").read_bytes(), Path(prefix + ".idx").read_bytes())
     assert outputs[1] == outputs[2]
     tok = build_tokenizer(TokenizerConfig("hf", str(bpe_dir)))
+    ds = open_indexed(dataset_prefix(str(tmp_path / "w2"), "text"))
+    assert (len(ds) > len(DOCS)) == split
     got = documents(dataset_prefix(str(tmp_path / "w2"), "text"))
     assert [tok.decode(d[:-1]) for d in got] == [d["text"] for d in DOCS]
 

@@ -37,7 +37,8 @@ def _launch(config: Path) -> subprocess.Popen:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     return subprocess.Popen([sys.executable, "-m", "megatron_longsky.training.cli", "--config", str(config)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def _free_port() -> int:
@@ -59,14 +60,19 @@ def _interrupt_after(proc: subprocess.Popen, metrics: Path, iteration: int, sig:
         if proc.poll() is not None:
             pytest.fail(f"run ended (status {proc.returncode}) before iteration {iteration}:\n{proc.stdout.read()}")
         if time.monotonic() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("run did not reach the interruption point in time")
         time.sleep(0.01)
-    proc.send_signal(sig)
+    # To the whole process group, as a node failure (SIGKILL) or Slurm (SIGTERM) would.
+    os.killpg(proc.pid, sig)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     return proc.returncode, out
 
 
@@ -84,35 +90,35 @@ def workspace(tmp_path_factory):
 
 def test_sigkill_then_resume_reproduces_losses_bitwise_and_sigterm_exits_cleanly(workspace):
     tmp, prefix = workspace
+    # Three runs side by side: uninterrupted, SIGKILLed mid-run, SIGTERMed mid-run.
     reference = _launch(_write_config(tmp, "reference", prefix, checkpoint={"save_at_end": False}))
     killed_cfg = _write_config(tmp, "killed", prefix, checkpoint={"save_interval": 4, "keep_last": 2})
-    killed = _launch(killed_cfg)
+    term_cfg = _write_config(tmp, "term", prefix)
+    killed, term = _launch(killed_cfg), _launch(term_cfg)
+
+    _interrupt_after(term, tmp / "term" / "metrics.jsonl", 3, signal.SIGTERM)
     _interrupt_after(killed, tmp / "killed" / "metrics.jsonl", 11, signal.SIGKILL)
+    status, out = _finish(term)
+    # SIGTERM: a checkpoint after the current step, then a clean exit.
+    assert status == 0, out
+    assert "preempted" in out
+    stopped_at = _last_iteration(tmp / "term" / "metrics.jsonl")
+    assert 3 <= stopped_at < ITERS, out
+    assert read_latest(tmp / "term" / "checkpoints").name == f"iter_{stopped_at:07d}"
+
     status, out = _finish(killed)
     assert status == -signal.SIGKILL, out
     ckpt_root = tmp / "killed" / "checkpoints"
     latest_before = read_latest(ckpt_root)
     assert latest_before is not None and latest_before.name >= "iter_0000008", out
-    killed_at = _last_iteration(tmp / "killed" / "metrics.jsonl")
-    assert killed_at < ITERS, "the run finished before it was killed"
-
-    # SIGTERM while another run is going: it saves after the current step and exits 0.
-    term_cfg = _write_config(tmp, "term", prefix)
-    term = _launch(term_cfg)
-    _interrupt_after(term, tmp / "term" / "metrics.jsonl", 3, signal.SIGTERM)
-    status, out = _finish(term)
-    assert status == 0, out
-    stopped_at = _last_iteration(tmp / "term" / "metrics.jsonl")
-    assert 3 <= stopped_at < ITERS, out
-    assert read_latest(tmp / "term" / "checkpoints").name == f"iter_{stopped_at:07d}"
-    assert "preempted" in out
+    assert _last_iteration(tmp / "killed" / "metrics.jsonl") < ITERS, "the run finished before it was killed"
 
     status, out = _finish(reference)
     assert status == 0, out
     expected = _losses(tmp / "reference" / "metrics.jsonl")
     assert len(expected) == ITERS
 
-    # Restart both with the same commands: they resume from 'latest'.
+    # Restart both with their original commands: they resume from 'latest'.
     resumed_kill, resumed_term = _launch(killed_cfg), _launch(term_cfg)
     for proc in (resumed_kill, resumed_term):
         status, out = _finish(proc)
@@ -120,7 +126,7 @@ def test_sigkill_then_resume_reproduces_losses_bitwise_and_sigterm_exits_cleanly
         assert "resumed from" in out
     assert _losses(tmp / "killed" / "metrics.jsonl") == expected  # bitwise, step for step
     assert _losses(tmp / "term" / "metrics.jsonl") == expected
-    # keep_last=2: older checkpoints were pruned, the newest is the final one.
+    # keep_last=2: older checkpoints were pruned; the newest is the final one.
     assert list_iterations(ckpt_root)[-1] == ITERS and len(list_iterations(ckpt_root)) == 2
 
 

@@ -197,3 +197,53 @@ def test_long_samples_truncate_and_collate_gives_thd_boundaries(sft_data):
     cu = batch["cu_seqlens"]
     assert cu[0] == 0 and cu[-1] == 128 and torch.all(cu[1:] > cu[:-1])
     assert 64 in cu.tolist() and int(batch["max_seqlen"]) == int((cu[1:] - cu[:-1]).max())
+
+
+class _TinyCausalLM(torch.nn.Module):
+    """Embeddings + learned positions + one attention layer whose mask comes from cu_seqlens."""
+
+    def __init__(self, vocab=259, dim=16, max_pos=512):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.pos = torch.nn.Embedding(max_pos, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, vocab)
+
+    def forward(self, tokens, position_ids, cu_seqlens):
+        s = tokens.shape[0]
+        segment = torch.bucketize(torch.arange(s), cu_seqlens[1:].long(), right=True)
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        mask = causal & (segment[:, None] == segment[None, :])
+        h = self.embed(tokens) + self.pos(position_ids)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        attn = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None])[0]
+        return self.out(h + attn)
+
+
+def _loss_sum_and_count(model, ds):
+    total, count = 0.0, 0.0
+    for i in range(len(ds)):
+        item = ds[i]
+        logits = model(item["tokens"], item["position_ids"], item["cu_seqlens"])
+        losses = torch.nn.functional.cross_entropy(logits, item["labels"], reduction="none")
+        total = total + (losses * item["loss_mask"]).sum()
+        count += float(item["loss_mask"].sum())
+    return total, count
+
+
+def test_packed_and_unpacked_sft_losses_and_gradients_are_equal(sft_data):
+    prefix, _ = sft_data
+    results = []
+    for unpacked in (False, True):
+        model = _TinyCausalLM()
+        ds = PackedSFTDataset(prefix, 512, pad_to_multiple=4, unpacked=unpacked)
+        total, count = _loss_sum_and_count(model, ds)
+        loss = total / count  # per-token normalisation over the whole batch
+        loss.backward()
+        results.append((float(loss), count, [p.grad.clone() for p in model.parameters()], len(ds)))
+    (packed_loss, packed_n, packed_grads, packed_rows), (ref_loss, ref_n, ref_grads, ref_rows) = results
+    assert packed_rows < ref_rows and packed_n == ref_n > 0
+    assert packed_loss == pytest.approx(ref_loss, rel=1e-5)
+    for a, b in zip(packed_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -78,6 +78,15 @@ def test_long_tables_with_a_bpe_tokenizer(bpe):
     assert min(sum(r["meta"]["rows"].values()) for r in records) > 100
 
 
+def test_tables_up_to_200k_tokens():
+    tok = ByteTokenizer()
+    records = build_synl(SynLConfig(num_samples=2, min_tokens=150_000, max_tokens=200_000, format="mixed",
+                                    seed=5), tok)
+    for r in records:
+        assert verify_record(r) == []
+        assert 150_000 <= r["meta"]["table_tokens"] == len(tok.encode(_tables_text(r))) <= 200_000
+
+
 def test_verifier_reads_the_text_a_tampered_table_is_caught(many):
     _, records = many
     caught = 0
@@ -168,7 +177,8 @@ def test_score_answer_exact_match_with_normalisation(many):
 def test_cli_writes_jsonl_and_sft_datasets(tmp_path):
     out = tmp_path / "synl.jsonl"
     rc = main(["--output", str(out), "--num-samples", "12", "--min-tokens", "200", "--max-tokens", "500",
-               "--format", "csv", "--seed", "4", "--sft-output-prefix", str(tmp_path / "synl_sft"), "--no-progress"])
+               "--format", "csv", "--seed", "4", "--sft-output-prefix", str(tmp_path / "synl_sft"),
+               "--sft-max-length", "640", "--no-progress"])
     assert rc == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 12 and all(verify_record(r) == [] for r in records)
@@ -176,7 +186,12 @@ def test_cli_writes_jsonl_and_sft_datasets(tmp_path):
     from megatron_longsky.sft.dataset import PackedSFTDataset
 
     ds = PackedSFTDataset(tmp_path / "synl_sft", 2048)
-    assert ds.num_samples == 12
+    from megatron_longsky.data.metadata import read_meta
+
+    summary = read_meta(f"{tmp_path / 'synl_sft'}_tokens_document")["sft"]["summary"]
+    assert summary["dropped_overlong"] >= 1 and summary["truncated"] == 0
+    assert ds.num_samples == summary["samples"] == 12 - summary["dropped_overlong"]
+    assert int(ds.sample_lengths.max()) <= 640
     ds.check_tokenizer(ByteTokenizer())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
     assert main(["--output", str(tmp_path / "x.jsonl"), "--min-tokens", "500", "--max-tokens", "100"]) == 1
@@ -204,3 +219,28 @@ def test_cli_yaml_config_with_overrides(tmp_path):
     assert len(records) == 4 and {r["meta"]["seed"] for r in records} == {9}
     assert {r["meta"]["format"] for r in records} == {"jsonl"}
     assert main(["--output", str(out), "--config", str(config), "bogus=1"]) == 1
+
+
+def test_synl_accuracy_scores_a_generation_function(many):
+    from megatron_longsky.sft.template import ChatTemplate
+    from megatron_longsky.synl import prompt_turns
+    from megatron_longsky.synl.evaluate import synl_accuracy
+
+    tok = ByteTokenizer()
+    template = ChatTemplate(tok)
+    records = many[1][:30]
+    answers = {tuple(template.encode_prompt(prompt_turns(r))): r["messages"][-1]["content"] for r in records}
+    seen_budgets = []
+
+    def reference_model(prompt, max_new_tokens, stop_ids):
+        # answers the first 20 records (looked up by prompt) and is wrong on the rest
+        seen_budgets.append(max_new_tokens)
+        text = answers[tuple(prompt)] if len(seen_budgets) <= 20 else "Answer: no idea"
+        return tok.encode(text) + [stop_ids[0]]
+
+    report = synl_accuracy(records, reference_model, tok)
+    assert (report["correct"], report["total"]) == (20, 30)
+    assert report["accuracy"] == pytest.approx(20 / 30)
+    assert sum(f["total"] for f in report["by_family"].values()) == 30
+    assert all(b == r["meta"]["answer_tokens"] + 16 for b, r in zip(seen_budgets, records))
+    assert report["examples"][0]["correct"] and len(report["examples"]) == 5

@@ -32,8 +32,10 @@ from megatron_longsky.attention.blockwise import blockwise_attention, dense_atte
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 1024
-_logged_cp_comm = False
+# Measured on CPU at 8K tokens (benchmarks/RESULTS.md): 256-512 is fastest and keeps the
+# per-block buffers small; 4096 is 6x slower and needs 10x the transient memory.
+DEFAULT_BLOCK_SIZE = 512
+_logged_cp_settings: set = set()
 
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -89,8 +91,8 @@ class LongSkyCoreAttention(MegatronModule):
         """(q_pos, k_pos, q_seg, k_seg) for this rank's queries and the (gathered) keys."""
         cp = self.cp_size
         if packed_seq_params is None:
-            if cp == 1:
-                return torch.arange(sq, device=device), torch.arange(sk, device=device), None, None
+            if cp == 1:  # queries are the last sq of sk positions (sq < sk with a KV cache)
+                return torch.arange(sk - sq, sk, device=device), torch.arange(sk, device=device), None, None
             q_pos = cp_utils.zigzag_positions(sq * cp, cp, self.cp_rank, device)
             return q_pos, cp_utils.gathered_positions(sk // cp, cp, device), None, None
         cu = packed_seq_params.cu_seqlens_q_padded
@@ -155,8 +157,9 @@ class LongSkyCoreAttention(MegatronModule):
 
 
 def _log_cp_choice(cp_size: int, cp_comm_type) -> None:
-    global _logged_cp_comm
-    if cp_size > 1 and not _logged_cp_comm:
-        _logged_cp_comm = True
+    """Say once per setting (not once per layer) which CP implementation runs."""
+    key = (cp_size, str(cp_comm_type))
+    if cp_size > 1 and key not in _logged_cp_settings:
+        _logged_cp_settings.add(key)
         log.info("context parallelism CP=%d: LongSkyCoreAttention all-gathers K/V over the CP group "
                  "(cp_comm_type=%s applies to Transformer Engine only)", cp_size, cp_comm_type)

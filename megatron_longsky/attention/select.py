@@ -10,23 +10,8 @@ and THD packed sequences go to TE's fused kernels. Without TE the local spec's
 from __future__ import annotations
 
 import functools
-import logging
 
 from megatron_longsky.attention.core_attention import DEFAULT_BLOCK_SIZE, LongSkyCoreAttention
-
-log = logging.getLogger(__name__)
-
-
-def describe_core_attention(impl: str, cp_size: int = 1, cp_comm_type: str | None = None) -> str:
-    """Log and return the attention used for layer implementation ``impl``."""
-    if impl == "transformer_engine":
-        choice = "TEDotProductAttention"
-        log.info("core attention: Transformer Engine (CP=%d, cp_comm_type=%s)", cp_size, cp_comm_type)
-    else:
-        choice = "LongSkyCoreAttention"
-        comm = f", cp_comm_type={cp_comm_type} ignored: K/V all-gather is used" if cp_size > 1 else ""
-        log.info("core attention: LongSkyCoreAttention (no Transformer Engine; CP=%d%s)", cp_size, comm)
-    return choice
 
 
 def install_core_attention(spec, block_size: int = DEFAULT_BLOCK_SIZE):

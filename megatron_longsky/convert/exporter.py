@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from megatron_longsky.convert.hf_config import ConversionError, hf_config_from_model
-from megatron_longsky.convert.importer import check_tokenizer_fits, tokenizer_files, tokenizer_vocab_size
+from megatron_longsky.convert.importer import check_tokenizer_fits, tokenizer_entry, tokenizer_files
 from megatron_longsky.convert.mapping import HF_GLOBAL, MEGATRON_GLOBAL, MEGATRON_LAYER_KEYS, layer_to_hf
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,19 @@ def _checkpoint_tokenizer_dir(conf: dict) -> Optional[Path]:
     path = Path(model)
     path = path if path.is_dir() else path.parent
     return path if tokenizer_files(path) else None
+
+
+def _load_tokenizer(tok_dir: Optional[Path], conf: dict, where: str):
+    """Our tokenizer object for ``tok_dir`` (HF files), else the checkpoint's ``tokenizer:``."""
+    from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
+
+    entry = tokenizer_entry(tok_dir) if tok_dir is not None else conf.get("tokenizer")
+    if not entry:
+        return None
+    try:
+        return build_tokenizer(TokenizerConfig(**entry))
+    except (TypeError, ValueError, OSError) as exc:
+        raise ConversionError(f"{where if tok_dir is None else tok_dir}: tokenizer {entry} cannot be loaded ({exc})") from exc
 
 
 def _padded_vocab(conf: dict, cfg, tok_vocab: Optional[int], where: str) -> int:
@@ -80,8 +93,12 @@ def export_checkpoint(
     cfg = model_config_from_dict(conf["model"], where=f"{where}: model")
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else _checkpoint_tokenizer_dir(conf)
     if tok_dir is not None and not tokenizer_files(tok_dir):
-        raise ConversionError(f"{tok_dir}: no tokenizer files ({', '.join(('tokenizer.json', 'tokenizer.model'))})")
-    tok_vocab = tokenizer_vocab_size(tok_dir) if tok_dir else None
+        raise ConversionError(f"{tok_dir}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    tokenizer = _load_tokenizer(tok_dir, conf, where)
+    tok_vocab = tokenizer.vocab_size if tokenizer is not None else None
+    if tok_dir is None and tokenizer is not None:
+        log.warning("export: the checkpoint's %s tokenizer has no Hugging Face files to ship; "
+                    "pass --tokenizer-dir to include one", tokenizer.type)
     padded = _padded_vocab(conf, cfg, tok_vocab, where)
     base_path = ckpt / "hf_config.json"
     base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
@@ -124,6 +141,9 @@ def export_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         hf = hf_config_from_model(cfg, vocab, base=base, torch_dtype=_DTYPE_NAMES[out_dtype])
+        if base is None and tokenizer is not None:
+            hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eod_id,
+                      pad_token_id=getattr(tokenizer, "pad_id", None))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tok_dir is not None:
             for f in tokenizer_files(tok_dir):

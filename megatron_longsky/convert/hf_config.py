@@ -49,15 +49,12 @@ def yarn_attention_factor(rope: RopeConfig) -> float:
 
 
 def _rope_from_hf(hf: dict, where: str) -> RopeConfig:
-    params = hf.get("rope_parameters")
-    if params:
-        if not isinstance(params, dict) or "rope_theta" not in params and any(
-            isinstance(v, dict) for v in params.values()
-        ):
-            raise ConversionError(f"{where}: per-layer-type rope_parameters are not supported")
-        params = dict(params)
-    else:
-        params = dict(hf.get("rope_scaling") or {})
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConversionError(f"{where}: rope_parameters / rope_scaling must be an object, got {params!r}")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConversionError(f"{where}: per-layer-type RoPE parameters are not supported")
+    params = dict(params)
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in _SUPPORTED_ROPE_TYPES:

@@ -68,15 +68,15 @@ def tokenizer_files(directory: Path) -> list[Path]:
 
 def tokenizer_vocab_size(directory: Path) -> Optional[int]:
     """Vocabulary size (with added tokens) of the tokenizer in ``directory``, if any."""
-    if (directory / "tokenizer.json").is_file():
-        from megatron_longsky.tokenizer.hf import HFTokenizer
+    from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
 
-        return HFTokenizer(str(directory)).vocab_size
-    if (directory / "tokenizer.model").is_file():
-        from megatron_longsky.tokenizer.sentencepiece import SentencePieceTokenizer
-
-        return SentencePieceTokenizer(str(directory / "tokenizer.model")).vocab_size
-    return None
+    entry = tokenizer_entry(directory)
+    if entry is None:
+        return None
+    try:
+        return build_tokenizer(TokenizerConfig(**entry)).vocab_size
+    except (ValueError, OSError) as exc:
+        raise ConversionError(f"{entry['model']}: cannot load the tokenizer ({exc})") from exc
 
 
 def tokenizer_entry(directory: Path) -> Optional[dict]:
@@ -192,9 +192,9 @@ def import_checkpoint(
             (tmp_iter / "tokenizer").mkdir()
             for f in tok_files:
                 shutil.copy2(f, tmp_iter / "tokenizer" / f.name)
-            tokenizer = tokenizer_entry(final_iter / "tokenizer") if tokenizer_entry(tmp_iter / "tokenizer") else None
-            if tokenizer and tokenizer["type"] == "sentencepiece":
-                tokenizer["model"] = str(final_iter / "tokenizer" / "tokenizer.model")
+            tokenizer = tokenizer_entry(tmp_iter / "tokenizer")
+            if tokenizer:  # point at where the copy will live once the output is renamed
+                tokenizer["model"] = str(final_iter / Path(tokenizer["model"]).relative_to(tmp_iter))
         config = {
             "model": to_dict(saved_cfg),
             "parallel": to_dict(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)),

@@ -17,9 +17,12 @@ No RoPE permutation is needed: both sides use the rotate-half convention.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from megatron_longsky.model.config import ModelConfig
+if TYPE_CHECKING:  # the model package imports this module (layout-invariant init)
+    from megatron_longsky.model.config import ModelConfig
 
 # HF name -> megatron name, for tensors that map one to one.
 _DIRECT = {

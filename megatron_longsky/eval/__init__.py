@@ -12,11 +12,19 @@ forward-only with TP/PP/CP).
 from megatron_longsky.eval.backends import HFBackend, LMBackend, LogitsBackend
 from megatron_longsky.eval.haystack import Haystack
 from megatron_longsky.eval.needle import NeedleConfig, NeedleResult, depth_grid, run_needle
-from megatron_longsky.eval.report import heatmaps_png, load_result, markdown_summary, write_report
+from megatron_longsky.eval.megatron_backend import MegatronBackend
+from megatron_longsky.eval.passkey import run_passkey
+from megatron_longsky.eval.perplexity import PerplexityConfig, perplexity_by_position, write_perplexity_report
+from megatron_longsky.eval.report import (
+    comparison_markdown, heatmaps_png, load_result, markdown_summary, write_comparison, write_report,
+)
+from megatron_longsky.eval.ruler import RulerConfig, run_ruler, write_ruler_report
 from megatron_longsky.eval.scoring import Case, CaseResult, exact_match, score_case
 
 __all__ = [
-    "Case", "CaseResult", "HFBackend", "Haystack", "LMBackend", "LogitsBackend", "NeedleConfig",
-    "NeedleResult", "depth_grid", "exact_match", "heatmaps_png", "load_result", "markdown_summary",
-    "run_needle", "score_case", "write_report",
+    "Case", "CaseResult", "HFBackend", "Haystack", "LMBackend", "LogitsBackend", "MegatronBackend",
+    "NeedleConfig", "NeedleResult", "PerplexityConfig", "RulerConfig", "comparison_markdown", "depth_grid",
+    "exact_match", "heatmaps_png", "load_result", "markdown_summary", "perplexity_by_position", "run_needle",
+    "run_passkey", "run_ruler", "score_case", "write_comparison", "write_perplexity_report", "write_report",
+    "write_ruler_report",
 ]

@@ -7,10 +7,11 @@ deterministic), and every rank gets the same logits back:
   the end changes no earlier logit), and with CP>1 each rank keeps its two zig-zag
   chunks (megatron-core's ``get_batch_on_this_cp_rank``);
 - the pipeline runs through megatron-core's schedule with ``forward_only=True``;
-- on the last stage each CP rank writes the rows it owns into a zero tensor of the
-  wanted rows, summed over the CP group (so the long ``[s, vocab]`` logits are never
-  gathered), the vocabulary shards are gathered over TP, padding columns dropped,
-  and the result is broadcast from the last pipeline stage.
+- the LM head runs on the wanted positions only (a pre-hook on ``output_layer``), so
+  the long ``[s, vocab]`` logits are never computed; each CP rank writes the rows it
+  owns into a zero tensor of the wanted rows, summed over the CP group; the
+  vocabulary shards are gathered over TP, padding columns dropped, and the result is
+  broadcast from the last pipeline stage.
 
 NLL uses the model's own vocab-parallel cross entropy (``labels=``), so perplexity
 at long lengths never materialises full logits either.
@@ -18,6 +19,7 @@ at long lengths never materialises full logits either.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -30,25 +32,19 @@ from megatron_longsky.runtime.distributed import ParallelConfig
 log = logging.getLogger(__name__)
 
 
-def padded_vocab_for_checkpoint(ckpt_config: dict, model_cfg) -> int:
-    """The (padded) vocabulary size the checkpoint's embedding was saved with."""
+def padded_vocab_for_checkpoint(ckpt_config: dict, model_cfg, tokenizer_vocab: Optional[int] = None) -> int:
+    """The (padded) vocabulary size the checkpoint's embedding was saved with: the
+    recorded ``model.vocab_size`` (our trainer and converter write it), else the
+    tokenizer's size padded the way training did (at the saved TP size)."""
     from megatron_longsky.tokenizer import pad_vocab_size
 
     if model_cfg.vocab_size:
         return int(model_cfg.vocab_size)
-    tok = ckpt_config.get("tokenizer") or {}
-    if not tok.get("vocab_size"):
-        raise ValueError("checkpoint config has neither model.vocab_size nor tokenizer.vocab_size")
+    vocab = tokenizer_vocab or (ckpt_config.get("tokenizer") or {}).get("vocab_size")
+    if not vocab:
+        raise ValueError("checkpoint config records no model.vocab_size and no tokenizer vocabulary size is known")
     saved_tp = int((ckpt_config.get("parallel") or {}).get("tensor_model_parallel_size", 1))
-    return pad_vocab_size(int(tok["vocab_size"]), model_cfg.make_vocab_size_divisible_by, saved_tp)
-
-
-def _zigzag_positions(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Global positions of the local rows of CP rank ``cp_rank`` (chunks r and 2CP-1-r)."""
-    chunk = seq_len // (2 * cp_size)
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
-    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
-    return torch.cat([first, second])
+    return pad_vocab_size(int(vocab), model_cfg.make_vocab_size_divisible_by, saved_tp)
 
 
 class MegatronBackend(LogitsBackend):
@@ -62,13 +58,18 @@ class MegatronBackend(LogitsBackend):
 
         if not parallel_state.model_parallel_is_initialized():
             raise RuntimeError("initialise megatron_longsky.runtime.distributed first")
-        self.model = model.eval()
+        from megatron_longsky.checkpoint.model_io import unwrap
+
+        self.model = model.eval()  # may be wrapped (DDP, Float16Module) as in training
         self.vocab_size = vocab_size
-        self.config = model.config
+        self.config = unwrap(model).config
         self.cp_size = parallel_state.get_context_parallel_world_size()
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.sequence_parallel = bool(self.config.sequence_parallel)
+        # Inputs and collectives live where the model does (NCCL needs CUDA tensors).
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, parallel: ParallelConfig,
@@ -80,7 +81,7 @@ class MegatronBackend(LogitsBackend):
         ckpt_dir = resolve_checkpoint(path)
         ckpt_config = read_checkpoint_config(ckpt_dir)
         model_cfg = model_config_from_dict(ckpt_config.get("model") or {}, where=f"{ckpt_dir}/config.yaml:model")
-        padded = padded_vocab_for_checkpoint(ckpt_config, model_cfg)
+        padded = padded_vocab_for_checkpoint(ckpt_config, model_cfg, vocab_size)
         if padded % parallel.tensor_model_parallel_size:
             raise ValueError(f"padded vocabulary {padded} of {ckpt_dir} does not divide by TP="
                              f"{parallel.tensor_model_parallel_size}")
@@ -107,8 +108,9 @@ class MegatronBackend(LogitsBackend):
         from megatron.core.utils import get_batch_on_this_cp_rank
 
         b, s = tokens.shape
-        batch = {"tokens": tokens, "position_ids": torch.arange(s).unsqueeze(0).expand(b, s).contiguous(),
-                 "labels": labels}
+        position_ids = torch.arange(s, device=self.device).unsqueeze(0).expand(b, s).contiguous()
+        batch = {"tokens": tokens.to(self.device), "position_ids": position_ids,
+                 "labels": None if labels is None else labels.to(self.device)}
         batch = get_batch_on_this_cp_rank(batch)
 
         def forward_step(data_iterator, model):
@@ -123,32 +125,55 @@ class MegatronBackend(LogitsBackend):
         )
         return outputs[0] if outputs else None
 
-    def _rows(self, local: Optional[torch.Tensor], seq_len: int, start: int, stop: int) -> Optional[torch.Tensor]:
-        """Rows ``start:stop`` (global positions) of a zig-zag sharded ``[b, s_local, ...]``."""
+    def _local_positions(self, seq_len: int) -> torch.Tensor:
+        """Global positions of this rank's rows of a ``seq_len`` sequence (zig-zag under CP)."""
+        from megatron_longsky.attention.context_parallel import zigzag_positions
+
+        return zigzag_positions(seq_len, self.cp_size, self.cp_rank, self.device)
+
+    @contextlib.contextmanager
+    def _output_rows_only(self, index: Optional[torch.Tensor]):
+        """Run the LM head on the local rows ``index`` only (a pre-hook on ``output_layer``).
+
+        Not with sequence parallelism: there the head's input is still sharded over TP."""
+        from megatron_longsky.checkpoint.model_io import unwrap
+
+        layer = getattr(unwrap(self.model), "output_layer", None)
+        if index is None or layer is None or self.sequence_parallel:
+            yield False
+            return
+
+        def keep_rows(module, args, kwargs):
+            return (args[0].index_select(0, index),) + tuple(args[1:]), kwargs
+
+        handle = layer.register_forward_pre_hook(keep_rows, with_kwargs=True)
+        try:
+            yield True
+        finally:
+            handle.remove()
+
+    def _assemble(self, rows: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+        """``[b, n, ...]`` from this rank's ``rows`` at ``offsets``, summed over the CP group
+        (each wanted row lives on exactly one CP rank; the others contribute zeros)."""
         from megatron.core import parallel_state
 
-        if local is None:
-            return None
-        shape = (local.shape[0], stop - start) + tuple(local.shape[2:])
+        rows = rows.float()
         if self.cp_size == 1:
-            return local[:, start:stop].float()
-        out = torch.zeros(shape, dtype=torch.float32)
-        positions = _zigzag_positions(seq_len, self.cp_size, self.cp_rank)
-        keep = (positions >= start) & (positions < stop)
-        out[:, positions[keep] - start] = local[:, keep].float()
+            return rows
+        out = torch.zeros((rows.shape[0], n) + tuple(rows.shape[2:]), dtype=torch.float32, device=rows.device)
+        out[:, offsets] = rows
         torch.distributed.all_reduce(out, group=parallel_state.get_context_parallel_group())
         return out
 
     def _broadcast_from_last_stage(self, tensor: Optional[torch.Tensor], shape) -> torch.Tensor:
         from megatron.core import parallel_state
 
-        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-            return tensor
-        if tensor is None:
-            tensor = torch.empty(shape, dtype=torch.float32)
-        torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
-        return tensor
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            if tensor is None:
+                tensor = torch.empty(shape, dtype=torch.float32, device=self.device)
+            torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                        group=parallel_state.get_pipeline_model_parallel_group())
+        return tensor.cpu()
 
     @torch.no_grad()
     def logits(self, token_ids: list[list[int]], last_n: Optional[int] = None) -> torch.Tensor:
@@ -159,9 +184,14 @@ class MegatronBackend(LogitsBackend):
         s = self._padded_length(length)
         tokens = torch.zeros(len(token_ids), s, dtype=torch.long)
         tokens[:, :length] = torch.tensor(token_ids, dtype=torch.long)
-        local = self._run(tokens, None)
-        rows = self._rows(local, s, length - n, length)
-        if rows is not None:
+        positions = self._local_positions(s)
+        index = ((positions >= length - n) & (positions < length)).nonzero().squeeze(1)
+        with self._output_rows_only(index) as sliced:
+            local = self._run(tokens, None)  # [b, rows, vocab / TP] on the last stage
+        rows = None
+        if local is not None:
+            local = local if sliced else local.index_select(1, index)
+            rows = self._assemble(local, positions[index] - (length - n), n)
             if self.tp_size > 1:
                 rows = gather_from_tensor_model_parallel_region(rows)
             rows = rows[..., : self.vocab_size].contiguous()
@@ -178,5 +208,9 @@ class MegatronBackend(LogitsBackend):
         labels = torch.zeros(1, s, dtype=torch.long)
         labels[0, : length - 1] = tokens[0, 1:length]
         local = self._run(tokens, labels)  # [1, s_local] per-token loss, TP-reduced
-        rows = self._rows(local, s, 0, length - 1)
+        rows = None
+        if local is not None:
+            positions = self._local_positions(s)
+            index = (positions < length - 1).nonzero().squeeze(1)
+            rows = self._assemble(local.index_select(1, index), positions[index], length - 1)
         return self._broadcast_from_last_stage(rows, (1, length - 1))[0]

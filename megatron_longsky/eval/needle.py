@@ -193,28 +193,39 @@ class NeedleBuilder:
             raise ValueError(f"at most {len(rest)} distractors are available")
         return targets, rest[: self.cfg.num_distractors]
 
-    def build(self, length: int, depth_index: int, depth_percent: float, sample: int) -> NeedleSample:
-        cfg, tok = self.cfg, self.tokenizer
-        rng = _sample_rng(cfg.seed, length, depth_index, sample)
-        targets, distractors = self._pick_keys(rng)
+    def _draw_needles(self, rng: random.Random, targets: list[str], distractors: list[str]) -> list[dict]:
         values: set[str] = set()
         needles = []
         for role, keys in (("target", targets), ("distractor", distractors)):
             for key in keys:
-                value = _draw_value(rng, cfg.value_digits)
+                value = _draw_value(rng, self.cfg.value_digits)
                 while value in values:
-                    value = _draw_value(rng, cfg.value_digits)
+                    value = _draw_value(rng, self.cfg.value_digits)
                 values.add(value)
-                ids = tok.encode(" " + cfg.needle.format(key=key, value=value))
+                ids = self.tokenizer.encode(" " + self.cfg.needle.format(key=key, value=value))
                 needles.append({"key": key, "value": value, "role": role, "ids": ids})
+        return needles
 
-        frames = [self.frame(n["key"]) for n in needles if n["role"] == "target"]
-        budget = length - frames[0].overhead - sum(len(n["ids"]) for n in needles)
-        if budget < 0:
-            raise ValueError(f"length {length} is too short: the question, template and needles alone take "
-                             f"{length - budget} tokens")
+    def build(self, length: int, depth_index: int, depth_percent: float, sample: int) -> NeedleSample:
+        cfg, tok = self.cfg, self.tokenizer
+        rng = _sample_rng(cfg.seed, length, depth_index, sample)
+        targets, distractors = self._pick_keys(rng)
+        frames = [self.frame(key) for key in targets]
         start = rng.randrange(len(self.haystack.sentences))
-        pieces, fragment_first = self.haystack.window(tok, budget, start)
+        for _attempt in range(10):
+            needles = self._draw_needles(rng, targets, distractors)
+            budget = length - frames[0].overhead - sum(len(n["ids"]) for n in needles)
+            if budget < 0:
+                raise ValueError(f"length {length} is too short: the question, template and needles alone "
+                                 f"take {length - budget} tokens")
+            pieces, fragment_first = self.haystack.window(tok, budget, start)
+            # A value must occur only in its needle: redraw if the haystack contains one.
+            text = tok.decode([t for p in pieces for t in p])
+            if not any(n["value"] in text for n in needles):
+                break
+        else:
+            raise ValueError(f"haystack {self.haystack.source} keeps containing the drawn needle values; "
+                             "use more value_digits")
         boundaries, usable = sentence_boundaries(pieces, fragment_first)
 
         # Target depths: d, then evenly spread over the rest of the context.
@@ -320,19 +331,31 @@ class NeedleResult:
 
 def run_needle(cfg: NeedleConfig, backend: LMBackend, tokenizer: Tokenizer, model_name: str = "",
                haystack: Optional[Haystack] = None, progress: bool = True) -> NeedleResult:
-    """Run the whole sweep; deterministic for a given config, tokenizer and model."""
+    """Run the whole sweep; deterministic for a given config, tokenizer and model.
+
+    In a Megatron job with several data-parallel replicas the samples are spread over
+    them (:mod:`megatron_longsky.eval.distribute`); every rank returns the full result.
+    """
     from dataclasses import asdict
 
     from tqdm import tqdm
 
+    from megatron_longsky.eval.distribute import sharded_map
+
     builder = NeedleBuilder(cfg, tokenizer, haystack)
-    cells: dict[tuple[int, float], CellResult] = {}
     grid = list(builder.grid())
-    for length, j, depth, s in tqdm(grid, desc="needle", disable=None if progress else True, leave=False):
+
+    def evaluate(point) -> SampleResult:
+        length, j, depth, s = point
         sample = builder.build(length, j, depth, s)
         results = [score_case(backend, tokenizer, case, cfg.mode, cfg.max_new_tokens) for case in sample.cases]
-        cell = cells.setdefault((length, depth), CellResult(length, depth))
-        cell.samples.append(SampleResult(s, all(r.passed for r in results), sample.needles, results))
+        return SampleResult(s, all(r.passed for r in results), sample.needles, results)
+
+    with tqdm(total=len(grid), desc="needle", disable=None if progress else True, leave=False) as bar:
+        samples = sharded_map(grid, evaluate, bar)
+    cells: dict[tuple[int, float], CellResult] = {}
+    for (length, _, depth, _), sample_result in zip(grid, samples):
+        cells.setdefault((length, depth), CellResult(length, depth)).samples.append(sample_result)
     result = NeedleResult(config=asdict(cfg) | {"haystack_source": builder.haystack.source},
                           cells=list(cells.values()), model=model_name)
     log.info("needle: accuracy %.3f over %d cells", result.accuracy, len(result.cells))

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     g = p.add_argument_group("sweep")
     g.add_argument("--lengths", help="context lengths in tokens, e.g. 1024,2048 (whole prompt)")
-    g.add_argument("--depths", help="a count of evenly spaced depths (11) or percentages (0,50,100)")
+    g.add_argument("--depths", help="a count of evenly spaced depths (11) or percentages (0,50,100; one: 50,)")
     g.add_argument("--depth-spacing", choices=["linear", "sigmoid"])
     g.add_argument("--samples", type=int, help="needles (prompts) per cell")
     g.add_argument("--seed", type=int)

@@ -125,21 +125,27 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
     body = cfg.length - len(bos)
     edges = bucket_edges(cfg.length, cfg.buckets, cfg.num_buckets)
     result = PerplexityResult(asdict(cfg), 0, edges, [0.0] * (len(edges) - 1), [0] * (len(edges) - 1), model_name)
-    source = documents if documents is not None else iter_documents(cfg, tokenizer)
-    bar = tqdm(total=cfg.max_documents, desc="perplexity", disable=None if progress else True, leave=False)
+    from megatron_longsky.eval.distribute import sharded_map
+
+    selected = []
+    for doc in documents if documents is not None else iter_documents(cfg, tokenizer):
+        if len(doc) >= body:
+            selected.append(bos + list(doc[:body]))
+            if len(selected) == cfg.max_documents:
+                break
     positions = torch.arange(1, cfg.length)
     index = torch.bucketize(positions, torch.tensor(edges), right=True) - 1
-    for doc in source:
-        if len(doc) < body:
-            continue
-        nll = backend.token_nll(bos + list(doc[:body])).double()
-        result.nll_sum = [s + float(nll[index == i].sum()) for i, s in enumerate(result.nll_sum)]
-        result.tokens = [n + int((index == i).sum()) for i, n in enumerate(result.tokens)]
-        result.documents += 1
-        bar.update(1)
-        if result.documents == cfg.max_documents:
-            break
-    bar.close()
+
+    def bucket_sums(ids: list[int]) -> list[float]:
+        nll = backend.token_nll(ids).double()
+        return [float(nll[index == i].sum()) for i in range(len(edges) - 1)]
+
+    with tqdm(total=len(selected), desc="perplexity", disable=None if progress else True, leave=False) as bar:
+        per_document = sharded_map(selected, bucket_sums, bar)
+    for sums in per_document:
+        result.nll_sum = [a + b for a, b in zip(result.nll_sum, sums)]
+    result.tokens = [int((index == i).sum()) * len(selected) for i in range(len(edges) - 1)]
+    result.documents = len(selected)
     if result.documents == 0:
         raise ValueError(f"no document in {cfg.data or 'the given documents'} has {body} tokens "
                          f"(--length {cfg.length}); use a shorter length or longer held-out documents")

@@ -24,6 +24,47 @@ _MARKER = "\u2063LONGSKY_CONTEXT\u2063"
 Mode = Literal["base", "chat"]
 
 
+_SPECIAL_CANDIDATES = ("<s>", "</s>", "<bos>", "<eos>", "<eod>", "<|begin_of_text|>", "<|end_of_text|>",
+                       "<|endoftext|>", "<|startoftext|>")
+
+
+def special_token_texts(tokenizer: Tokenizer) -> dict[str, int]:
+    """Text -> id of the tokenizer's BOS / EOD tokens (what a chat template's
+    ``bos_token`` / ``eos_token`` render as)."""
+    found: dict[str, int] = {}
+    for token_id in (tokenizer.bos_id, tokenizer.eod_id):
+        if token_id is None:
+            continue
+        candidates = [tokenizer.decode([token_id]), *_SPECIAL_CANDIDATES]
+        for text in candidates:
+            if text and tokenizer.token_to_id(text) == token_id:
+                found.setdefault(text, token_id)
+                break
+    return found
+
+
+def encode_template_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Encode rendered template text, mapping special-token text to its id.
+
+    Hugging Face tokenizers match their added tokens natively; for the others
+    (SentencePiece, bytes) the BOS / EOD texts are split out and mapped here.
+    """
+    if tokenizer.type == "hf":
+        return tokenizer.encode(text)
+    import re
+
+    specials = special_token_texts(tokenizer)
+    if not specials:
+        return tokenizer.encode(text)
+    ids: list[int] = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if part in specials:
+            ids.append(specials[part])
+        elif part:
+            ids.extend(tokenizer.encode(part))
+    return ids
+
+
 def render_chat_template(template: str, messages: list[dict], tokenizer: Tokenizer,
                          add_generation_prompt: bool = True) -> str:
     """Render a Hugging Face style Jinja chat template (sandboxed, like transformers)."""
@@ -38,10 +79,8 @@ def render_chat_template(template: str, messages: list[dict], tokenizer: Tokeniz
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    specials = {
-        "bos_token": tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else "",
-        "eos_token": tokenizer.decode([tokenizer.eod_id]),
-    }
+    texts = {token_id: text for text, token_id in special_token_texts(tokenizer).items()}
+    specials = {"bos_token": texts.get(tokenizer.bos_id, ""), "eos_token": texts.get(tokenizer.eod_id, "")}
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                             **specials)
 
@@ -93,7 +132,7 @@ def make_frame(tokenizer: Tokenizer, question: str, answer_prefix: str, mode: Mo
     if text.count(_MARKER) != 1:
         raise ValueError("the chat template did not render the user message exactly once")
     before, after = text.split(_MARKER)
-    return PromptFrame(tokenizer.encode(before), tokenizer.encode(after + answer_prefix))
+    return PromptFrame(encode_template_text(tokenizer, before), encode_template_text(tokenizer, after + answer_prefix))
 
 
 def answer_ids(tokenizer: Tokenizer, answers: list[str]) -> list[int]:

@@ -16,15 +16,21 @@ def accuracy_matrix(result: NeedleResult) -> list[list[float]]:
     return [[result.cell(n, d).accuracy for n in result.lengths] for d in result.depths]
 
 
-def _draw_heatmap(ax, result: NeedleResult, title: str):
+def _draw_heatmap(ax, result: NeedleResult, title: str, ylabel: bool = True):
     from matplotlib.colors import LinearSegmentedColormap
 
     cmap = LinearSegmentedColormap.from_list("needle", ["#d7301f", "#fdd49e", "#1a9850"])
-    image = ax.imshow(accuracy_matrix(result), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    matrix = accuracy_matrix(result)
+    image = ax.imshow(matrix, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    if len(result.lengths) * len(result.depths) <= 400:  # readable: print each cell's accuracy
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(result.lengths)), [str(n) for n in result.lengths], rotation=45)
     ax.set_yticks(range(len(result.depths)), [f"{d:g}" for d in result.depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth (%)")
+    if ylabel:
+        ax.set_ylabel("needle depth (%)")
     ax.set_title(f"{title}\naccuracy {result.accuracy:.1%}")
     return image
 
@@ -43,11 +49,11 @@ def heatmaps_png(results: Mapping[str, NeedleResult]) -> bytes:
     import matplotlib.pyplot as plt
 
     n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(1.5 + 0.9 * max(len(r.lengths) for r in results.values()) * n, 5),
-                             squeeze=False)
+    width = 2.0 + (1.0 + 0.8 * max(len(r.lengths) for r in results.values())) * n
+    fig, axes = plt.subplots(1, n, figsize=(width, 5), squeeze=False)
     image = None
-    for ax, (title, result) in zip(axes[0], results.items()):
-        image = _draw_heatmap(ax, result, title)
+    for i, (ax, (title, result)) in enumerate(zip(axes[0], results.items())):
+        image = _draw_heatmap(ax, result, title, ylabel=i == 0)
     fig.colorbar(image, ax=list(axes[0]), label="accuracy")
     data = _png_bytes(fig)
     plt.close(fig)
@@ -107,3 +113,24 @@ def load_result(path: str | Path) -> NeedleResult:
         for c in data["cells"]
     ]
     return NeedleResult(config=data["config"], cells=cells, model=data.get("model", ""))
+
+
+def comparison_markdown(results: Mapping[str, NeedleResult]) -> str:
+    """One row per result (e.g. per training stage): accuracy per length, overall, longest."""
+    lengths = sorted({n for r in results.values() for n in r.lengths})
+    lines = ["| model | " + " | ".join(str(n) for n in lengths) + " | overall | longest all passed |",
+             "|---|" + "---:|" * (len(lengths) + 2)]
+    for title, r in results.items():
+        cells = [f"{r.length_accuracy(n):.1%}" if n in r.lengths else "-" for n in lengths]
+        longest = r.longest_length_all_passed()
+        lines.append(f"| {title} | " + " | ".join(cells) + f" | {r.accuracy:.1%} | {longest or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(results: Mapping[str, NeedleResult], out_dir: str | Path, name: str = "needle_comparison") -> dict:
+    """Heatmaps side by side (``<name>.png``) and the accuracy table (``<name>.md``)."""
+    out = Path(out_dir)
+    paths = {"png": out / f"{name}.png", "md": out / f"{name}.md"}
+    atomic_write_bytes(paths["png"], heatmaps_png(results))
+    atomic_write_text(paths["md"], f"![needle heatmaps]({paths['png'].name})\n\n" + comparison_markdown(results))
+    return {k: str(v) for k, v in paths.items()}

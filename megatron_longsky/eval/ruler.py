@@ -260,14 +260,20 @@ def run_ruler(cfg: RulerConfig, backend: LMBackend, tokenizer: Tokenizer, model_
               haystack: Optional[Haystack] = None, progress: bool = True) -> RulerResult:
     from tqdm import tqdm
 
+    from megatron_longsky.eval.distribute import sharded_map
+
     builder = RulerBuilder(cfg, tokenizer, haystack)
     grid = [(t, n, s) for t in cfg.tasks for n in cfg.lengths for s in range(cfg.samples)]
-    rows = []
-    for task, length, sample in tqdm(grid, desc="ruler", disable=None if progress else True, leave=False):
+
+    def evaluate(point) -> dict:
+        task, length, sample = point
         case = builder.build(task, length, sample)
         result = score_case(backend, tokenizer, case, cfg.mode, cfg.max_new_tokens)
-        rows.append({"task": task, "length": length, "sample": sample, "prompt_tokens": len(case.prompt_ids),
-                     **result.to_dict(), "meta": case.meta})
+        return {"task": task, "length": length, "sample": sample, "prompt_tokens": len(case.prompt_ids),
+                **result.to_dict(), "meta": case.meta}
+
+    with tqdm(total=len(grid), desc="ruler", disable=None if progress else True, leave=False) as bar:
+        rows = sharded_map(grid, evaluate, bar)
     return RulerResult(asdict(cfg) | {"haystack_source": builder.haystack.source}, rows, model_name)
 
 

@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_args(t)
         t.add_argument("--config", help="YAML file of the task config's fields")
         t.add_argument("--output", required=True, help="report directory")
-        t.add_argument("--seed", type=int)
         if name in ("passkey", "ruler"):
+            t.add_argument("--seed", type=int)
             t.add_argument("--lengths", help="prompt lengths in tokens, e.g. 1024,4096")
             t.add_argument("--samples", type=int)
             t.add_argument("--mode", choices=["base", "chat"])
@@ -62,9 +62,9 @@ def task_config(args: argparse.Namespace):
 
     cls = {"passkey": NeedleConfig, "ruler": RulerConfig, "ppl": PerplexityConfig}[args.task]
     data = load_yaml(args.config) if args.config else {}
-    flags = {"seed": getattr(args, "seed", None)}
+    flags: dict = {}
     if args.task in ("passkey", "ruler"):
-        flags.update(samples=args.samples, mode=args.mode, chat_template=args.chat_template)
+        flags.update(seed=args.seed, samples=args.samples, mode=args.mode, chat_template=args.chat_template)
         if args.lengths:
             flags["lengths"] = parse_int_list(args.lengths, "--lengths")
     if args.task == "passkey" and args.depths:

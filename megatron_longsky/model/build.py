@@ -76,6 +76,31 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, **extra):
     return tcfg
 
 
+def mark_tensor_parallel_params(model) -> None:
+    """Set megatron-core's TP attributes (``tensor_model_parallel``, ``partition_dim``) on
+    the weights of its parallel layers.
+
+    With ``use_cpu_initialization`` and ``perform_initialization=False`` megatron-core
+    0.16 skips setting them, and then the gradient norm counts TP shards as replicas
+    and checkpoint/initialisation code cannot tell how a weight is split.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=0, stride=1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=1, stride=1)
+
+
 def build_model(
     cfg: ModelConfig,
     parallel: ParallelConfig,
@@ -116,6 +141,8 @@ def build_model(
         seq_len_interpolation_factor=rope.factor if rope.scaling == "linear" else None,
     )
     apply_rope_config(model, rope)
+    if not tcfg.perform_initialization:
+        mark_tensor_parallel_params(model)
     if initialize and seed is not None:
         from megatron_longsky.model.init import initialize_weights
 

@@ -15,7 +15,8 @@ from megatron_longsky.model.config import RopeConfig
 
 
 def base_inv_freq(dim: int, base: float) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # Explicitly on CPU: also correct when the model is built under torch.device("meta").
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
 
 
 def llama3_inv_freq(dim: int, rope: RopeConfig) -> torch.Tensor:

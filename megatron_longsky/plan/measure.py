@@ -115,22 +115,25 @@ def measure_step(model_cfg, parallel, vocab_size: int, micro_batch_size: int, se
     if ps.get_context_parallel_world_size() > 1:
         batch = get_batch_on_this_cp_rank(batch)
 
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
     def forward_backward():
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        loss = output.float().sum() / output.numel()
+        # Saved tensors are counted in the forward only (recomputation in the backward
+        # saves again, transiently).
+        with count_saved_storages(param_ptrs, saved):
+            output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            loss = output.float().sum() / output.numel()
         loss.backward()
         return loss.detach()
 
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
     model.zero_grad_buffer()
     gc.collect()
-
-    def counted_forward_backward():
-        with count_saved_storages(param_ptrs, saved):
-            return forward_backward()
-
-    stepped, loss = _trace(counted_forward_backward)
+    stepped, loss = _trace(forward_backward)
+    # Gradient all-reduce / reduce-scatter outside the traces: its communication buffers
+    # may be freed after a trace ends, which would count them as optimizer state.
+    model.finish_grad_sync()
+    gc.collect()
     # The optimizer's states appear at its first step; measured after the backward above
     # so the step sees real gradients.
     optimizer_trace, _ = _trace(lambda: _build_and_step(opt_config, model, get_megatron_optimizer))
@@ -145,7 +148,6 @@ def measure_step(model_cfg, parallel, vocab_size: int, micro_batch_size: int, se
 
 
 def _build_and_step(opt_config, model, get_megatron_optimizer):
-    model.finish_grad_sync()
     optimizer = get_megatron_optimizer(opt_config, [model])
     optimizer.step()
     # Keep the optimizer (and so its states) alive past the trace.

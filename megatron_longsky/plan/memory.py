@@ -26,15 +26,17 @@ size, ``B`` activation bytes):
 * SwiGLU: fc1 output ``2 f / T``; SiLU input and output, the up half, fc2 input: ``3 f / T``
   (measured: the gate/up halves are saved as separate tensors)
 * attention output (``linear_proj`` input) ``h / T``; softmax log-sum-exp ``4 a / T`` bytes
-* core attention, ``te`` (Transformer Engine, GPU): q and k after (fused) RoPE, v (a view
-  that keeps the fused QKV output alive), the output; with CP > 1 the K/V of the whole
-  sequence (counted as all-gathered: an upper bound for TE's ring).
+* core attention, ``te`` (Transformer Engine, GPU): q and k after (fused) RoPE and v (a
+  view that keeps the fused QKV output alive); its output is the ``linear_proj`` input
+  above; with CP > 1 the K/V of the whole sequence (counted as all-gathered: an upper
+  bound for TE's ring).
 * core attention, ``longsky`` (ours, no TE): megatron-core's unfused RoPE keeps cos and sin
   (``4 d``); when the rank's problem fits in one block, SDPA keeps q, K/V repeated to every
   head over the gathered sequence, its output and a fp32 ``t x s`` mask; otherwise the
   blockwise kernel keeps q (groups folded), the gathered K and V, its output and positions.
 
-Selective recomputation drops the core-attention terms (keeps its inputs and output);
+Selective recomputation (megatron-core's ``core_attn``) keeps only core attention's inputs
+(q, k and the QKV output v views) and rebuilds the rest during the backward;
 full recomputation keeps only each checkpointed block's input (``h / S`` per token) and
 rebuilds one block's activations during its backward. The last pipeline stage also holds
 the output layer: final norm and the cross-entropy's fp32 softmax over ``V / T`` (megatron-
@@ -42,11 +44,12 @@ core computes it in the logits' place and reuses it as their gradient). Pipeline
 parallelism with 1F1B keeps ``min(PP, micro-batches)`` micro-batches in flight on the
 first stage.
 
-Peak = states + stored activations + the largest transient working set of a backward
-step (q/k/v and hidden-state gradients; with blockwise attention, five fp32 block x block
-score-sized temporaries per head). The
-CPU validation (tests/test_plan.py, docs/plan.md) checks these against measured
-allocations.
+Peak = states + stored activations + the largest working set of the backward: either the
+output layer (freed by the loss backward before any layer's backward starts) or a layer's
+q/k/v and hidden-state gradients, plus with blockwise attention six fp32 block x block
+score-sized temporaries per head (the layer's MLP half is already freed by then), plus
+under full recomputation the rebuilt layer. The CPU validation (tests/test_plan.py,
+docs/plan.md) checks these against measured allocations.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ GiB = 1024**3
 
 @dataclass
 class PlanInput:
-    """Everything the estimate depends on; see :func:`plan_input_from_train_config`."""
+    """Everything the estimate depends on (``plan.cli.plan_input`` builds it from a TrainConfig)."""
 
     model: ModelConfig
     vocab_size: int
@@ -77,7 +80,8 @@ class PlanInput:
     # 'te': Transformer Engine's fused attention (GPU); 'longsky': our core attention
     # (CPU / no TE): one SDPA call when the sequence fits in a block, else blockwise.
     attention: Literal["te", "longsky"] = "te"
-    attention_block_size: int = 1024
+    # Our attention's block size (None: its default, LongSkyCoreAttention's DEFAULT_BLOCK_SIZE).
+    attention_block_size: Optional[int] = None
 
     def __post_init__(self):
         m = self.model
@@ -88,9 +92,9 @@ class PlanInput:
         if m.num_layers % self.pipeline_parallel:
             raise ValueError(f"num_layers {m.num_layers} is not divisible by pipeline parallel size "
                              f"{self.pipeline_parallel}")
-        if m.kv_groups % self.tensor_parallel and self.tensor_parallel % m.kv_groups:
-            raise ValueError(f"tensor parallel size {self.tensor_parallel} must divide the {m.kv_groups} KV "
-                             "groups (or be a multiple of it)")
+        if m.kv_groups % self.tensor_parallel or m.num_attention_heads % self.tensor_parallel:
+            raise ValueError(f"tensor parallel size {self.tensor_parallel} must divide the number of KV groups "
+                             f"({m.kv_groups}) and of attention heads ({m.num_attention_heads})")
         if m.seq_length % (2 * self.context_parallel) and self.context_parallel > 1:
             raise ValueError(f"seq_length {m.seq_length} is not divisible by 2*CP = {2 * self.context_parallel}")
 
@@ -178,6 +182,9 @@ class LayerActivations:
 
     linear_and_norm: int
     core_attention: int
+    # What selective recomputation keeps of core attention: its inputs q, k (after RoPE)
+    # and the fused QKV output that v is a view of.
+    core_attention_inputs: int
 
     @property
     def total(self) -> int:
@@ -189,7 +196,16 @@ def _attention_path(p: PlanInput) -> str:
     if p.attention == "te":
         return "te"
     s, t = p.model.seq_length, p.model.seq_length // p.context_parallel
-    return "dense" if t <= p.attention_block_size and s <= p.attention_block_size else "blockwise"
+    block = block_size(p)
+    return "dense" if t <= block and s <= block else "blockwise"
+
+
+def block_size(p: PlanInput) -> int:
+    if p.attention_block_size is not None:
+        return p.attention_block_size
+    from megatron_longsky.attention.core_attention import DEFAULT_BLOCK_SIZE
+
+    return DEFAULT_BLOCK_SIZE
 
 
 def layer_activations(p: PlanInput) -> LayerActivations:
@@ -210,7 +226,8 @@ def layer_activations(p: PlanInput) -> LayerActivations:
     path = _attention_path(p)
     core = tokens * (a / T) * 4  # softmax log-sum-exp (fp32)
     if path == "te":
-        # q, k after RoPE, v (a view keeping the fused QKV output alive), the output.
+        # q, k after RoPE and v (a view keeping the fused QKV output alive); TE's output is
+        # the linear_proj input counted above.
         core += tokens * B * (hq + hkv + (hq + 2 * hkv)) + tokens * (CP - 1) * 2 * hkv * B
     else:
         # megatron-core's unfused RoPE saves cos and sin (s x d) for q and for k.
@@ -224,7 +241,8 @@ def layer_activations(p: PlanInput) -> LayerActivations:
             # q with the groups folded, contiguous (all-gathered) k and v, the output, and
             # int64 positions of the folded queries and of the keys.
             core += tokens * B * (hq + 2 * hkv * CP + hq) + tokens * 8 * (a // g + CP)
-    return LayerActivations(linear_and_norm=int(linear), core_attention=int(core))
+    inputs = tokens * B * (hq + hkv + (hq + 2 * hkv))
+    return LayerActivations(linear_and_norm=int(linear), core_attention=int(core), core_attention_inputs=int(inputs))
 
 
 def output_layer_activations(p: PlanInput) -> int:
@@ -253,7 +271,7 @@ class MemoryEstimate:
     layers_per_stage: int
     microbatches_in_flight: int
     activations: int  # all stored activations of the in-flight micro-batches
-    transient: int  # largest backward working set above the stored activations
+    transient: int  # largest backward working set above the stored activations (and output layer)
     worst_stage: str
 
     @property
@@ -273,7 +291,7 @@ def _recomputed_layer_bytes(p: PlanInput, full: LayerActivations) -> tuple[int, 
     m = p.model
     tokens = p.micro_batch_size * m.seq_length // p.context_parallel
     if m.recompute_granularity == "selective":
-        return full.linear_and_norm, full.core_attention
+        return full.linear_and_norm + full.core_attention_inputs, full.core_attention
     if m.recompute_granularity == "full":
         group = m.recompute_num_layers or 1
         layers = m.num_layers // p.pipeline_parallel
@@ -282,14 +300,14 @@ def _recomputed_layer_bytes(p: PlanInput, full: LayerActivations) -> tuple[int, 
             # The first `group` layers of the stage are checkpointed, the rest keep everything.
             kept = max(layers - group, 0)
             stored = (group * block_input + kept * full.total) / layers
-            return int(stored), group and full.total
+            return int(stored), full.total
         # uniform: one input per block of `group` layers, and a block's worth rebuilt at once.
         return int(block_input / group), group * full.total
     return full.total, 0
 
 
-def transient_bytes(p: PlanInput) -> int:
-    """The largest working set a backward step adds on top of the stored activations."""
+def backward_working_set(p: PlanInput) -> tuple[int, int]:
+    """(gradient buffers of a layer's backward, extra working set of its attention backward)."""
     m = p.model
     T, CP = p.tensor_parallel, p.context_parallel
     tokens = p.micro_batch_size * m.seq_length // CP
@@ -297,13 +315,14 @@ def transient_bytes(p: PlanInput) -> int:
     # Gradients of q, k, v (fp32 accumulators, k/v over the gathered sequence) and of the
     # hidden state flowing back through the layer.
     grads = tokens * 4 * (2 * hq + 2 * hkv * CP + 2 * m.hidden_size / p.sp_divisor)
+    attention = 0
     if _attention_path(p) == "blockwise":
-        # Backward of one masked block pair: scores, masked scores, probabilities, dP and dS,
-        # each [b, a/T, block, block] in fp32.
-        bq = min(p.attention_block_size, tokens // p.micro_batch_size)
-        bk = min(p.attention_block_size, m.seq_length)
-        grads += 5 * p.micro_batch_size * (m.num_attention_heads // T) * bq * bk * 4
-    return int(grads)
+        # Backward of one masked block pair: scores, masked scores, probabilities, dP, dS and
+        # the scaled dS feeding dQ/dK, each [b, a/T, block, block] in fp32.
+        bq = min(block_size(p), tokens // p.micro_batch_size)
+        bk = min(block_size(p), m.seq_length)
+        attention = 6 * p.micro_batch_size * (m.num_attention_heads // T) * bq * bk * 4
+    return int(grads), int(attention)
 
 
 def estimate_memory(p: PlanInput) -> MemoryEstimate:
@@ -312,16 +331,29 @@ def estimate_memory(p: PlanInput) -> MemoryEstimate:
     layers = p.model.num_layers // p.pipeline_parallel
     in_flight = min(p.pipeline_parallel, p.num_microbatches)
     output = output_layer_activations(p)
-    transient = transient_bytes(p) + rebuilt
+    # The output layer's activations are freed by the loss backward, before any layer's
+    # backward (and its recomputation) starts: the peak is whichever of the two is larger.
+    # Attention's backward runs after the layer's MLP backward has freed the MLP half's
+    # activations; under full recomputation the whole rebuilt layer is alive at once.
+    m = p.model
+    tokens = p.micro_batch_size * m.seq_length // p.context_parallel
+    mlp_half = tokens * p.activation_bytes * (3 * m.hidden_size / p.sp_divisor + 5 * m.ffn_hidden_size
+                                              / p.tensor_parallel)
+    grads, attention_work = backward_working_set(p)
+    at_layer_start = grads + (rebuilt if m.recompute_granularity == "full" else 0)
+    at_attention = grads + attention_work + rebuilt - int(mlp_half)
+    layer_backward = max(at_layer_start, at_attention, 0)
     stages = {}
     for stage in ("first", "last") if p.pipeline_parallel > 1 else ("first",):
         n = params_on_rank(p, stage)
         states = state_bytes(p, n)
         flight = in_flight if stage == "first" else 1
-        acts = flight * per_layer * layers + (output if stage == "last" or p.pipeline_parallel == 1 else 0)
-        stages[stage] = (states.total + acts + transient, n, states, acts, flight)
+        out = output if stage == "last" or p.pipeline_parallel == 1 else 0
+        acts = flight * per_layer * layers + out
+        transient = max(layer_backward - out, 0)
+        stages[stage] = (states.total + acts + transient, n, states, acts, flight, transient)
     worst = max(stages, key=lambda k: stages[k][0])
-    _, n, states, acts, flight = stages[worst]
+    _, n, states, acts, flight, transient = stages[worst]
     return MemoryEstimate(
         params=states.params,
         grads=states.grads,

@@ -65,3 +65,76 @@ def dataset_prefix(ctx: Context, split: str) -> str:
 
 def exists(path: str | Path) -> bool:
     return Path(path).exists()
+
+
+def _tokenizer_flags(ctx: Context) -> list[str]:
+    tok = ctx.tokenizer_config()
+    flags = ["--tokenizer-type", tok.type]
+    if tok.model:
+        flags += ["--tokenizer-model", tok.model]
+    return flags
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise RuntimeError(f"{what} exited with status {code}")
+
+
+def build_cip_data(ctx: Context) -> dict:
+    """CIP sequences at the long length, and plain concatenation of the same documents."""
+    from megatron_longsky.data.cip import CIPConfig, build_cip
+
+    cfg = ctx.cfg
+    out = {}
+    for mode in ("cip", "concat") if cfg.ablation else ("cip",):
+        manifest = build_cip(CIPConfig(
+            input_prefixes=[dataset_prefix(ctx, "train")],
+            output_prefix=str(ctx.path(f"data/{mode}_{cfg.long_seq_length}")),
+            seq_length=cfg.long_seq_length,
+            docs_per_seq=cfg.cip_docs_per_seq,
+            chunks_per_doc=cfg.cip_chunks_per_doc,
+            mode=mode,
+            seed=cfg.seed,
+        ))
+        stats = manifest.get("statistics", {})
+        detail = stats.get(mode) or {}
+        summary = {k: v for k, v in detail.items() if isinstance(v, (int, float, str))}
+        summary.update({k: v for k, v in stats.items() if isinstance(v, (int, float, str))})
+        out[mode] = {"prefix": str(ctx.path(f"data/{mode}_{cfg.long_seq_length}")), "statistics": summary}
+        distance = detail.get("chunk_distance")
+        if isinstance(distance, dict):
+            out[mode]["chunk_distance"] = {
+                "mean": distance.get("mean"), "min": distance.get("min"), "max": distance.get("max"),
+                **{f"p{k}": v for k, v in (distance.get("percentiles") or {}).items()}}
+    return out
+
+
+def build_sft_data(ctx: Context) -> dict:
+    from megatron_longsky.quickstart.chat_data import build_chat_data
+    from megatron_longsky.sft.preprocess import main as preprocess_sft
+
+    chat = ctx.path("sft/chat.jsonl")
+    written = build_chat_data(ctx.path("corpus/train.jsonl"), chat, ctx.cfg.sft_samples, seed=ctx.cfg.seed)
+    prefix = ctx.path("data/sft_chat")
+    _check(preprocess_sft(["--input", str(chat), "--output-prefix", str(prefix), "--max-length",
+                           str(ctx.cfg.base_seq_length), "--overlong", "drop", "--no-progress",
+                           *_tokenizer_flags(ctx)]), "preprocess-sft")
+    return {"samples": written, "prefix": str(prefix), "jsonl": str(chat)}
+
+
+def build_synl_data(ctx: Context) -> dict:
+    """SynL tables for long SFT, and a held-out set (another seed) for accuracy."""
+    from megatron_longsky.synl.generate import main as build_synl
+
+    cfg = ctx.cfg
+    train_jsonl, heldout_jsonl = ctx.path("synl/train.jsonl"), ctx.path("synl/heldout.jsonl")
+    prefix = ctx.path("data/synl")
+    common = ["--min-tokens", str(cfg.synl_min_tokens), "--max-tokens", str(cfg.synl_max_tokens),
+              "--format", "mixed", "--no-progress", *_tokenizer_flags(ctx)]
+    _check(build_synl(["--output", str(train_jsonl), "--num-samples", str(cfg.synl_samples),
+                       "--seed", str(cfg.seed), "--sft-output-prefix", str(prefix),
+                       "--sft-max-length", str(cfg.long_seq_length), *common]), "build-synl")
+    _check(build_synl(["--output", str(heldout_jsonl), "--num-samples", str(cfg.synl_eval_samples),
+                       "--seed", str(cfg.seed + 1_000_003), *common]), "build-synl (held out)")
+    return {"prefix": str(prefix), "jsonl": str(train_jsonl), "heldout_jsonl": str(heldout_jsonl),
+            "samples": cfg.synl_samples, "heldout_samples": cfg.synl_eval_samples}

@@ -116,18 +116,16 @@ class SFTWriter:
     def add_encoded(self, tokens: np.ndarray, mask: np.ndarray) -> bool:
         s = self.summary
         limit = self.cfg.max_length
-        if limit is not None and len(tokens) > limit:
+        truncated = limit is not None and len(tokens) > limit
+        if truncated:
             if self.cfg.overlong == "drop":
                 s.dropped_overlong += 1
                 return False
             tokens, mask = tokens[:limit], mask[:limit]
-            if not mask.any():
-                s.dropped_no_target += 1
-                return False
-            s.truncated += 1
         if not mask.any():
             s.dropped_no_target += 1
             return False
+        s.truncated += truncated
         self.tokens.add_document(tokens.astype(self.tokens.dtype, copy=False), [len(tokens)])
         self.masks.add_document(mask, [len(mask)])
         s.samples += 1

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import random
 import sys
@@ -43,9 +42,10 @@ from megatron_longsky.synl.tables import (
     title_line,
 )
 
-log = logging.getLogger(__name__)
 
 MIN_ROWS = 3
+# asked when a family's drawn kind has no unambiguous question on the table (e.g. all ties)
+ALWAYS_POSSIBLE = {"retrieval": "lookup", "reasoning": "sum_rows", "global": "count"}
 
 
 @dataclass
@@ -111,8 +111,8 @@ class SynLBuilder:
 
     # -- tables sized in tokens -------------------------------------------------------
 
-    def _grow(self, rng, table: Table, fmt: str, budget: int, taken: set, refs=()) -> int:
-        """Add rows while they fit ``budget`` tokens (at least MIN_ROWS); returns the estimate used."""
+    def _grow(self, rng, table: Table, fmt: str, budget: int, taken: set, refs=()) -> None:
+        """Add rows while they fit ``budget`` tokens (at least MIN_ROWS), counting each row's tokens."""
         used = self.count(title_line(table, fmt) + header_text(table, fmt))
         per_row = None
         while True:
@@ -124,7 +124,7 @@ class SynLBuilder:
             per_row = max(1.0, sum(costs) / len(costs))
             for row, cost in zip(batch, costs):
                 if len(table.rows) >= MIN_ROWS and used + cost > budget:
-                    return used
+                    return
                 table.rows.append(row)
                 used += cost
 
@@ -140,12 +140,13 @@ class SynLBuilder:
             per_row = max(1, n // max(1, sum(len(t.rows) for t in tables)))
             if n > high:
                 if len(last.rows) <= MIN_ROWS:
-                    raise _DoesNotFit
+                    raise _DoesNotFit(f"{MIN_ROWS} rows already take {n} tokens; raise --max-tokens")
                 drop = min(len(last.rows) - MIN_ROWS, -(-(n - high) // per_row))
                 del last.rows[len(last.rows) - drop:]
             else:
                 last.rows.extend(make_rows(rng, last, -(-(low - n) // per_row), taken, refs))
-        raise _DoesNotFit
+        raise _DoesNotFit(f"rows take about {per_row} tokens each, more than the range allows; "
+                          "widen it (max-tokens - min-tokens of at least a few rows)")
 
     def _single(self, rng, target: int, fmt: str):
         entity = rng.choice(ENTITIES)
@@ -176,27 +177,26 @@ class SynLBuilder:
         fmt = rng.choice(FORMATS) if cfg.format == "mixed" else cfg.format
         target = self.draw_target(rng)
         question = None
-        for attempt in range(6):
+        for _ in range(3):
             try:
                 if kind == "multi_hop":
                     tables, taken, refs = self._pair(rng, target, fmt)
                 else:
                     tables, taken, refs = self._single(rng, target, fmt)
                 text, table_tokens = self._fit(rng, tables, fmt, taken, refs)
-            except _DoesNotFit:
+            except _DoesNotFit as exc:
                 if kind == "multi_hop":  # two tables do not fit this budget: ask within one
                     kind = "lookup"
                     continue
-                raise ValueError(
-                    f"SynL sample {index}: cannot fit a {fmt} table of at least {MIN_ROWS} rows into "
-                    f"[{cfg.min_tokens}, {cfg.max_tokens}] tokens; raise --max-tokens") from None
+                raise ValueError(f"SynL sample {index}: cannot fit a {fmt} table into "
+                                 f"[{cfg.min_tokens}, {cfg.max_tokens}] tokens: {exc}") from None
             if kind == "multi_hop":
                 question = Q.multi_hop(rng, tables[0], tables[1], tables[0].key)
             else:
                 question = Q.SINGLE_TABLE[kind](rng, tables[0])
             if question is not None:
                 break
-            kind = rng.choice(("lookup", "count", "sum_rows"))  # always possible
+            kind = ALWAYS_POSSIBLE[family]
         return self._record(index, question, tables, fmt, text, table_tokens, target)
 
     def _record(self, index, q: Q.Question, tables, fmt, tables_text, table_tokens, target) -> dict:
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt")
     p.add_argument("--sft-output-prefix", default=None,
                    help="also write the SFT indexed datasets (as longsky preprocess-sft would)")
-    p.add_argument("--sft-max-length", type=int, default=None, help="truncate SFT samples to this many tokens")
+    p.add_argument("--sft-max-length", type=int, default=None,
+                   help="drop SFT samples longer than this many tokens (a cut sample would lose its question)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SynLConfig field overrides")
     add_tokenizer_args(p)
@@ -308,7 +309,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from megatron_longsky.sft.preprocess import SFTPreprocessConfig, preprocess_records
 
             sft_cfg = SFTPreprocessConfig(output_prefix=args.sft_output_prefix, format="messages",
-                                          max_length=args.sft_max_length)
+                                          max_length=args.sft_max_length, overlong="drop")
             with open(args.output, encoding="utf-8") as f:
                 records = ((f"{args.output}:{n}", json.loads(line)) for n, line in enumerate(f, start=1))
                 summary = preprocess_records(records, tokenizer, sft_cfg, {"synl": {"source": args.output}})

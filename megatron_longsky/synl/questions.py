@@ -61,10 +61,6 @@ def _join_keys(keys: list[str]) -> str:
     return ", ".join(keys[:-1]) + f" and {keys[-1]}"
 
 
-def _numeric_text(value) -> str:
-    return cell_text(value)
-
-
 # -- retrieval ------------------------------------------------------------------------
 
 

@@ -5,8 +5,9 @@ Layout (see :mod:`megatron_longsky.checkpoint.layout`)::
     <root>/latest                           written last, atomically
     <root>/iter_0000100/config.yaml         the job config
     <root>/iter_0000100/model/              dist_checkpointing (global tensors: reshardable)
-    <root>/iter_0000100/optimizer/          dist_checkpointing of the optimizer state, sharded
-                                            in model space, so it also reshards over TP/PP/DP
+    <root>/iter_0000100/optimizer/          dist_checkpointing of the optimizer state, stored per
+                                            model parameter ('fully_reshardable' for the
+                                            distributed optimizer): it reshards over TP/PP/DP
     <root>/iter_0000100/trainer/state.json  iteration, consumed samples, NaN counters, scheduler
     <root>/iter_0000100/trainer/rng_rank00000.pt   python/numpy/torch/megatron RNG per rank
 
@@ -18,6 +19,7 @@ checkpoint (a left-over ``.partial`` directory is removed by the next save).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,7 +42,7 @@ OPTIMIZER = "optimizer"
 TRAINER = "trainer"
 STATE_FILE = "state.json"
 # Optimizer state stored per model parameter (reshardable across TP/PP/DP layouts).
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 @dataclass
@@ -88,7 +90,100 @@ def _rng_file(ckpt_dir: Path, rank: int) -> Path:
     return ckpt_dir / TRAINER / f"rng_rank{rank:05d}.pt"
 
 
+_WRITER_MANAGER = None
+
+
+def _ignore_preemption_signals() -> None:
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def prepare_checkpoint_writer() -> None:
+    """Start dist_checkpointing's result-queue server now, deaf to SIGTERM/SIGUSR1.
+
+    megatron-core's file writer reports through a ``multiprocessing`` Manager process it
+    starts on the first save. Slurm signals every process of a task on preemption; that
+    server would die and the save we are asked to make would fail. We start it ourselves
+    (before the signal can arrive) with those signals ignored; it ends with this process.
+    """
+    global _WRITER_MANAGER
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _WRITER_MANAGER is not None or filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_ignore_preemption_signals)
+    filesystem_async._results_queue = manager.Queue()
+    _WRITER_MANAGER = manager
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Give every parameter an (empty) Adam state before loading into it.
+
+    The distributed optimizer reads a common ``step`` from its state while building the
+    state dict to load into; megatron-core's state initialiser does not create ``step``
+    for torch's Adam (the fused apex/TE optimizers keep it elsewhere), so a resume before
+    any step would fail. The values are overwritten by the load.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_optimizer.param_groups:
+            for p in group["params"]:
+                state = torch_optimizer.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+@contextlib.contextmanager
+def _keep_adam_step_on_reshardable_load(optimizer):
+    """Work around megatron-core 0.16.1 with torch's Adam (no apex/TE): loading the
+    distributed optimizer's 'fully_reshardable' state copies every key of a parameter's
+    Adam state from the checkpoint, but ``step`` is kept in the param groups, not per
+    parameter, so the copy fails with ``KeyError: 'step'``. ``load_state_dict`` has
+    already set ``step`` from the param groups; we let the copy keep it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        original = inner._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, inner=inner, original=original):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+            step = inner.optimizer.state[main_param].get("step")
+            if step is not None and "step" not in tensors:
+                tensors = {**tensors, "step": step}
+            return original(model_param, tensors)
+
+        inner._set_main_param_and_optimizer_states = set_states
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # back to the class method
+
+
 def _optimizer_sharded_state_dict(optimizer, model_chunks, is_loading: bool):
+    if is_loading:
+        _ensure_adam_state(optimizer)
     model_sd = model_sharded_state_dict(model_chunks)
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
 
@@ -116,6 +211,7 @@ def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimiz
             **dataclasses.asdict(state),
             "scheduler": scheduler.state_dict(),
             "world_size": torch.distributed.get_world_size(),
+            "distributed_optimizer": _is_distributed_optimizer(optimizer),
         })
         write_checkpoint_config(staging, config)
     _barrier()
@@ -148,9 +244,19 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) ->
 
     ckpt_dir = Path(ckpt_dir)
     saved = read_trainer_state(ckpt_dir)
+    saved_distributed = saved.get("distributed_optimizer", _is_distributed_optimizer(optimizer))
+    if saved_distributed != _is_distributed_optimizer(optimizer):
+        raise ValueError(
+            f"{ckpt_dir} holds {'distributed' if saved_distributed else 'non-distributed'} optimizer state but "
+            f"this run has optimizer.use_distributed_optimizer={not saved_distributed}: their formats differ. "
+            f"Resume with use_distributed_optimizer={saved_distributed}, or start a new stage from its weights "
+            "with checkpoint.init_from"
+        )
     load_model_weights(model_chunks, ckpt_dir)
     sharded = _optimizer_sharded_state_dict(optimizer, model_chunks, True)
-    optimizer.load_state_dict(dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER)))
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER))
+    with _keep_adam_step_on_reshardable_load(optimizer):
+        optimizer.load_state_dict(loaded)
     scheduler.load_state_dict(saved["scheduler"])
     rng_file = _rng_file(ckpt_dir, _rank())
     if saved.get("world_size") == torch.distributed.get_world_size() and rng_file.exists():

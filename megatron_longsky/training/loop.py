@@ -25,7 +25,9 @@ from megatron_longsky.checkpoint.layout import read_checkpoint_config, read_late
 from megatron_longsky.checkpoint.model_io import load_model_weights
 from megatron_longsky.config import ConfigError
 from megatron_longsky.training import step as step_lib
-from megatron_longsky.training.checkpointing import TrainerState, load_checkpoint, save_checkpoint
+from megatron_longsky.training.checkpointing import (
+    TrainerState, load_checkpoint, prepare_checkpoint_writer, save_checkpoint,
+)
 from megatron_longsky.training.config import TrainConfig, train_config_to_dict
 from megatron_longsky.training.data import (
     build_gpt_splits, build_sft_splits, check_dataset_tokenizers, micro_batch_loader,
@@ -152,6 +154,7 @@ def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optio
     tcfg.finalize_model_grads_func = finalize_model_grads
     tcfg.grad_scale_func = optimizer.scale_loss
 
+    prepare_checkpoint_writer()
     state = TrainerState()
     if resume_dir is not None:
         state = load_checkpoint(resume_dir, model, optimizer, scheduler)

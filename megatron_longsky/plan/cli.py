@@ -1,0 +1,161 @@
+"""``longsky plan``: will a training config fit, and how fast would it run?
+
+    longsky plan --config examples/configs/x.yaml --nodes 8 --gpus-per-node 8 [--gpu-memory-gb 80]
+
+Reads the same YAML as ``longsky train`` (``key=value`` overrides work too), takes the
+cluster shape from the flags, and prints per-GPU memory (parameters, gradients, optimizer
+states with and without the distributed optimizer, activations per layer and in total,
+the backward working set), whether the worst pipeline stage fits, and the step time and
+MFU implied by the FLOP model at the stated peak and efficiency. See docs/plan.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_longsky.config import ConfigError
+from megatron_longsky.plan.flops import PEAK_TFLOPS, estimate_step_time, step_flops
+from megatron_longsky.plan.memory import GiB, PlanInput, estimate_memory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longsky plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="training YAML (as for longsky train)")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory, GiB (default 80)")
+    parser.add_argument("--reserved-gb", type=float, default=4.0,
+                        help="set aside for the CUDA context, NCCL buffers and allocator fragmentation (default 4)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help=f"dense peak TFLOP/s per device (default: H100 {PEAK_TFLOPS['h100-bf16']:.0f} bf16, "
+                             f"{PEAK_TFLOPS['h100-fp8']:.0f} when model.fp8 is set)")
+    parser.add_argument("--efficiency", type=float, default=0.4,
+                        help="assumed fraction of the peak sustained over a step (default 0.4)")
+    parser.add_argument("--attention", choices=["te", "longsky"], default="te",
+                        help="te: Transformer Engine fused attention (GPU clusters); longsky: our CPU/no-TE attention")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="padded vocabulary (default: model.vocab_size, else the tokenizer's)")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument("--require-fit", action="store_true", help="exit with status 1 if it does not fit")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser
+
+
+def _vocab_size(cfg, explicit: int | None) -> int:
+    if explicit:
+        return explicit
+    tp = cfg.parallel.tensor_model_parallel_size
+    if cfg.model.vocab_size:
+        from megatron_longsky.tokenizer.base import pad_vocab_size
+
+        return pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    from megatron_longsky.tokenizer import build_tokenizer
+
+    try:
+        tokenizer = build_tokenizer(cfg.tokenizer)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure: ask for the size instead
+        raise ConfigError(f"model.vocab_size is not set and the tokenizer could not be loaded ({exc}); "
+                          "pass --vocab-size N") from exc
+    return tokenizer.padded_vocab_size(cfg.model.make_vocab_size_divisible_by, tp)
+
+
+def plan_input(cfg, world_size: int, vocab_size: int, attention: str) -> PlanInput:
+    par = cfg.parallel
+    model_parallel = par.model_parallel_size
+    if world_size % model_parallel:
+        raise ConfigError(f"{world_size} GPUs are not divisible by TP*PP*CP = {model_parallel}")
+    dp = world_size // model_parallel
+    return PlanInput(
+        model=cfg.model,
+        vocab_size=vocab_size,
+        micro_batch_size=cfg.micro_batch_size,
+        num_microbatches=cfg.num_microbatches(dp),
+        tensor_parallel=par.tensor_model_parallel_size,
+        pipeline_parallel=par.pipeline_model_parallel_size,
+        context_parallel=par.context_parallel_size,
+        data_parallel=dp,
+        sequence_parallel=par.sequence_parallel,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+        attention=attention,
+    )
+
+
+def _gib(n: float) -> str:
+    """Bytes in GiB, or MiB/KiB for the small numbers of tiny CPU models."""
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size or unit == "KiB":
+            return f"{n / size:8.2f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _flop(n: float) -> str:
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size or unit == "MFLOP":
+            return f"{n / size:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: float, peak: float,
+           efficiency: float) -> str:
+    m = p.model
+    fits = mem.peak + reserved_gb * GiB <= memory_gb * GiB
+    lines = [
+        f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
+        f"(KV {m.kv_groups}), FFN {m.ffn_hidden_size}, vocab {p.vocab_size}, {m.params_dtype}, "
+        f"seq {m.seq_length}",
+        f"layout: TP={p.tensor_parallel} PP={p.pipeline_parallel} CP={p.context_parallel} "
+        f"DP={p.data_parallel} SP={'on' if p.sp_divisor > 1 else 'off'} micro-batch {p.micro_batch_size} x "
+        f"{p.num_microbatches} micro-batches, recompute={m.recompute_granularity or 'none'}, attention={p.attention}",
+        "",
+        f"per-GPU memory (worst pipeline stage: {mem.worst_stage})",
+        f"  parameters                      {_gib(mem.params)}",
+        f"  gradients (fp32 main grads)     {_gib(mem.grads)}",
+        f"  optimizer states                {_gib(mem.optimizer)}"
+        f"   (distributed optimizer {'on' if p.use_distributed_optimizer else 'off'})",
+        f"    without distributed optimizer {_gib(mem.optimizer_without_distributed)}",
+        f"    with distributed optimizer    {_gib(mem.optimizer_with_distributed)}",
+        f"  activations per layer           {_gib(mem.activations_per_layer)}"
+        f"   (no recompute: {_gib(mem.activations_per_layer_no_recompute).strip()})",
+        f"  activations                     {_gib(mem.activations)}"
+        f"   ({mem.layers_per_stage} layers x {mem.microbatches_in_flight} micro-batch(es) in flight + output layer)",
+        f"  backward working set            {_gib(mem.transient)}",
+        f"  total                           {_gib(mem.peak)}",
+        f"  + reserved                      {_gib(reserved_gb * GiB)}",
+        f"  => {'FITS' if fits else 'DOES NOT FIT'} in {memory_gb:g} GiB "
+        f"({(mem.peak + reserved_gb * GiB) / (memory_gb * GiB):.0%})",
+        "",
+        f"step ({flops.tokens} tokens): {_flop(flops.model_flops)} model, "
+        f"{_flop(flops.hardware_flops)} with recomputation",
+        f"  assuming {efficiency:.0%} of {peak:g} TFLOP/s per GPU: {timing.step_seconds:.3g} s/step, "
+        f"{timing.tokens_per_second_per_device:.0f} tokens/s/GPU, MFU {timing.mfu:.1%}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_longsky.training.config import load_train_config
+
+    try:
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+        cfg = load_train_config(args.config, args.overrides)
+        vocab = _vocab_size(cfg, args.vocab_size)
+        world = args.nodes * args.gpus_per_node
+        p = plan_input(cfg, world, vocab, args.attention)
+    except (ConfigError, ValueError) as exc:
+        print(f"longsky plan: {exc}", file=sys.stderr)
+        return 2
+    peak = args.peak_tflops or PEAK_TFLOPS["h100-fp8" if cfg.model.fp8 else "h100-bf16"]
+    mem = estimate_memory(p)
+    flops = step_flops(cfg.model, vocab, cfg.global_batch_size)
+    timing = estimate_step_time(flops, world, peak, args.efficiency)
+    fits = mem.peak + args.reserved_gb * GiB <= args.gpu_memory_gb * GiB
+    if args.json:
+        print(json.dumps({"memory": mem.to_dict(), "flops": flops.to_dict(), "time": timing.to_dict(),
+                          "fits": fits, "gpus": world, "data_parallel": p.data_parallel}, indent=2))
+    else:
+        print(render(p, mem, flops, timing, args.gpu_memory_gb, args.reserved_gb, peak, args.efficiency))
+    return 1 if args.require_fit and not fits else 0

@@ -1,0 +1,97 @@
+"""FLOP model of a training step and the step time / MFU it implies.
+
+Forward FLOPs per token of a Llama layer (a multiply-add = 2 FLOPs; ``h`` hidden, ``g``
+KV groups, ``d`` head dim, ``f`` FFN size, ``s`` sequence length):
+
+* QKV projection ``2 h (h + 2 g d)``, output projection ``2 h^2``
+* SwiGLU MLP (gate, up, down) ``3 * 2 h f``
+* attention scores and the weighted sum of values ``2 * 2 s h``, times 1/2 for causal
+  attention (only the visible half is work; FlashAttention-style kernels skip the rest)
+
+plus the output layer ``2 h V``. Training is forward + backward = 3x forward ("model
+FLOPs", the numerator of MFU as in Narayanan et al. 2021 / Chowdhery et al. 2022). Full
+activation recomputation runs the layers' forward once more and selective recomputation
+re-runs core attention: these count as hardware FLOPs (they take time) but not as model
+FLOPs.
+
+The step time is an *estimate*: hardware FLOPs / (devices x peak x efficiency), where
+``efficiency`` is an assumption the user states (what fraction of the datasheet peak the
+kernels reach, communication and pipeline bubbles included). MFU follows from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from megatron_longsky.model.config import ModelConfig
+
+# Dense (no sparsity) datasheet peaks, TFLOP/s per device.
+PEAK_TFLOPS = {"h100-bf16": 989.0, "h100-fp8": 1979.0, "a100-bf16": 312.0}
+
+
+def layer_forward_flops_per_token(model: ModelConfig, seq_length: int, causal: bool = True) -> dict[str, float]:
+    h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.kv_groups
+    attention = 2 * 2 * seq_length * h * (0.5 if causal else 1.0)
+    return {
+        "qkv": 2 * h * (h + 2 * g * d),
+        "attention": attention,
+        "proj": 2 * h * h,
+        "mlp": 3 * 2 * h * f,
+    }
+
+
+@dataclass
+class StepFlops:
+    tokens: int  # tokens per global batch
+    model_flops: float  # forward + backward, no recomputation
+    hardware_flops: float  # including recomputation
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_flops(model: ModelConfig, vocab_size: int, global_batch_size: int, causal: bool = True) -> StepFlops:
+    """FLOPs of one optimizer step over ``global_batch_size`` sequences of ``model.seq_length``."""
+    s = model.seq_length
+    parts = layer_forward_flops_per_token(model, s, causal)
+    layer = sum(parts.values())
+    forward_per_token = model.num_layers * layer + 2 * model.hidden_size * vocab_size
+    tokens = global_batch_size * s
+    model_flops = 3 * forward_per_token * tokens
+    if model.recompute_granularity == "full":
+        layers = model.num_layers
+        if model.recompute_method == "block" and model.recompute_num_layers is not None:
+            layers = min(model.recompute_num_layers, model.num_layers)
+        extra = layers * layer * tokens
+    elif model.recompute_granularity == "selective":
+        extra = model.num_layers * parts["attention"] * tokens
+    else:
+        extra = 0.0
+    return StepFlops(tokens=tokens, model_flops=model_flops, hardware_flops=model_flops + extra)
+
+
+@dataclass
+class StepTimeEstimate:
+    step_seconds: float
+    tokens_per_second_per_device: float
+    mfu: float  # model FLOPs / (time x devices x peak)
+    model_tflops_per_device: float  # achieved model TFLOP/s per device
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_step_time(flops: StepFlops, devices: int, peak_tflops: float, efficiency: float) -> StepTimeEstimate:
+    """Step time if the devices sustain ``efficiency`` x ``peak_tflops`` on the hardware FLOPs."""
+    if devices < 1 or peak_tflops <= 0 or not 0 < efficiency <= 1:
+        raise ValueError(f"need devices >= 1, peak_tflops > 0 and 0 < efficiency <= 1 "
+                         f"(got {devices}, {peak_tflops}, {efficiency})")
+    sustained = devices * peak_tflops * 1e12 * efficiency
+    seconds = flops.hardware_flops / sustained
+    achieved = flops.model_flops / seconds / devices
+    return StepTimeEstimate(
+        step_seconds=seconds,
+        tokens_per_second_per_device=flops.tokens / seconds / devices,
+        mfu=achieved / (peak_tflops * 1e12),
+        model_tflops_per_device=achieved / 1e12,
+    )

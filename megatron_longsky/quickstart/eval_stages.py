@@ -1,0 +1,56 @@
+"""Quickstart evaluation: needle sweep, held-out perplexity, SynL accuracy, HF export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_longsky.quickstart.context import Context
+from megatron_longsky.quickstart.launch import run_longsky
+
+
+def needle(ctx: Context, model: str) -> dict:
+    cfg = ctx.cfg
+    ckpt = ctx.runner.results(model)["checkpoint"]
+    out = ctx.path(f"eval/{model}/needle")
+    run_longsky(["needle", "--checkpoint", ckpt, "--lengths", ",".join(map(str, cfg.needle_lengths)),
+                 "--depths", str(cfg.needle_depths), "--samples", str(cfg.needle_samples),
+                 "--seed", str(cfg.seed), "--mode", "base", "--output", str(out)],
+                ctx.path(f"logs/needle_{model}.log"))
+    data = json.loads((out / "needle.json").read_text(encoding="utf-8"))
+    return {"dir": str(out), "json": str(out / "needle.json"), "accuracy": data["accuracy"],
+            "per_length": data["per_length"], "longest_length_all_passed": data["longest_length_all_passed"]}
+
+
+def perplexity(ctx: Context, model: str, length: int) -> dict:
+    from megatron_longsky.quickstart.data_stages import dataset_prefix
+
+    ckpt = ctx.runner.results(model)["checkpoint"]
+    out = ctx.path(f"eval/{model}/ppl_{length}")
+    run_longsky(["eval", "ppl", "--checkpoint", ckpt, "--data", f"indexed:{dataset_prefix(ctx, 'heldout')}",
+                 "--length", str(length), "--max-documents", "8", "--output", str(out)],
+                ctx.path(f"logs/ppl_{model}_{length}.log"))
+    files = sorted(out.glob("*.json"))
+    if not files:
+        raise RuntimeError(f"longsky eval ppl wrote no JSON into {out}")
+    data = json.loads(files[0].read_text(encoding="utf-8"))
+    return {"dir": str(out), "documents": data["documents"], "overall_nll": data["overall_nll"],
+            "overall_ppl": data["overall_ppl"], "buckets": data["buckets"]}
+
+
+def synl_accuracy(ctx: Context, model: str) -> dict:
+    ckpt = ctx.runner.results(model)["checkpoint"]
+    out = ctx.path(f"eval/{model}/synl")
+    run_longsky(["synl-eval", "--checkpoint", ckpt, "--data", ctx.runner.results("synl_data")["heldout_jsonl"],
+                 "--output", str(out)], ctx.path(f"logs/synl_{model}.log"))
+    data = json.loads((out / "synl_eval.json").read_text(encoding="utf-8"))
+    return {k: data[k] for k in ("accuracy", "correct", "total", "by_family", "examples")}
+
+
+def export_hf(ctx: Context) -> dict:
+    path = ctx.path("hf_model")
+    run_longsky(["convert", "export", "--checkpoint", ctx.runner.results("long_sft")["checkpoint"],
+                 "--output", str(path)], ctx.path("logs/export.log"))
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return {"dir": str(path), "rope_theta": config.get("rope_theta"), "architectures": config.get("architectures"),
+            "max_position_embeddings": config.get("max_position_embeddings")}

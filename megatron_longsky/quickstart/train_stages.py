@@ -1,0 +1,98 @@
+"""Quickstart training stages: base pretraining, CIP continual pretraining, SFT, long SFT.
+
+Each stage writes the job YAML a user would write (``<run>/configs/<stage>.yaml``)
+and runs ``longsky train`` on it; a stage starts from the previous stage's weights
+through ``checkpoint.init_from`` alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megatron_longsky.quickstart.context import Context
+from megatron_longsky.quickstart.launch import run_longsky, write_yaml
+
+
+def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: dict, iters: int,
+         lr: float, init_from: str | None, cp: int = 1) -> dict:
+    cfg = ctx.cfg
+    tok = ctx.tokenizer_config()
+    return {
+        "model": {"preset": "tiny", "seq_length": seq_length, "rope": {"base": rope_base}},
+        "parallel": {"context_parallel_size": cp},
+        "tokenizer": {"type": tok.type, "model": tok.model},
+        "data": data,
+        "optimizer": {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.1, "clip_grad": 1.0},
+        "schedule": {"warmup_iters": max(1, iters // 10), "decay_style": "cosine"},
+        "checkpoint": {"save": str(ctx.path(f"checkpoints/{name}")), "keep_last": 1, "init_from": init_from},
+        "logging": {"log_interval": max(1, iters // 10), "tensorboard": True},
+        "output_dir": str(ctx.path(f"train/{name}")),
+        "seed": cfg.seed,
+        "train_iters": iters,
+        "micro_batch_size": cfg.micro_batch_size,
+        "global_batch_size": cfg.global_batch_size,
+    }
+
+
+def run_job(ctx: Context, name: str, job: dict, nproc: int = 2) -> dict:
+    from megatron_longsky.training.metrics import read_metrics
+    from megatron_longsky.training.plot import plot_loss
+
+    config_path = write_yaml(ctx.path(f"configs/{name}.yaml"), job)
+    run_longsky(["train", "--config", str(config_path)], ctx.path(f"logs/{name}.log"), nproc=nproc)
+    metrics_path = Path(job["output_dir"]) / "metrics.jsonl"
+    records = [r for r in read_metrics(metrics_path) if "loss" in r]
+    png = plot_loss(metrics_path, ctx.path(f"figures/loss_{name}.png"), title=f"{name}: training loss")
+    tail = records[-max(1, len(records) // 10):]
+    throughput = [r["tokens_per_s"] for r in records[1:] if r.get("tokens_per_s")]
+    return {
+        "config": str(config_path),
+        "checkpoint": job["checkpoint"]["save"],
+        "iterations": len(records),
+        "first_loss": records[0]["loss"],
+        "final_loss": sum(r["loss"] for r in tail) / len(tail),
+        "tokens_per_s": sum(throughput) / len(throughput) if throughput else None,
+        "seq_length": job["model"]["seq_length"],
+        "rope_base": job["model"]["rope"]["base"],
+        "context_parallel": job["parallel"]["context_parallel_size"],
+        "processes": nproc,
+        "loss_png": str(png),
+    }
+
+
+def pretrain_base(ctx: Context) -> dict:
+    from megatron_longsky.quickstart.data_stages import dataset_prefix
+
+    cfg = ctx.cfg
+    job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
+               data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
+               iters=cfg.base_iters, lr=cfg.lr, init_from=None)
+    return run_job(ctx, "base", job)
+
+
+def continual_pretrain(ctx: Context, name: str, data_prefix: str) -> dict:
+    """CPT at the long length with a raised RoPE base, context parallel, from the base model."""
+    cfg = ctx.cfg
+    job = _job(ctx, name, seq_length=cfg.long_seq_length, rope_base=cfg.long_rope_base,
+               data={"kind": "gpt", "prefixes": [data_prefix], "split": "100,0,0",
+                     "one_sequence_per_document": True},
+               iters=cfg.cpt_iters, lr=cfg.lr / 3, init_from=ctx.runner.results("base")["checkpoint"],
+               cp=cfg.context_parallel)
+    return run_job(ctx, name, job, nproc=cfg.context_parallel)
+
+
+def sft(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    job = _job(ctx, "sft", seq_length=cfg.base_seq_length, rope_base=cfg.long_rope_base,
+               data={"kind": "sft", "prefixes": [ctx.runner.results("sft_data")["prefix"]], "packed": True},
+               iters=cfg.sft_iters, lr=cfg.lr / 3, init_from=ctx.runner.results("cpt")["checkpoint"])
+    return run_job(ctx, "sft", job)
+
+
+def long_sft(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    job = _job(ctx, "long_sft", seq_length=cfg.long_seq_length, rope_base=cfg.long_rope_base,
+               data={"kind": "sft", "prefixes": [ctx.runner.results("synl_data")["prefix"]], "packed": True},
+               iters=cfg.long_sft_iters, lr=cfg.lr / 3, init_from=ctx.runner.results("sft")["checkpoint"],
+               cp=cfg.context_parallel)
+    return run_job(ctx, "long_sft", job, nproc=cfg.context_parallel)

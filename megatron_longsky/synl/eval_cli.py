@@ -1,0 +1,89 @@
+"""``longsky synl-eval``: exact-match accuracy on held-out SynL questions.
+
+    longsky synl-eval --checkpoint runs/x/checkpoints/long_sft --data synl_heldout.jsonl --output out/synl
+
+The model answers each question greedily under the same chat template the SFT data
+used; the answer is scored by exact match (``synl.verify.score_answer``) against the
+value computed from the table. Works on our checkpoints (any TP/PP/CP, launched with
+torchrun for several processes) and on Hugging Face models (``--hf-model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from megatron_longsky.utils.atomic import atomic_write_json, atomic_write_text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_longsky.eval.loading import add_model_args
+
+    p = argparse.ArgumentParser(prog="longsky synl-eval", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="SynL chat jsonl written by `longsky build-synl`")
+    p.add_argument("--output", required=True, help="directory for synl_eval.json / synl_eval.md")
+    p.add_argument("--max-samples", type=int, default=None, help="score only the first N records")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation budget (default: each reference answer's length + 16)")
+    return p
+
+
+def read_records(path: str | Path, limit: Optional[int] = None) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"error: {path}:{number}: invalid JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or "messages" not in record or "meta" not in record:
+                raise SystemExit(f"error: {path}:{number}: not a SynL record (needs 'messages' and 'meta')")
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
+    if not records:
+        raise SystemExit(f"error: {path} holds no SynL records")
+    return records
+
+
+def markdown(result: dict, name: str) -> str:
+    lines = [f"# SynL accuracy: {name}", "",
+             f"Exact match: **{result['correct']}/{result['total']} = {result['accuracy']:.1%}**", "",
+             "| family | correct | total | accuracy |", "|---|---|---|---|"]
+    for family, r in result["by_family"].items():
+        lines.append(f"| {family} | {r['correct']} | {r['total']} | {r['accuracy']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from megatron_longsky.eval.loading import finish, load_model
+    from megatron_longsky.synl.evaluate import synl_accuracy
+    from megatron_longsky.utils.logging import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    records = read_records(args.data, args.max_samples)
+    model = load_model(args)
+    try:
+        result = synl_accuracy(records, model.backend.generate_greedy, model.tokenizer,
+                               max_new_tokens=args.max_new_tokens)
+    finally:
+        finish(model)
+    if model.is_writer:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        result["model"] = model.name
+        atomic_write_json(out / "synl_eval.json", result)
+        atomic_write_text(out / "synl_eval.md", markdown(result, model.name))
+        print(f"SynL exact match: {result['correct']}/{result['total']} = {result['accuracy']:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

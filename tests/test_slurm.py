@@ -1,0 +1,139 @@
+"""Our sbatch scripts under a real single-node Slurm (slurm-wlm + munge, started by the test).
+
+CI installs Slurm (`apt-get install -y slurm-wlm munge`) and runs as root; elsewhere the
+end-to-end test is skipped only when `sbatch` is absent and `CI` is unset.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_longsky.launch.slurm_local import APT_PACKAGES, LocalSlurm, missing_binaries, render_slurm_conf
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_DIR = REPO / "examples" / "slurm"
+GPU_SCRIPTS = ["cpt.sbatch", "sft.sbatch", "long_sft.sbatch", "needle.sbatch"]
+TRAIN_ITERS = 150
+
+needs_slurm = pytest.mark.skipif(
+    shutil.which("sbatch") is None and not os.environ.get("CI"),
+    reason=f"Slurm is not installed (apt-get install -y {APT_PACKAGES}); in CI (CI set) this test always runs",
+)
+
+
+def _sbatch_options(path: Path) -> list[str]:
+    return [line.split(None, 1)[1].strip() for line in path.read_text().splitlines() if line.startswith("#SBATCH")]
+
+
+@pytest.mark.parametrize("name", GPU_SCRIPTS + ["cpu_tiny.sbatch"])
+def test_sbatch_scripts_parse_and_ask_for_requeue_signal_and_job_logs(name):
+    path = SLURM_DIR / name
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    options = _sbatch_options(path)
+    assert "--requeue" in options
+    assert "--output=logs/%x-%j.out" in options and "--open-mode=append" in options
+    assert any(re.fullmatch(r"--signal=B:USR1@\d+", o) for o in options), options
+    assert "common.sh" in path.read_text() and "longsky_srun" in path.read_text()
+    if name != "cpu_tiny.sbatch":
+        assert any(o.startswith("--gpus-per-node=") for o in options)
+        assert any(o.startswith("--ntasks-per-node=") for o in options)  # one task per GPU
+
+
+def test_common_sh_parses():
+    subprocess.run(["bash", "-n", str(SLURM_DIR / "common.sh")], check=True)
+
+
+def test_local_cluster_config_is_self_contained(tmp_path):
+    conf = render_slurm_conf(tmp_path, "node1", 2, 16817, 16818, tmp_path / "munge.socket")
+    settings = dict(line.split("=", 1) for line in conf.splitlines() if "=" in line and not line.startswith(("#", "NodeName", "PartitionName")))
+    assert settings["AuthType"] == "auth/munge" and settings["CredType"] == "cred/munge"
+    assert settings["ProctrackType"] == "proctrack/linuxproc" and settings["TaskPlugin"] == "task/none"
+    assert settings["SelectType"] == "select/cons_tres" and settings["SelectTypeParameters"] == "CR_Core"
+    assert settings["SlurmUser"] == "root"
+    assert f"socket={tmp_path / 'munge.socket'}" in settings["AuthInfo"]
+    for key in ("StateSaveLocation", "SlurmdSpoolDir", "SlurmctldPidFile", "SlurmdPidFile", "SlurmctldLogFile"):
+        assert settings[key].startswith(str(tmp_path)), key
+    assert "NodeName=node1 NodeAddr=127.0.0.1 CPUs=2" in conf
+
+
+def _wait_for(predicate, timeout: float, what: str, on_timeout=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
+
+
+@needs_slurm
+def test_cpu_sbatch_trains_on_two_tasks_and_resumes_after_preemption(tmp_path):
+    missing = missing_binaries()
+    assert not missing, f"Slurm binaries missing: {missing}; install with apt-get install -y {APT_PACKAGES}"
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                  "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 64, "vocab_size": 384},
+        "data": {"kind": "gpt", "split": "100,0,0"},
+        "optimizer": {"lr": 1.0e-3, "min_lr": 1.0e-4},
+        "logging": {"log_interval": 1, "tensorboard": False},
+        "train_iters": TRAIN_ITERS, "micro_batch_size": 1, "global_batch_size": 4,
+    }))
+    (tmp_path / "logs").mkdir()
+    run_dir = tmp_path / "run"
+    env = {
+        "LONGSKY_ROOT": str(REPO),
+        "LONGSKY_PYTHON": sys.executable,
+        "CONFIG": str(job_yaml),
+        "OUTPUT_DIR": str(run_dir),
+        "DATA_PREFIX": str(tmp_path / "data" / "builtin_text_document"),
+    }
+    with LocalSlurm.start(tmp_path / "cluster", cpus=2) as slurm:
+        job = slurm.sbatch([f"--output={tmp_path}/logs/%x-%j.out", str(SLURM_DIR / "cpu_tiny.sbatch")],
+                           cwd=REPO, env=env)
+        log = tmp_path / "logs" / f"longsky-cpu-tiny-{job}.out"
+
+        def text() -> str:
+            return log.read_text(errors="replace") if log.exists() else ""
+
+        def debug() -> str:
+            return f"--- job log ---\n{text()[-4000:]}\n{slurm.log_tail('slurmctld')}\n{slurm.log_tail('slurmd')}"
+
+        def iterations() -> list[int]:
+            return [int(n) for n in re.findall(r"\] iter (\d+) \|", text())]
+
+        # Preempt the way Slurm does before a time limit: USR1 to the batch shell.
+        _wait_for(lambda: max(iterations(), default=0) >= 3, 240, "training progress in the job log", debug)
+        slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+        info = slurm.wait(job, timeout=300, predicate=lambda i: i.restarts >= 1)
+        out = text()
+        assert info.state == "COMPLETED" and info.restarts == 1, f"{info}\n{debug()}"
+
+    # Trained on 2 tasks (srun), data parallel over both, in each of the two runs.
+    assert out.count("launcher=slurm rank=0/2") == 2 and out.count("DP=2") == 2, debug()
+    assert re.search(r"rank1 \S+ WARNING\] received SIGUSR1", out), "rank 1 did not take part"
+    # The preemption path: checkpoint, requeue, then resume from that checkpoint.
+    saved = re.search(r"preempted: checkpoint (\S+) saved at iteration (\d+)", out)
+    assert saved, debug()
+    stop_iteration = int(saved.group(2))
+    assert 3 <= stop_iteration < TRAIN_ITERS
+    assert f"requeueing job {job}" in out and "restart 1" in out
+    resumed = re.search(r"resumed from (\S+) at iteration (\d+)", out)
+    assert resumed and resumed.group(1) == saved.group(1) and int(resumed.group(2)) == stop_iteration
+    after = out[resumed.end():]
+    continued = [int(n) for n in re.findall(r"\] iter (\d+) \|", after)]
+    assert continued == list(range(stop_iteration + 1, TRAIN_ITERS + 1))
+    assert f"completed at iteration {TRAIN_ITERS}" in out
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / f"iter_{stop_iteration:07d}").is_dir()
+    assert (checkpoints / f"iter_{TRAIN_ITERS:07d}").is_dir()
+    assert "latest" in {p.name for p in checkpoints.iterdir()}

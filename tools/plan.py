@@ -1,0 +1,7 @@
+#!/usr/bin/env python
+"""Per-GPU memory, fit and step time of a training config (see docs/plan.md)."""
+import sys
+
+from megatron_longsky.plan.cli import main
+
+sys.exit(main())
