@@ -196,31 +196,7 @@ def test_every_output_token_traces_back_to_its_document_and_offset(corpus):
     assert [stats[k]["sequences"] for k in ("cip", "natural", "short")] == [4, 2, 2]
     assert stats["tokens"] == 8 * 1024
 
-    kinds = []
-    carried = {}
-    for row in tokens:
-        tags, offsets = row // STRIDE, row % STRIDE
-        real = row != EOD
-        kinds.append("natural" if (tags[real] >= 1000).all() else "short" if (tags[real] >= 700).all() else "cip")
-        # every token is the right token of its document: offsets run on without gaps per document
-        position = {}
-        for tag, off, is_real in zip(tags, offsets, real):
-            if not is_real:
-                continue
-            expected = position.get(tag, carried.get(tag, 0) if tag >= 700 else 0)
-            assert off == expected, f"document {tag}: offset {off}, expected {expected}"
-            position[tag] = off + 1
-        if kinds[-1] != "cip":
-            carried.update(position)  # concatenated kinds: a cut document continues in the next sequence
-        if kinds[-1] == "cip":
-            # EOD closes each document: after a document's EOD none of its tokens follow
-            last_pos = {t: i for i, t in enumerate(tags) if row[i] != EOD}
-            eods = np.nonzero(~real)[0]
-            closed = {tags[i - 1] for i in eods if i > 0 and row[i - 1] != EOD}
-            assert len(eods) >= len(closed) >= 1
-            for i in eods:
-                if i > 0 and row[i - 1] != EOD:
-                    assert last_pos[tags[i - 1]] == i - 1
+    kinds = check_traces(tokens, corpus["lengths"], "eod")
     assert sorted(kinds) == sorted(["cip"] * 4 + ["natural"] * 2 + ["short"] * 2)
     dist = stats["cip"]["chunk_distance"]
     assert dist["count"] > 0 and dist["max"] < 1024
@@ -298,8 +274,9 @@ def test_random_builds_trace_back_to_inputs(corpus, data):
     assert tokens.shape == (cfg.num_sequences, cfg.seq_length)
     kinds = check_traces(tokens, corpus["lengths"], cfg.separator)
     stats = manifest["statistics"]
-    for kind in ("cip", "natural", "short"):
-        assert kinds.count(kind) == (stats[kind]["sequences"] if kind in stats else 0)
+    for kind, key in (("cip", cfg.mode), ("natural", "natural"), ("short", "short")):
+        assert kinds.count(kind) == (stats[key]["sequences"] if key in stats else 0)
+    assert ("cip" in stats) == (cfg.mode == "cip") and ("concat" in stats) == (cfg.mode == "concat")
 
 
 def test_deterministic_and_independent_of_workers(corpus):
@@ -342,6 +319,8 @@ def test_sampling_without_replacement_then_new_passes(corpus):
 
 
 def test_readable_by_gpt_dataset_one_sample_per_sequence(corpus):
+    """megatron-core's GPTDataset: each sample is one whole CIP sequence, with or without its
+    extra label token (samples start every seq_length tokens and every sequence has that length)."""
     from types import SimpleNamespace
 
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -350,14 +329,24 @@ def test_readable_by_gpt_dataset_one_sample_per_sequence(corpus):
     cfg = base_cfg(corpus, "gpt", num_sequences=6)
     build_cip(cfg)
     tokens, ds = read_all(cfg.output_prefix)
+    stored = sorted(tuple(r) for r in tokens.tolist())
     tok = SimpleNamespace(eod=EOD, pad=-1, vocab_size=1 << 30, unique_identifiers={"class": "test"})
-    gcfg = GPTDatasetConfig(random_seed=1, sequence_length=1024, blend=None, split="1,0,0", tokenizer=tok,
-                            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-                            add_extra_token_to_sequence=False, path_to_cache=str(corpus["root"] / "cache"))
-    gpt = GPTDataset(ds, cfg.output_prefix, np.arange(6, dtype=np.int32), 6, Split.train, gcfg)
-    samples = sorted(tuple(gpt[i]["tokens"].tolist()) for i in range(6))
-    assert samples == sorted(tuple(r) for r in tokens.tolist())
-    assert gpt[0]["loss_mask"][-1] == 0 and gpt[0]["loss_mask"][:-1].all()
+    for extra in (False, True):
+        gcfg = GPTDatasetConfig(random_seed=1, sequence_length=1024, blend=None, split="1,0,0", tokenizer=tok,
+                                reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                                add_extra_token_to_sequence=extra, create_attention_mask=False,
+                                path_to_cache=str(corpus["root"] / f"cache{extra}"))
+        num = 5 if extra else 6  # the extra token of the last sample would need a 7th sequence
+        gpt = GPTDataset(ds, cfg.output_prefix, np.arange(6, dtype=np.int32), num, Split.train, gcfg)
+        samples = [gpt[i] for i in range(num)]
+        assert all(tuple(x["tokens"].tolist()) in stored for x in samples)
+        assert len({tuple(x["tokens"].tolist()) for x in samples}) == num
+        if extra:  # the last label is the first token of the next sequence in the shuffled order
+            assert all(x["loss_mask"].all() for x in samples)
+            firsts = {r[0] for r in stored}
+            assert all(int(x["labels"][-1]) in firsts for x in samples)
+        else:  # the last position has no label
+            assert all(x["loss_mask"][-1] == 0 and x["loss_mask"][:-1].all() for x in samples)
 
 
 def test_add_extra_token_and_fixed_chunks(corpus):

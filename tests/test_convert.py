@@ -442,3 +442,27 @@ def test_checkpoint_trained_by_longsky_train_exports_and_matches(tmp_path, monke
     assert hf.config.vocab_size == 259 and hf.config.rope_parameters["factor"] == 4.0
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, ours, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scaling=st.sampled_from(["none", "linear", "llama3", "yarn"]),
+       base=st.sampled_from([10000.0, 500000.0, 1.0e7]), factor=st.sampled_from([2.0, 4.0, 8.0, 32.0]),
+       original=st.sampled_from([2048, 4096, 8192]), mscales=st.sampled_from([(1.0, 0.0), (0.707, 0.707), (1.0, 1.0)]))
+def test_rope_config_survives_hf_config_round_trip(scaling, base, factor, original, mscales):
+    from megatron_longsky.convert.hf_config import hf_config_from_model, model_config_from_hf
+    from megatron_longsky.model.config import ModelConfig, RopeConfig
+
+    rope = dict(base=base, scaling=scaling, factor=factor, original_max_position_embeddings=original)
+    if scaling == "llama3":
+        rope.update(low_freq_factor=2.0, high_freq_factor=8.0)
+    if scaling == "yarn":
+        rope.update(beta_fast=16.0, beta_slow=2.0, mscale=mscales[0], mscale_all_dim=mscales[1])
+    if scaling == "none":
+        rope = dict(base=base, original_max_position_embeddings=original)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                      vocab_size=300, seq_length=original, rope=RopeConfig(**rope))
+    back = model_config_from_hf(json.loads(json.dumps(hf_config_from_model(cfg, 300))))
+    if scaling == "linear":  # HF's linear scaling has no notion of the original context
+        back.rope.original_max_position_embeddings = original
+    assert back.rope == cfg.rope
+    assert (back.num_layers, back.kv_groups, back.ffn_hidden_size, back.vocab_size) == (2, 2, 96, 300)

@@ -115,9 +115,9 @@ def test_cli_reports_fit_and_refuses_bad_layouts(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- CPU validation
-# (kind, seq_length, model overrides, use_distributed_optimizer): dense single-block
-# attention at 256/1024, the blockwise path at 2048, both recomputations, CP=2 (dense and
-# blockwise), and the distributed optimizer over DP=2.
+# (seq_length, model overrides, use_distributed_optimizer): one SDPA block at 256, the
+# blockwise path at 1024/2048, both recomputations, bf16 mixed precision, CP=2, and the
+# distributed optimizer over DP=2.
 CP1_CASES = [
     (256, {}, False),
     (1024, {}, False),
@@ -125,6 +125,9 @@ CP1_CASES = [
     (1024, {"recompute_granularity": "selective"}, False),
     (2048, {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}, False),
     (256, {}, True),
+    # Mixed precision: bf16 weights and activations, fp32 grads, fp32 master weights + Adam.
+    (1024, {"params_dtype": "bfloat16"}, False),
+    (256, {"params_dtype": "bfloat16"}, True),
 ]
 CP2_CASES = [(1024, {}, False), (2048, {}, False)]
 
@@ -181,5 +184,5 @@ def test_estimates_agree_with_measured_cpu_memory(measured):
     peaks = {(r[0], r[1], str(r[2])): r[6] for r in rows if r[4] == "activation peak"}
     assert peaks[(1, 2048, "{}")] > 5 * peaks[(1, 256, "{}")]
     assert peaks[(2, 2048, "{}")] < 0.9 * peaks[(1, 2048, "{}")]
-    optimizer = {(r[1], r[3]): r[6] for r in rows if r[4] == "optimizer" and r[0] == 1}
-    assert optimizer[(256, True)] == pytest.approx(optimizer[(256, False)] / 2, rel=0.01)
+    optimizer = {(r[1], str(r[2]), r[3]): r[6] for r in rows if r[4] == "optimizer" and r[0] == 1}
+    assert optimizer[(256, "{}", True)] == pytest.approx(optimizer[(256, "{}", False)] / 2, rel=0.01)

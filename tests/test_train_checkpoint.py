@@ -75,12 +75,12 @@ def _scenario(tmp, prefix):
     # 3. A crash in the middle of a save leaves 'latest' on the previous complete checkpoint.
     setup, state, _ = setup_training(cfg(train_iters=5, checkpoint={"load": f"{tmp}/ckpt", "save": f"{tmp}/ckpt"}))
     state.iteration = 4
-    original_save = checkpointing.torch.save
+    original_rng_state = checkpointing.rng_state
 
-    def failing_save(*args, **kwargs):
+    def failing_rng_state():  # every rank fails after model and optimizer were written
         raise OSError("disk full (simulated)")
 
-    checkpointing.torch.save = failing_save
+    checkpointing.rng_state = failing_rng_state
     try:
         checkpointing.save_checkpoint(f"{tmp}/ckpt", state, setup.model, setup.optimizer, setup.scheduler,
                                       setup.config_dict, keep_last=2)
@@ -88,7 +88,7 @@ def _scenario(tmp, prefix):
     except OSError:
         out["crash_raised"] = True
     finally:
-        checkpointing.torch.save = original_save
+        checkpointing.rng_state = original_rng_state
     torch.distributed.barrier()
     out["latest_after_crash"] = read_latest(f"{tmp}/ckpt").name
     out["partial_left"] = (checkpointing.Path(f"{tmp}/ckpt") / ".iter_0000004.partial").exists()

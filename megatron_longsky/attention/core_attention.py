@@ -95,18 +95,24 @@ class LongSkyCoreAttention(MegatronModule):
                 return torch.arange(sk - sq, sk, device=device), torch.arange(sk, device=device), None, None
             q_pos = cp_utils.zigzag_positions(sq * cp, cp, self.cp_rank, device)
             return q_pos, cp_utils.gathered_positions(sk // cp, cp, device), None, None
+        # Every layer sees the same packed_seq_params: compute the positions once per batch.
+        key = (sq, cp, self.cp_rank, str(device))
+        cached = getattr(packed_seq_params, "_longsky_positions", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         cu = packed_seq_params.cu_seqlens_q_padded
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
         cu_kv = packed_seq_params.cu_seqlens_kv_padded
         if cu_kv is None:
             cu_kv = packed_seq_params.cu_seqlens_kv
-        if cu_kv is not None and not torch.equal(cu.cpu(), cu_kv.cpu()):
+        if cu_kv is not None and cu_kv is not cu and not torch.equal(cu.cpu(), cu_kv.cpu()):
             raise ValueError("LongSkyCoreAttention supports self-attention only: cu_seqlens_q != cu_seqlens_kv")
         cu = cu.to(device)
         packed_utils.validate_cu_seqlens(cu, sq * cp, cp, where="packed_seq_params.cu_seqlens")
         q_pos, q_seg = packed_utils.positions_and_segments(cu, cp, self.cp_rank)
         k_pos, k_seg = packed_utils.gathered_positions_and_segments(cu, cp)
+        packed_seq_params._longsky_positions = (key, (q_pos, k_pos, q_seg, k_seg))
         return q_pos, k_pos, q_seg, k_seg
 
     # ---------------------------------------------------------------- forward

@@ -157,6 +157,8 @@ def _rope_to_hf(rope: RopeConfig) -> Optional[dict]:
         out.update(original_max_position_embeddings=rope.original_max_position_embeddings,
                    beta_fast=rope.beta_fast, beta_slow=rope.beta_slow,
                    attention_factor=yarn_attention_factor(rope), truncate=True)
+        if rope.mscale and rope.mscale_all_dim:  # the one case where both sides agree on them
+            out.update(mscale=rope.mscale, mscale_all_dim=rope.mscale_all_dim)
     return out
 
 
@@ -167,7 +169,8 @@ def hf_config_from_model(cfg: ModelConfig, vocab_size: int, base: Optional[dict]
     out = {k: v for k, v in (base or {}).items()
            if k not in ("auto_map", "rope_scaling", "rope_parameters", "rope_theta", "dtype", "torch_dtype")}
     rope_scaling = _rope_to_hf(cfg.rope)
-    max_pos = cfg.max_position_embeddings or cfg.seq_length
+    # The longest context the model was configured or trained for.
+    max_pos = max(cfg.max_position_embeddings or 0, cfg.seq_length)
     if cfg.rope.scaling != "none":
         max_pos = max(max_pos, int(cfg.rope.original_max_position_embeddings * cfg.rope.factor))
     out.update(

@@ -490,7 +490,9 @@ def build_cip(cfg: CIPConfig, progress: bool = False) -> dict:
         else:
             plans[kind] = plan_concat(table.content_len, pool, counts[kind], cfg.sequence_tokens, sep,
                                       cfg.seed, tag)
-        stats[kind] = _pool_stats(plans[kind], pool, table.pool_empty[kind], counts[kind])
+        # the CIP pool's statistics are named after the mode: "cip", or "concat" for the ablation
+        stats[cfg.mode if kind == "cip" else kind] = _pool_stats(plans[kind], pool, table.pool_empty[kind],
+                                                                 counts[kind])
     kinds_order = np.random.default_rng([cfg.seed, 0x3E1]).permutation(
         np.repeat(np.arange(len(KINDS)), [counts[k] for k in KINDS]))
     plan = merge_plans(kinds_order, plans)
@@ -531,7 +533,7 @@ def format_summary(manifest: dict) -> str:
     st = manifest["statistics"]
     lines = [f"{manifest['output']['prefix']}: {st['sequences']} sequences x "
              f"{manifest['output']['sequence_tokens']} tokens = {st['tokens']} tokens"]
-    for kind in KINDS:
+    for kind in ("cip", "concat", "natural", "short"):
         if kind not in st:
             continue
         k = st[kind]

@@ -16,6 +16,12 @@ class QuickstartConfig:
     corpus_bytes: int = 3_000_000
     heldout_bytes: int = 200_000
     workers: int = 2
+    # The model: a small Llama-style decoder (GQA, SwiGLU, RMSNorm, RoPE).
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 384
     # Base pretraining at a short length, then continual pretraining (CPT) on CIP data
     # at long_seq_length with a raised RoPE base and context parallelism.
     base_seq_length: int = 256

@@ -50,7 +50,7 @@ def synl_accuracy(ctx: Context, model: str) -> dict:
 def export_hf(ctx: Context) -> dict:
     path = ctx.path("hf_model")
     run_longsky(["convert", "export", "--checkpoint", ctx.runner.results("long_sft")["checkpoint"],
-                 "--output", str(path)], ctx.path("logs/export.log"))
+                 "--output", str(path), "--overwrite"], ctx.path("logs/export.log"))
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     return {"dir": str(path), "rope_theta": config.get("rope_theta"), "architectures": config.get("architectures"),
             "max_position_embeddings": config.get("max_position_embeddings")}

@@ -18,7 +18,9 @@ def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: di
     cfg = ctx.cfg
     tok = ctx.tokenizer_config()
     return {
-        "model": {"preset": "tiny", "seq_length": seq_length, "rope": {"base": rope_base}},
+        "model": {"preset": "tiny", "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                  "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.num_query_groups,
+                  "ffn_hidden_size": cfg.ffn_hidden_size, "seq_length": seq_length, "rope": {"base": rope_base}},
         "parallel": {"context_parallel_size": cp},
         "tokenizer": {"type": tok.type, "model": tok.model},
         "data": data,

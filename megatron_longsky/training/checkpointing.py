@@ -151,11 +151,17 @@ def _is_distributed_optimizer(optimizer) -> bool:
 
 @contextlib.contextmanager
 def _keep_adam_step_on_reshardable_load(optimizer):
-    """Work around megatron-core 0.16.1 with torch's Adam (no apex/TE): loading the
-    distributed optimizer's 'fully_reshardable' state copies every key of a parameter's
-    Adam state from the checkpoint, but ``step`` is kept in the param groups, not per
-    parameter, so the copy fails with ``KeyError: 'step'``. ``load_state_dict`` has
-    already set ``step`` from the param groups; we let the copy keep it."""
+    """Work around two megatron-core 0.16.1 bugs with torch's Adam (no apex/TE) when the
+    distributed optimizer loads its state:
+
+    - the 'fully_reshardable' load copies every key of a parameter's Adam state from the
+      checkpoint, but ``step`` is kept in the param groups, not per parameter, so the copy
+      fails with ``KeyError: 'step'``; ``load_state_dict`` has already set ``step`` from
+      the param groups, so we let the copy keep it;
+    - that ``step`` is one tensor shared by every parameter's state, and torch's Adam
+      increments it in place once per parameter: after a resume the bias correction
+      would run ahead. Each parameter gets its own copy.
+    """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     patched = []
@@ -179,6 +185,10 @@ def _keep_adam_step_on_reshardable_load(optimizer):
     finally:
         for inner in patched:
             del inner._set_main_param_and_optimizer_states  # back to the class method
+    for inner in patched:
+        for state in inner.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
 
 
 def _optimizer_sharded_state_dict(optimizer, model_chunks, is_loading: bool):
