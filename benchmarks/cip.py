@@ -106,10 +106,14 @@ def in_memory_comparison(cfg, table, src_bin: str, num_seqs: int) -> tuple[float
     gather_s = time.perf_counter() - started
     src = np.memmap(src_bin, dtype=np.uint16, mode="r")
     started = time.perf_counter()
+    position = 0
     for first in range(0, num_seqs, batch):
-        n = (min(first + batch, num_seqs) - first) * seq_tokens
-        start = (first * seq_tokens) % (len(src) - n)
-        buffer[:n] = src[start:start + n]
+        n, done = (min(first + batch, num_seqs) - first) * seq_tokens, 0
+        while done < n:  # wrap around the input like the plain copy does
+            start = position % len(src)
+            m = min(n - done, len(src) - start)
+            buffer[done:done + m] = src[start:start + m]
+            done, position = done + m, position + m
     copy_s = time.perf_counter() - started
     return gather_s, copy_s
 

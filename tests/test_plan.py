@@ -116,8 +116,8 @@ def test_cli_reports_fit_and_refuses_bad_layouts(tmp_path, capsys):
 
 # ---------------------------------------------------------------- CPU validation
 # (seq_length, model overrides, use_distributed_optimizer): one SDPA block at 256, the
-# blockwise path at 1024/2048, both recomputations, bf16 mixed precision, CP=2, and the
-# distributed optimizer over DP=2.
+# blockwise path at 1024/2048, both recomputations, bf16 mixed precision, CP=2, TP=2 and
+# the distributed optimizer over DP=2.
 CP1_CASES = [
     (256, {}, False),
     (1024, {}, False),
@@ -130,23 +130,26 @@ CP1_CASES = [
     (256, {"params_dtype": "bfloat16"}, True),
 ]
 CP2_CASES = [(1024, {}, False), (2048, {}, False)]
+TP2_CASES = [(256, {}, False), (1024, {}, False)]
+# (TP, CP) -> cases, all on 2 processes (DP = 2 / (TP * CP)).
+LAYOUTS = {(1, 1): CP1_CASES, (1, 2): CP2_CASES, (2, 1): TP2_CASES}
 
 
 def _measure_cases():
-    """On 2 gloo ranks: the CP=1 cases at DP=2, then the CP=2 cases (DP=1)."""
+    """On 2 gloo ranks: each layout's cases, re-initialising the parallel groups between."""
     from megatron.core import parallel_state
 
     from megatron_longsky.plan.measure import measure_step
     from megatron_longsky.runtime.distributed import ParallelConfig, initialize
 
     results = []
-    for cp, cases in ((1, CP1_CASES), (2, CP2_CASES)):
-        parallel = ParallelConfig(context_parallel_size=cp)
+    for (tp, cp), cases in LAYOUTS.items():
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp)
         initialize(parallel)
         for seq, overrides, dist_opt in cases:
             model = model_config_from_dict({"preset": "tiny", "seq_length": seq, **overrides})
             measured = measure_step(model, parallel, VOCAB, 1, seq, use_distributed_optimizer=dist_opt)
-            results.append((cp, seq, overrides, dist_opt, measured.to_dict()))
+            results.append((tp, cp, seq, overrides, dist_opt, measured.to_dict()))
         parallel_state.destroy_model_parallel()
     return results
 
@@ -159,11 +162,11 @@ def measured():
 def test_estimates_agree_with_measured_cpu_memory(measured):
     rows = []
     for rank_results in measured:
-        for cp, seq, overrides, dist_opt, m in rank_results:
+        for tp, cp, seq, overrides, dist_opt, m in rank_results:
             model = model_config_from_dict({"preset": "tiny", "seq_length": seq, **overrides})
             est = estimate_memory(PlanInput(
-                model=model, vocab_size=VOCAB, context_parallel=cp, data_parallel=2 // cp,
-                use_distributed_optimizer=dist_opt, attention="longsky"))
+                model=model, vocab_size=VOCAB, tensor_parallel=tp, context_parallel=cp,
+                data_parallel=2 // (tp * cp), use_distributed_optimizer=dist_opt, attention="longsky"))
             pairs = {
                 "params": (est.params, m["params_bytes"]),
                 "grads": (est.grads, m["grads_bytes"]),
@@ -171,18 +174,21 @@ def test_estimates_agree_with_measured_cpu_memory(measured):
                 "activation peak": (est.activations + est.transient, m["activation_peak_bytes"]),
             }
             for name, (e, got) in pairs.items():
-                rows.append((cp, seq, overrides, dist_opt, name, e, got))
+                rows.append((f"TP={tp} CP={cp}", seq, str(overrides), dist_opt, name, e, got))
     # `pytest -s -k measured` prints the table quoted in docs/plan.md.
-    for cp, seq, ov, d, name, e, got in rows[:len(rows) // 2]:
-        print(f"CP={cp} s={seq:5d} {str(ov):90s} dist_opt={d!s:5s} {name:16s} est {e:>11,d} "
+    for layout, seq, ov, d, name, e, got in rows[:len(rows) // 2]:
+        print(f"{layout} s={seq:5d} {ov:90s} dist_opt={d!s:5s} {name:16s} est {e:>11,d} "
               f"measured {got:>11,d} ratio {e / got:.3f}")
     bad = [r for r in rows if abs(r[5] / r[6] - 1) > TOLERANCE]
     assert not bad, "estimate vs measured off by more than 15%:\n" + "\n".join(
-        f"CP={cp} s={seq} {ov} dist_opt={d} {name}: estimated {e}, measured {got} ({e / got:.2f}x)"
-        for cp, seq, ov, d, name, e, got in bad)
+        f"{layout} s={seq} {ov} dist_opt={d} {name}: estimated {e}, measured {got} ({e / got:.2f}x)"
+        for layout, seq, ov, d, name, e, got in bad)
     # The cases really differ: the measurement is not a constant the formulas happen to hit.
-    peaks = {(r[0], r[1], str(r[2])): r[6] for r in rows if r[4] == "activation peak"}
-    assert peaks[(1, 2048, "{}")] > 5 * peaks[(1, 256, "{}")]
-    assert peaks[(2, 2048, "{}")] < 0.9 * peaks[(1, 2048, "{}")]
-    optimizer = {(r[1], str(r[2]), r[3]): r[6] for r in rows if r[4] == "optimizer" and r[0] == 1}
-    assert optimizer[(256, "{}", True)] == pytest.approx(optimizer[(256, "{}", False)] / 2, rel=0.01)
+    got = {r[:5]: r[6] for r in rows}
+    peak = "activation peak"
+    assert got[("TP=1 CP=1", 2048, "{}", False, peak)] > 5 * got[("TP=1 CP=1", 256, "{}", False, peak)]
+    assert got[("TP=1 CP=2", 2048, "{}", False, peak)] < 0.9 * got[("TP=1 CP=1", 2048, "{}", False, peak)]
+    assert got[("TP=2 CP=1", 1024, "{}", False, peak)] < 0.75 * got[("TP=1 CP=1", 1024, "{}", False, peak)]
+    assert got[("TP=2 CP=1", 256, "{}", False, "params")] < 0.6 * got[("TP=1 CP=1", 256, "{}", False, "params")]
+    assert got[("TP=1 CP=1", 256, "{}", True, "optimizer")] == pytest.approx(
+        got[("TP=1 CP=1", 256, "{}", False, "optimizer")] / 2, rel=0.01)

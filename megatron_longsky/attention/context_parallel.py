@@ -106,11 +106,12 @@ class _AllGatherSequence(torch.autograd.Function):
         group = ctx.group
         world = dist.get_world_size(group)
         rank = dist.get_rank(group)
-        grad = grad.contiguous()
         if dist.get_backend(group) == dist.Backend.GLOO:
-            # gloo has no reduce-scatter: all-reduce, then keep this rank's slice.
+            # gloo has no reduce-scatter: all-reduce (a copy: autograd owns ``grad``), keep our slice.
+            grad = grad.clone(memory_format=torch.contiguous_format)
             dist.all_reduce(grad, group=group)
             return grad.chunk(world, dim=0)[rank].contiguous(), None
+        grad = grad.contiguous()
         out = torch.empty_like(grad.chunk(world, dim=0)[0])
         dist.reduce_scatter_tensor(out, grad, group=group)
         return out, None

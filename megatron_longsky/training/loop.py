@@ -101,14 +101,18 @@ def resolve_vocab_size(cfg: TrainConfig, tokenizer, checkpoint_dir: Optional[Pat
     return vocab
 
 
-def build_training_model(cfg: TrainConfig, vocab_size: int) -> list:
-    """This stage's GPTModel wrapped in megatron-core DDP (and Float16Module for bf16/fp16)."""
+def build_training_model(cfg: TrainConfig, vocab_size: int, initialize: bool = True) -> list:
+    """This stage's GPTModel wrapped in megatron-core DDP (and Float16Module for bf16/fp16).
+
+    ``initialize``: layout-invariant initialisation from ``cfg.seed`` (the same weights at
+    any TP/PP); False when a checkpoint is loaded next."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
     from megatron_longsky.model import build_model
 
-    model = build_model(cfg.model, cfg.parallel, vocab_size)
+    model = build_model(cfg.model, cfg.parallel, vocab_size, seed=cfg.seed if initialize else None,
+                        initialize=initialize)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     tcfg = model.config
@@ -147,7 +151,7 @@ def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optio
     config_dict = train_config_to_dict(cfg)
     config_dict["model"]["vocab_size"] = vocab_size
 
-    model = build_training_model(cfg, vocab_size)
+    model = build_training_model(cfg, vocab_size, initialize=resume_dir is None and init_dir is None)
     optimizer, scheduler = build_optimizer(cfg, model)
     tcfg = model[0].config
     tcfg.no_sync_func = model[0].no_sync
@@ -374,7 +378,7 @@ def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_
     eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefixes=list(prefixes), weights=None))
     check_dataset_tokenizers(eval_cfg.data, tokenizer)
     vocab_size = resolve_vocab_size(cfg, tokenizer, ckpt_dir)
-    model = build_training_model(cfg, vocab_size)
+    model = build_training_model(cfg, vocab_size, initialize=False)
     setup = TrainingSetup(cfg, runtime, model, None, None, vocab_size, tokenizer, {}, owns_pg)
     try:
         load_model_weights(model, ckpt_dir)
