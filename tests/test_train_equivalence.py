@@ -81,6 +81,7 @@ LAYOUTS = {
     "dp2": ({}, 1, {}, False),
     "dp2_distopt": ({}, 2, {"use_distributed_optimizer": True}, False),
     "tp2_distopt_4micro": ({"tensor_model_parallel_size": 2}, 1, {"use_distributed_optimizer": True}, False),
+    "cp2": ({"context_parallel_size": 2}, 2, {}, False),
     "dp2_masked_rows": ({}, 1, {}, True),
 }
 

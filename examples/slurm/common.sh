@@ -26,6 +26,7 @@
 # and install this package in the image (pip install --no-deps -e .) or mount a venv.
 
 set -euo pipefail
+: "${SLURM_JOB_ID:?examples/slurm/common.sh runs inside a Slurm job: submit the script with sbatch}"
 
 LONGSKY_ROOT="${LONGSKY_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 LONGSKY_PYTHON="${LONGSKY_PYTHON:-python}"

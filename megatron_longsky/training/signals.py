@@ -8,8 +8,10 @@ Slurm: ask for a warning signal before the time limit and requeue on exit, e.g.:
 
     #SBATCH --signal=B:USR1@300     # USR1 to the batch shell 5 min before the limit
     #SBATCH --requeue
-    trap 'scontrol requeue $SLURM_JOB_ID' USR1   # in the batch script, before srun
-    srun longsky train --config job.yaml
+    srun longsky train --config job.yaml &
+    SRUN_PID=$!
+    trap 'kill -USR1 $SRUN_PID; wait $SRUN_PID; scontrol requeue $SLURM_JOB_ID' USR1
+    wait $SRUN_PID
 
 or ``#SBATCH --signal=USR1@300`` to deliver it to every task of the job step. Slurm
 preemption sends SIGTERM to all tasks, then SIGKILL after ``KillWait`` seconds: the
