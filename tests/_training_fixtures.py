@@ -50,3 +50,22 @@ def tiny_config_dict(tmp: str | Path, prefix: str, **top) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+def write_sft_dataset(tmp: str | Path, num_samples: int = 12, seed: int = 0) -> str:
+    """Chat samples through ``longsky preprocess-sft`` (byte tokenizer); returns the prefix."""
+    import json
+
+    from megatron_longsky.sft.preprocess import main as preprocess_sft
+
+    rng = np.random.default_rng(seed)
+    tmp = Path(tmp)
+    with open(tmp / "chat.jsonl", "w", encoding="utf-8") as f:
+        for i in range(num_samples):
+            question = "question " * int(rng.integers(1, 5)) + str(i)
+            answer = "answer " * int(rng.integers(1, 10)) + str(i)
+            f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    assert preprocess_sft(["--input", str(tmp / "chat.jsonl"), "--output-prefix", str(tmp / "chat"),
+                           "--no-progress"]) == 0
+    return str(tmp / "chat")

@@ -91,9 +91,8 @@ def bpe_dir(tmp_path_factory):
     return train_bpe_tokenizer([d["text"] for d in DOCS], vocab_size=320, out_dir=tmp_path_factory.mktemp("bpe"))
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["sentences-processes", "documents-threads"])
+@pytest.mark.parametrize("split", [True, False], ids=["sentences", "documents"])
 def test_output_identical_for_any_worker_count_with_hf(tmp_path, bpe_dir, split):
-    # with sentence splitting the workers are processes; without, HF encodes on threads
     src = write_jsonl(tmp_path / "in.jsonl", DOCS)
     outputs = {}
     for workers in (1, 2):

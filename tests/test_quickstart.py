@@ -13,7 +13,7 @@ SMALL = dict(
     num_layers=2, hidden_size=64, ffn_hidden_size=176,
     base_seq_length=128, long_seq_length=512, base_iters=4, cpt_iters=3, sft_iters=3, long_sft_iters=3,
     global_batch_size=4, micro_batch_size=2, sft_samples=64, synl_samples=12, synl_eval_samples=3,
-    synl_min_tokens=150, synl_max_tokens=400, needle_lengths=[128, 512], needle_depths=2, needle_samples=1,
+    synl_min_tokens=150, synl_max_tokens=400, needle_lengths=[256, 512], needle_depths=2, needle_samples=1,
 )
 
 

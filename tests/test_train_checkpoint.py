@@ -27,12 +27,14 @@ def _full_weights(model_chunks) -> dict:
 
 
 def _scenario(tmp, prefix):
+    import dataclasses
+
     import torch
 
     from megatron_longsky.checkpoint.layout import list_iterations, read_latest
     from megatron_longsky.training import checkpointing
     from megatron_longsky.training.config import train_config_from_dict
-    from megatron_longsky.training.loop import setup_training, teardown, train
+    from megatron_longsky.training.loop import evaluate, setup_training, teardown, train
 
     _init_process_group()
     rank = torch.distributed.get_rank()
@@ -47,6 +49,12 @@ def _scenario(tmp, prefix):
     out["first_losses"] = first.losses
     out["kept"] = list_iterations(f"{tmp}/ckpt")
     out["latest"] = read_latest(f"{tmp}/ckpt").name
+    # Re-running a finished job resumes at its end, trains nothing and rewrites nothing.
+    mtime = (read_latest(f"{tmp}/ckpt") / "trainer" / "state.json").stat().st_mtime_ns
+    again = train(cfg(train_iters=3, parallel={"tensor_model_parallel_size": 2}, output_dir=f"{tmp}/tp2",
+                      checkpoint={"save": f"{tmp}/ckpt", "save_interval": 1, "keep_last": 2}))
+    out["rerun"] = (again.iterations, again.checkpoint_dir.name, again.final_iteration,
+                    (read_latest(f"{tmp}/ckpt") / "trainer" / "state.json").stat().st_mtime_ns == mtime)
 
     # The same 3 steps with the distributed optimizer (its state has another format).
     train(cfg(train_iters=3, parallel={"tensor_model_parallel_size": 2}, output_dir=f"{tmp}/tp2_distopt",
@@ -77,7 +85,7 @@ def _scenario(tmp, prefix):
     state.iteration = 4
     original_rng_state = checkpointing.rng_state
 
-    def failing_rng_state():  # every rank fails after model and optimizer were written
+    def failing_rng_state():  # every rank fails in the middle of writing
         raise OSError("disk full (simulated)")
 
     checkpointing.rng_state = failing_rng_state
@@ -94,6 +102,28 @@ def _scenario(tmp, prefix):
     out["partial_left"] = (checkpointing.Path(f"{tmp}/ckpt") / ".iter_0000004.partial").exists()
     out["iterations_after_crash"] = list_iterations(f"{tmp}/ckpt")
     reference_weights = _full_weights(setup.model)  # the iteration-3 weights, at DP=2 (full copies)
+
+    # An asynchronous save (background writer process) appears only when the queue finalizes it.
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    queue = AsyncCallsQueue()
+    state.iteration = 7
+    checkpointing.save_checkpoint(f"{tmp}/async", state, setup.model, setup.optimizer, setup.scheduler,
+                                  setup.config_dict, async_queue=queue)
+    out["async_latest_before"] = read_latest(f"{tmp}/async") if checkpointing.Path(f"{tmp}/async/latest").exists() else None
+    queue.maybe_finalize_async_calls(blocking=True)
+    queue.close()
+    out["async_latest_after"] = read_latest(f"{tmp}/async").name
+    teardown(setup)
+    # ... and holds the same weights: load it at another layout (PP=2) and compare.
+    setup, state, _ = setup_training(cfg(train_iters=9, parallel={"pipeline_model_parallel_size": 2},
+                                         checkpoint={"load": f"{tmp}/async", "save": f"{tmp}/async"}))
+    out["async_resumed_iteration"] = state.iteration
+    stage_weights = _full_weights(setup.model)
+    # embedding (first stage) / output layer and final norm (last stage) keep their names under PP
+    shared = [k for k in stage_weights if not k.startswith("decoder.layers.")]
+    out["async_compared"] = shared
+    out["async_weights_equal"] = all(torch.equal(stage_weights[k], reference_weights[k]) for k in shared)
     teardown(setup)
 
     # 4. Stage transition: weights only, longer sequences, a raised RoPE base, another layout.
@@ -107,11 +137,18 @@ def _scenario(tmp, prefix):
     out["init_state"] = (state.iteration, state.consumed_samples, setup.scheduler.num_steps, resumed is None)
     out["init_optimizer_empty"] = not any(setup.optimizer.state_dict()["state"])
     teardown(setup)
+    stage = dataclasses.replace(stage, eval_interval=2, eval_iters=1,
+                                data=dataclasses.replace(stage.data, split="80,20,0"))
     result = train(stage)
+    out["stage_valid"] = result.valid_losses
     out["stage_losses"] = result.losses
     out["stage_iteration"] = result.final_iteration
     saved = yaml.safe_load((result.checkpoint_dir / "config.yaml").read_text()) if rank == 0 else None
     out["stage_saved_model"] = saved and (saved["model"]["seq_length"], saved["model"]["rope"]["base"])
+
+    # 5. Held-out loss of a checkpoint: forward only, the same at any layout.
+    out["eval"] = {name: evaluate(cfg(parallel=parallel), f"{tmp}/ckpt", [prefix], num_batches=2)
+                   for name, parallel in [("dp2", {}), ("pp2", {"pipeline_model_parallel_size": 2})]}
     return out
 
 
@@ -125,6 +162,10 @@ def results(tmp_path_factory):
 def test_keep_last_n_and_latest(results):
     r = results[0]
     assert r["kept"] == [2, 3] and r["latest"] == "iter_0000003"
+
+
+def test_rerunning_a_finished_job_is_a_no_op(results):
+    assert results[0]["rerun"] == ([], "iter_0000003", 3, True)
 
 
 @pytest.mark.parametrize("layout", ["pp2", "dp2", "dp2_distopt", "pp2_distopt"])
@@ -157,3 +198,20 @@ def test_stage_transition_loads_weights_only(results):
         assert r["init_optimizer_empty"]
         assert r["stage_iteration"] == 2 and all(x == x for x in r["stage_losses"])
     assert results[0]["stage_saved_model"] == (64, 500000.0)
+
+
+def test_valid_loss_during_training_and_evaluate_at_two_layouts(results):
+    for r in results:
+        assert list(r["stage_valid"]) == [2] and r["stage_valid"][2] == r["stage_valid"][2]
+        assert r["eval"]["dp2"] == pytest.approx(r["eval"]["pp2"], rel=1e-5)
+        # the trained checkpoint predicts this data better than chance (ln 384 ~ 5.95)
+        assert r["eval"]["dp2"] < 5.9
+
+
+def test_async_save_publishes_on_finalize_and_loads(results):
+    for rank, r in enumerate(results):
+        assert r["async_latest_before"] is None and r["async_latest_after"] == "iter_0000007"
+        assert r["async_resumed_iteration"] == 7
+        assert r["async_compared"] and r["async_weights_equal"]
+    assert "embedding.word_embeddings.weight" in results[0]["async_compared"]
+    assert "output_layer.weight" in results[1]["async_compared"]

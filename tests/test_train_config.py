@@ -133,3 +133,18 @@ def test_metrics_reader_keeps_the_last_record_per_iteration_and_plot(tmp_path):
     assert [(r["iteration"], r["loss"]) for r in read_metrics(path)] == [(1, 3.0), (2, 2.4)]
     png = plot_loss(path, tmp_path / "loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_logger_writes_jsonl_tensorboard_and_truncates_on_resume(tmp_path):
+    from megatron_longsky.training.metrics import MetricsLogger
+
+    record = {"loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 10.0, "tflops_per_device": 0.1,
+              "mfu": None, "peak_memory_gib": 0.1, "data_wait_fraction": 0.0, "skipped": False}
+    logger = MetricsLogger(tmp_path, log_interval=2, tensorboard=True, enabled=True)
+    for it in range(1, 5):
+        logger.log({"iteration": it, **record})
+    logger.close()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # a run resumed from iteration 2 drops the records of the steps it will redo
+    MetricsLogger(tmp_path, log_interval=2, tensorboard=False, enabled=True, resume_iteration=2).close()
+    assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]

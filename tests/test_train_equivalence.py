@@ -9,9 +9,10 @@ import pytest
 
 from megatron_longsky.testing.multiprocess import run_distributed
 
-from _training_fixtures import tiny_config_dict, write_token_dataset
+from _training_fixtures import tiny_config_dict, write_sft_dataset, write_token_dataset
 
 ITERS = 2
+SFT_SEQ = 256
 
 
 def _init_process_group():
@@ -53,7 +54,7 @@ def _run(cfg_dict, masked: bool = False):
     return {"losses": result.losses, "grad_norms": result.grad_norms}
 
 
-def _reference(tmp, prefix):
+def _reference(tmp, prefix, sft_prefix, sft_rows):
     """One process: save the initial weights, then train with 1 and with 4 micro-batches."""
     from megatron_longsky.training.checkpointing import save_checkpoint
     from megatron_longsky.training.config import train_config_from_dict
@@ -71,6 +72,15 @@ def _reference(tmp, prefix):
                                            "save_at_end": False},
                                output_dir=f"{tmp}/ref_{name}")
         out[name] = _run(cfg, masked)
+    # SFT: every sample in one global batch, one per row vs packed several per row. With
+    # attention confined to each sample the two give the same loss and gradient.
+    for name, packed, rows in [("sft_unpacked", False, sft_rows[0]), ("sft_packed", True, sft_rows[1])]:
+        cfg = tiny_config_dict(tmp, sft_prefix, train_iters=1, micro_batch_size=1, global_batch_size=rows,
+                               model={"seq_length": SFT_SEQ},
+                               data={"kind": "sft", "prefixes": [sft_prefix], "packed": packed},
+                               checkpoint={"init_from": f"{tmp}/init", "save": f"{tmp}/{name}", "save_at_end": False},
+                               output_dir=f"{tmp}/{name}")
+        out[name] = _run(cfg)
     return out
 
 
@@ -103,7 +113,12 @@ def _layouts(tmp, prefix):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("equiv")
     prefix = write_token_dataset(tmp / "ds")
-    reference = run_distributed(_reference, 1, str(tmp), prefix)[0]
+    sft_prefix = write_sft_dataset(tmp)
+    from megatron_longsky.sft.dataset import PackedSFTDataset
+
+    rows = (len(PackedSFTDataset(sft_prefix, SFT_SEQ, unpacked=True)), len(PackedSFTDataset(sft_prefix, SFT_SEQ)))
+    assert rows[1] < rows[0]  # several samples share a packed row
+    reference = run_distributed(_reference, 1, str(tmp), prefix, sft_prefix, rows)[0]
     layouts = run_distributed(_layouts, 2, str(tmp), prefix)
     return reference, layouts
 
@@ -142,3 +157,11 @@ def test_ranks_without_loss_tokens_give_no_nan_and_the_same_loss(runs):
     for rank_result in layouts:
         _close(rank_result["dp2_masked_rows"]["losses"], masked["losses"], 1e-5)
         _close(rank_result["dp2_masked_rows"]["grad_norms"], masked["grad_norms"], 1e-4)
+
+
+def test_packed_sft_rows_equal_one_sample_per_row(runs):
+    reference, _ = runs
+    unpacked, packed = reference["sft_unpacked"], reference["sft_packed"]
+    assert len(packed["losses"]) == 1 and packed["losses"][0] == packed["losses"][0]
+    assert packed["losses"][0] == pytest.approx(unpacked["losses"][0], rel=1e-5)
+    assert packed["grad_norms"][0] == pytest.approx(unpacked["grad_norms"][0], rel=1e-4)

@@ -1,8 +1,8 @@
 """jsonl corpora -> Megatron indexed datasets (``longsky preprocess``, tools/preprocess_data.py).
 
 The main process reads raw lines in batches and writes the output; ``--workers``
-processes (threads for Hugging Face tokenizers, whose Rust encoder releases the GIL,
-unless sentences are split in Python) decode, check and tokenize the batches. Results are consumed in input
+processes decode, check and tokenize the batches (one tokenizer thread each; with
+``--workers 1`` everything runs in this process and HF tokenizers may use Rust threads). Results are consumed in input
 order whatever the worker count, so the output is byte-identical for any
 ``--workers``. Each ``--json-keys`` key gives ``<prefix>_<key>_document.{bin,idx}``
 plus a ``.meta.json`` sidecar recording the tokenizer; all appear only when complete.
@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
@@ -203,17 +202,6 @@ def _ordered_results(batches: Iterable[LineBatch], cfg: PreprocessConfig, encode
         return
     window = 4 * cfg.workers  # bounded read-ahead: memory stays flat on huge inputs
     pending: deque = deque()
-    if encoder.tokenizer.encodes_without_gil and splitter is None:
-        # Native (Rust) tokenizers release the GIL: threads share one process, so
-        # batches and token arrays are never pickled between processes.
-        with ThreadPoolExecutor(cfg.workers, thread_name_prefix="encode") as pool:
-            for batch in batches:
-                pending.append(pool.submit(encoder, batch))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        return
     ctx = multiprocessing.get_context("spawn")
     init_args = (cfg.tokenizer, cfg.json_keys, cfg.append_eod, encoder.dtype, splitter)
     with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:
@@ -342,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
     add_tokenizer_args(parser)
     parser.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
-    parser.add_argument("--workers", type=int, default=1, help="parallel tokenizers (default 1): processes, or threads for hf without --split-sentences")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--split-sentences", action="store_true",
                         help="store each sentence as its own item (nltk Punkt, offline)")
     parser.add_argument("--skip-bad-lines", action="store_true",

@@ -76,8 +76,7 @@ def continual_pretrain(ctx: Context, name: str, data_prefix: str) -> dict:
     """CPT at the long length with a raised RoPE base, context parallel, from the base model."""
     cfg = ctx.cfg
     job = _job(ctx, name, seq_length=cfg.long_seq_length, rope_base=cfg.long_rope_base,
-               data={"kind": "gpt", "prefixes": [data_prefix], "split": "100,0,0",
-                     "one_sequence_per_document": True},
+               data={"kind": "gpt", "prefixes": [data_prefix], "split": "100,0,0"},
                iters=cfg.cpt_iters, lr=cfg.lr / 3, init_from=ctx.runner.results("base")["checkpoint"],
                cp=cfg.context_parallel)
     return run_job(ctx, name, job, nproc=cfg.context_parallel)

@@ -71,8 +71,6 @@ class Tokenizer:
     pad_id: int
     fingerprint: str
     chat_template: Optional[str] = None
-    # True when batch encoding runs outside the GIL (Python threads then parallelise it).
-    encodes_without_gil: bool = False
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError

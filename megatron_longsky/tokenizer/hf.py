@@ -51,7 +51,6 @@ def _chat_template(directory: Optional[Path], config: dict) -> Optional[str]:
 
 class HFTokenizer(Tokenizer):
     type = "hf"
-    encodes_without_gil = True
 
     def __init__(self, model: str):
         from tokenizers import Tokenizer as RustTokenizer

@@ -32,7 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_longsky.checkpoint.layout import iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest
+from megatron_longsky.checkpoint.layout import (
+    MODEL, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
+)
 from megatron_longsky.checkpoint.model_io import load_model_weights, model_sharded_state_dict, save_model_weights
 from megatron_longsky.utils.atomic import atomic_write_json
 
@@ -199,8 +201,14 @@ def _optimizer_sharded_state_dict(optimizer, model_chunks, is_loading: bool):
 
 
 def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimizer, scheduler,
-                    config: dict, keep_last: int = 0) -> Path:
-    """Collective. Writes ``<root>/iter_<state.iteration>`` completely, then points ``latest`` at it."""
+                    config: dict, keep_last: int = 0, async_queue=None) -> Path:
+    """Collective. Writes ``<root>/iter_<state.iteration>`` completely, then points ``latest`` at it.
+
+    With ``async_queue`` (megatron-core's ``AsyncCallsQueue``; the trainer uses it on GPU
+    when ``checkpoint.async_save`` is set) the model and optimizer tensors are written by
+    a background process and the rename + ``latest`` happen when the queue finalizes the
+    save (``async_queue.maybe_finalize_async_calls``); the returned path exists only then.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -210,11 +218,10 @@ def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimiz
         root.mkdir(parents=True, exist_ok=True)
         if staging.exists():
             shutil.rmtree(staging)
+        (staging / MODEL).mkdir(parents=True)
         (staging / OPTIMIZER).mkdir(parents=True)
         (staging / TRAINER).mkdir(parents=True)
     _barrier()
-    save_model_weights(model_chunks, staging)
-    dist_checkpointing.save(_optimizer_sharded_state_dict(optimizer, model_chunks, False), str(staging / OPTIMIZER))
     torch.save(rng_state(), _rng_file(staging, _rank()))
     if _rank() == 0:
         atomic_write_json(staging / TRAINER / STATE_FILE, {
@@ -224,16 +231,38 @@ def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimiz
             "distributed_optimizer": _is_distributed_optimizer(optimizer),
         })
         write_checkpoint_config(staging, config)
+    optimizer_sd = _optimizer_sharded_state_dict(optimizer, model_chunks, False)
+    if async_queue is None:
+        save_model_weights(model_chunks, staging)
+        dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER))
+        _publish(root, staging, final, state.iteration, keep_last)
+        return final
+    model_request = dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(staging / MODEL),
+                                            async_sharded_save=True)
+    optimizer_request = dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER), async_sharded_save=True)
+    # The queue finalizes requests in order, on every rank at once, after all ranks wrote.
+    optimizer_request.add_finalize_fn(lambda: _publish(root, staging, final, state.iteration, keep_last))
+    async_queue.schedule_async_request(model_request)
+    async_queue.schedule_async_request(optimizer_request)
+    return final
+
+
+def _publish(root: Path, staging: Path, final: Path, iteration: int, keep_last: int) -> None:
+    """Collective: the staged checkpoint becomes ``iter_N``, then ``latest`` points at it."""
     _barrier()
     if _rank() == 0:
-        if final.exists():  # re-saving an iteration (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # re-saving an iteration: swap the new one in, then drop the old
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(staging, final)
-        write_latest(root, state.iteration)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        write_latest(root, iteration)
         removed = prune_checkpoints(root, keep_last)
         log.info("saved checkpoint %s%s", final, f" (pruned {removed})" if removed else "")
     _barrier()
-    return final
 
 
 def read_trainer_state(ckpt_dir: str | Path) -> dict:

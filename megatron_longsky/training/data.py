@@ -10,7 +10,8 @@ any layout and micro-batch count, and a resumed run continues from
 ``kind: gpt`` builds megatron-core ``GPTDataset`` splits through
 ``BlendedMegatronDatasetBuilder`` (blend weights, train/valid/test split, index
 cache). ``kind: sft`` uses ``PackedSFTDataset`` rows (tokens, labels, loss_mask,
-position_ids, cu_seqlens), cycling over epochs with a fresh row order per epoch.
+position_ids, cu_seqlens), repeated in the same (seeded) row order when training runs
+longer than one epoch.
 """
 
 from __future__ import annotations
@@ -152,12 +153,52 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             start += self.global_batch_size
 
 
+class Prefetcher:
+    """Reads the next micro-batches in a background thread while the model computes
+    (torch releases the GIL in its kernels), keeping the same order."""
+
+    _DONE = object()
+
+    def __init__(self, iterator: Iterator, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._fill, args=(iterator,), daemon=True, name="batch-prefetch")
+        self._thread.start()
+
+    def _fill(self, iterator: Iterator) -> None:
+        try:
+            for item in iterator:
+                self._queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+            self._queue.put(exc)
+            return
+        self._queue.put(self._DONE)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._DONE:
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 def micro_batch_loader(dataset, cfg: TrainConfig, consumed_samples: int, dp_rank: int, dp_size: int,
-                       total_samples: int | None = None) -> Iterator[dict]:
+                       total_samples: int | None = None, prefetch: bool = True) -> Iterator[dict]:
+    """This rank's micro-batches from ``consumed_samples`` on; read ahead in a thread
+    (``data.num_workers: 0``) or by DataLoader worker processes."""
     sampler = GlobalBatchSampler(total_samples if total_samples is not None else len(dataset),
                                  consumed_samples, cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers, collate_fn=collate,
         persistent_workers=cfg.data.num_workers > 0,
     )
+    if prefetch and cfg.data.num_workers == 0:
+        return Prefetcher(iter(loader))
     return iter(loader)

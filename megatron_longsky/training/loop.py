@@ -130,13 +130,23 @@ def build_training_model(cfg: TrainConfig, vocab_size: int, initialize: bool = T
 
 def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optional[Path]]:
     """Initialise distributed state, model, optimizer; resume or ``init_from`` if asked."""
-    from megatron.core.distributed import finalize_model_grads
-
     from megatron_longsky.runtime.distributed import initialize
-    from megatron_longsky.tokenizer import build_tokenizer
 
     owns_pg = not torch.distributed.is_initialized()
     runtime = initialize(cfg.parallel, cfg.seed)
+    try:
+        return _setup_after_initialize(cfg, runtime, owns_pg)
+    except BaseException:
+        # Leave no parallel state behind: a later run in this process may use another layout.
+        teardown(TrainingSetup(cfg, runtime, [], None, None, 0, None, {}, owns_pg), barrier=False)
+        raise
+
+
+def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
+    from megatron.core.distributed import finalize_model_grads
+
+    from megatron_longsky.tokenizer import build_tokenizer
+
     tokenizer = build_tokenizer(cfg.tokenizer)
     check_dataset_tokenizers(cfg.data, tokenizer)
 
@@ -172,7 +182,8 @@ def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optio
     return setup, state, resume_dir
 
 
-def teardown(setup: TrainingSetup) -> None:
+def teardown(setup: TrainingSetup, barrier: bool = True) -> None:
+    """Destroy megatron-core's parallel state; also the process group if this run created it."""
     from megatron.core import parallel_state
 
     from megatron_longsky.runtime.distributed import shutdown
@@ -180,7 +191,8 @@ def teardown(setup: TrainingSetup) -> None:
     if setup.owns_process_group:
         shutdown()
     elif parallel_state.model_parallel_is_initialized():
-        torch.distributed.barrier()
+        if barrier:
+            torch.distributed.barrier()
         parallel_state.destroy_model_parallel()
 
 
@@ -244,14 +256,30 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train (or resume) as configured; collective over all launched processes."""
     setup, state, resume_dir = setup_training(cfg)
     try:
-        return _train_loop(setup, state, resume_dir)
-    finally:
-        teardown(setup)
+        result = _train_loop(setup, state, resume_dir)
+    except BaseException:
+        teardown(setup, barrier=False)  # other ranks may not reach a barrier
+        raise
+    teardown(setup)
+    return result
 
 
-def _save(setup: TrainingSetup, state: TrainerState) -> Path:
+def _save(setup: TrainingSetup, state: TrainerState, async_queue=None) -> Path:
     return save_checkpoint(setup.cfg.checkpoint_root, state, setup.model, setup.optimizer, setup.scheduler,
-                           setup.config_dict, keep_last=setup.cfg.checkpoint.keep_last)
+                           setup.config_dict, keep_last=setup.cfg.checkpoint.keep_last, async_queue=async_queue)
+
+
+def _async_queue(cfg: TrainConfig):
+    """megatron-core's queue of background checkpoint writes, when asked for and on GPU."""
+    if not cfg.checkpoint.async_save:
+        return None
+    if not torch.cuda.is_available():
+        log.warning("checkpoint.async_save is for GPU runs; saving synchronously on CPU")
+        return None
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    log.info("asynchronous checkpoint saving enabled")
+    return AsyncCallsQueue()
 
 
 def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[Path]) -> TrainResult:
@@ -273,6 +301,8 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
     result = TrainResult(metrics_path=metrics.path, resumed_from=resume_dir)
     step_times, waits = [], []
     last_saved = None
+    start_iteration = state.iteration
+    async_queue = _async_queue(cfg)
     try:
         with PreemptionHandler() as preemption:
             while state.iteration < cfg.train_iters:
@@ -331,19 +361,27 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
                 if cfg.eval_interval and state.iteration % cfg.eval_interval == 0 and splits.valid is not None:
                     result.valid_losses[state.iteration] = evaluate_loss(setup, splits.valid, cfg.eval_iters)
                     metrics.log_eval(state.iteration, result.valid_losses[state.iteration])
+                if async_queue is not None:  # publish background saves that have finished
+                    async_queue.maybe_finalize_async_calls(blocking=False)
                 stop = preemption.should_stop()
                 interval = cfg.checkpoint.save_interval
                 if stop or (interval and state.iteration % interval == 0):
-                    last_saved = _save(setup, state)
+                    # A preemption save is synchronous: the process exits right after it.
+                    last_saved = _save(setup, state, None if stop else async_queue)
                 if stop:
                     result.exit_reason = "preempted"
                     log.warning("preempted: checkpoint %s saved at iteration %d; exiting", last_saved,
                                 state.iteration)
                     break
-            if (result.exit_reason == "completed" and cfg.checkpoint.save_at_end
-                    and (last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}"))):
-                last_saved = _save(setup, state)
+            if result.exit_reason == "completed" and cfg.checkpoint.save_at_end:
+                if last_saved is None and state.iteration == start_iteration and resume_dir is not None:
+                    last_saved = resume_dir  # resumed an already finished run: nothing new to save
+                elif last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}"):
+                    last_saved = _save(setup, state)
     finally:
+        if async_queue is not None:  # wait for (and publish) saves still being written
+            async_queue.maybe_finalize_async_calls(blocking=True)
+            async_queue.close()
         metrics.close()
     timed = step_times[1:] if len(step_times) > 1 else step_times
     timed_waits = waits[1:] if len(waits) > 1 else waits
@@ -373,14 +411,15 @@ def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_
 
     owns_pg = not torch.distributed.is_initialized()
     runtime = initialize(cfg.parallel, cfg.seed)
-    ckpt_dir = resolve_checkpoint(checkpoint)
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefixes=list(prefixes), weights=None))
-    check_dataset_tokenizers(eval_cfg.data, tokenizer)
-    vocab_size = resolve_vocab_size(cfg, tokenizer, ckpt_dir)
-    model = build_training_model(cfg, vocab_size, initialize=False)
-    setup = TrainingSetup(cfg, runtime, model, None, None, vocab_size, tokenizer, {}, owns_pg)
+    setup = TrainingSetup(cfg, runtime, [], None, None, 0, None, {}, owns_pg)
     try:
+        ckpt_dir = resolve_checkpoint(checkpoint)
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        eval_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, prefixes=list(prefixes), weights=None))
+        check_dataset_tokenizers(eval_cfg.data, tokenizer)
+        vocab_size = resolve_vocab_size(cfg, tokenizer, ckpt_dir)
+        model = build_training_model(cfg, vocab_size, initialize=False)
+        setup = TrainingSetup(cfg, runtime, model, None, None, vocab_size, tokenizer, {}, owns_pg)
         load_model_weights(model, ckpt_dir)
         num_batches = num_batches or cfg.eval_iters
         if cfg.data.kind == "sft":
@@ -388,6 +427,9 @@ def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_
         else:
             dataset = build_gpt_splits(eval_cfg, tokenizer, num_batches * cfg.global_batch_size, 0,
                                        prefixes=list(prefixes), split="100,0,0").train
-        return evaluate_loss(setup, dataset, num_batches)
-    finally:
-        teardown(setup)
+        loss = evaluate_loss(setup, dataset, num_batches)
+    except BaseException:
+        teardown(setup, barrier=False)
+        raise
+    teardown(setup)
+    return loss

@@ -41,14 +41,13 @@ def build_optimizer(cfg: TrainConfig, model_chunks: list):
     optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks)
     s = cfg.schedule
     decay_iters = s.decay_iters or cfg.train_iters
-    if s.warmup_iters >= decay_iters and s.decay_style != "constant":
-        raise ValueError(f"schedule.warmup_iters ({s.warmup_iters}) must be < decay iterations ({decay_iters})")
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=s.init_lr,
         max_lr=cfg.optimizer.lr,
         min_lr=cfg.optimizer.min_lr,
         lr_warmup_steps=s.warmup_iters,
+        # megatron-core needs warmup < decay steps; a run shorter than its warmup never decays.
         lr_decay_steps=max(decay_iters, s.warmup_iters + 1),
         lr_decay_style=s.decay_style,
         start_wd=cfg.optimizer.weight_decay,
