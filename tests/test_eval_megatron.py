@@ -24,6 +24,7 @@ def _evaluate_layouts(ckpt_root, layouts, cli_output=None):
     from megatron_longsky.checkpoint.layout import iteration_dir
     from megatron_longsky.config import to_dict
     from megatron_longsky.eval import NeedleConfig, run_needle
+    from megatron_longsky.eval.backends import LogitsBackend
     from megatron_longsky.eval.distribute import data_parallel_layout
     from megatron_longsky.eval.megatron_backend import MegatronBackend
     from megatron_longsky.eval.perplexity import PerplexityConfig, perplexity_by_position
@@ -65,6 +66,10 @@ def _evaluate_layouts(ckpt_root, layouts, cli_output=None):
             "needle": [(c.prediction, c.correct_tokens) for cell in needle.cells for s in cell.samples
                        for c in s.cases],
             "generated": chat.prediction,
+            # KV-cached greedy decoding (PP=1, CP=1) against recomputing the prefix each token.
+            "kv_cache": backend.kv_cache,
+            "greedy": backend.generate_greedy(sequence, 24),
+            "greedy_recomputed": LogitsBackend.generate_greedy(backend, sequence, 24),
             # Three documents over DP=2 at TP=1 (uneven shards), all on one replica elsewhere.
             "ppl": perplexity_by_position(PerplexityConfig(length=40, num_buckets=3, buckets="linear"), backend,
                                           tok, documents=[sequence[i:i + 40] for i in (0, 10, 30)],
@@ -107,10 +112,15 @@ def _check_against_reference(results, layouts):
             assert torch.allclose(got["nll"], ref["nll"], atol=1e-4), layout
             assert got["needle"] == ref["needle"], layout
             assert got["generated"] == ref["generated"], layout
+            assert got["greedy"] == got["greedy_recomputed"] == ref["greedy"], layout
+            assert len(got["greedy"]) == 24
             assert got["ppl"] == pytest.approx(ref["ppl"], abs=1e-3), layout
     # At TP=1 the two ranks are data-parallel replicas that split the cases; each
     # returns all of them.
     assert results[0][(1, 1, 1, 0)]["data_parallel"]
+    assert results[0][(1, 1, 1, 0)]["kv_cache"]
+    assert {layout: results[0][layout]["kv_cache"] for layout in layouts} == {
+        layout: layout[1] == layout[2] == 1 for layout in layouts}
     assert results[0][(1, 1, 1, 0)]["needle"] == results[1][(1, 1, 1, 0)]["needle"]
     assert results[0][(1, 1, 1, 0)]["ppl"] == results[1][(1, 1, 1, 0)]["ppl"]
 

@@ -15,6 +15,11 @@ deterministic), and every rank gets the same logits back:
 
 NLL uses the model's own vocab-parallel cross entropy (``labels=``), so perplexity
 at long lengths never materialises full logits either.
+
+Greedy generation keeps a KV cache (megatron-core's ``StaticInferenceContext``: one
+prefill pass, then one token per step) when the job has one pipeline stage, CP=1 and
+no sequence parallelism; other layouts recompute the prefix for every new token
+(exact, but about (answer tokens) x slower).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -67,6 +72,8 @@ class MegatronBackend(LogitsBackend):
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.sequence_parallel = bool(self.config.sequence_parallel)
+        self.kv_cache = (self.cp_size == 1 and not self.sequence_parallel
+                         and parallel_state.get_pipeline_model_parallel_world_size() == 1)
         # Inputs and collectives live where the model does (NCCL needs CUDA tensors).
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -214,3 +221,31 @@ class MegatronBackend(LogitsBackend):
             index = (positions < length - 1).nonzero().squeeze(1)
             rows = self._assemble(local.index_select(1, index), positions[index], length - 1)
         return self._broadcast_from_last_stage(rows, (1, length - 1))[0]
+
+    # -- greedy generation -----------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
+                        stop_ids: Sequence[int] = ()) -> list[int]:
+        if not self.kv_cache:
+            return super().generate_greedy(prompt_ids, max_new_tokens, stop_ids)
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        if not prompt_ids:
+            raise ValueError("generate_greedy needs a non-empty prompt")
+        stops = set(int(s) for s in stop_ids)
+        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt_ids) + max_new_tokens)
+        step = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            start = context.sequence_len_offset
+            positions = torch.arange(start, start + step.shape[1], device=self.device).unsqueeze(0)
+            # Static batching: only the last position's logits, gathered over TP.
+            logits = self.model(step, positions, None, inference_context=context, runtime_gather_output=True)
+            context.sequence_len_offset += step.shape[1]
+            token = int(logits[0, -1, : self.vocab_size].argmax())
+            if token in stops:
+                break
+            out.append(token)
+            step = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        return out
