@@ -259,3 +259,15 @@ def test_fewer_queries_than_keys_are_the_latest_positions():
     q, k, v = torch.randn(8, 1, 4, 8), torch.randn(8, 1, 2, 8), torch.randn(8, 1, 2, 8)
     full = module(q, k, v, None)
     torch.testing.assert_close(module(q[-3:], k, v, None), full[-3:])
+
+
+def test_cp_blocks_align_with_zigzag_chunks():
+    from megatron_longsky.attention.core_attention import _chunk_aligned_block
+
+    assert _chunk_aligned_block(256, 512) == 256
+    assert _chunk_aligned_block(1024, 512) == 512
+    assert _chunk_aligned_block(768, 512) == 384
+    assert _chunk_aligned_block(7, 4) == 1  # a prime chunk longer than a block: single-token blocks
+    for chunk in range(1, 200):
+        block = _chunk_aligned_block(chunk, 64)
+        assert chunk % block == 0 and block <= 64
