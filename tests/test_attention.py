@@ -261,13 +261,20 @@ def test_fewer_queries_than_keys_are_the_latest_positions():
     torch.testing.assert_close(module(q[-3:], k, v, None), full[-3:])
 
 
-def test_cp_blocks_align_with_zigzag_chunks():
-    from megatron_longsky.attention.core_attention import _chunk_aligned_block
 
-    assert _chunk_aligned_block(256, 512) == 256
-    assert _chunk_aligned_block(1024, 512) == 512
-    assert _chunk_aligned_block(768, 512) == 384
-    assert _chunk_aligned_block(7, 4) == 1  # a prime chunk longer than a block: single-token blocks
-    for chunk in range(1, 200):
-        block = _chunk_aligned_block(chunk, 64)
-        assert chunk % block == 0 and block <= 64
+def test_blocks_follow_cp_chunks_and_documents():
+    """Blocks never straddle a zig-zag chunk or a long document, so the causal and
+    document rules skip whole blocks; short documents share blocks."""
+    from megatron_longsky.attention.blockwise import _block_bounds
+    from megatron_longsky.attention.context_parallel import gathered_positions, zigzag_positions
+
+    assert _block_bounds(zigzag_positions(1024, 2, 0), None, 512) == [(0, 256), (256, 512)]
+    # gathered keys: rank 0's chunks 0 and 3, rank 1's chunks 1 and 2 (contiguous: one block)
+    assert _block_bounds(gathered_positions(512, 2), None, 512) == [(0, 256), (256, 512), (512, 1024)]
+    assert _block_bounds(torch.arange(1000), None, 512) == [(0, 500), (500, 1000)]
+    assert _block_bounds(torch.arange(8).repeat_interleave(2), None, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    seg = torch.tensor([0] * 10 + [1] * 3 + [2] * 3 + [3] * 20)
+    pos = torch.cat([torch.arange(10), torch.arange(3), torch.arange(3), torch.arange(20)])
+    assert _block_bounds(pos, seg, 16) == [(0, 10), (10, 16), (16, 26), (26, 36)]
+    many_short = torch.arange(4).repeat(256)  # 256 documents of 4 tokens
+    assert len(_block_bounds(many_short, torch.arange(256).repeat_interleave(4), 64)) == 16

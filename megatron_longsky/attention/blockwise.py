@@ -35,18 +35,59 @@ class _Block:
     seg_max: int
 
 
-def _blocks(pos: Tensor, seg: Optional[Tensor], size: int) -> list[_Block]:
+def _runs(pos: Tensor, seg: Optional[Tensor]) -> list[tuple[int, int]]:
+    """Maximal runs of one segment whose positions step by 0 or 1 (GQA-folded queries
+    repeat each position), as ``(start, end)``: the zig-zag chunks of context
+    parallelism and the documents of a packed row."""
     n = pos.numel()
-    starts = list(range(0, n, size))
-    pad = (-n) % size
-    p = F.pad(pos, (0, pad), value=int(pos[-1])).view(-1, size)
-    pmin, pmax = p.amin(1).tolist(), p.amax(1).tolist()
-    if seg is None:
-        smin = smax = [0] * len(starts)
-    else:
-        s = F.pad(seg, (0, pad), value=int(seg[-1])).view(-1, size)
-        smin, smax = s.amin(1).tolist(), s.amax(1).tolist()
-    return [_Block(b, min(b + size, n), pmin[i], pmax[i], smin[i], smax[i]) for i, b in enumerate(starts)]
+    if n == 0:
+        return []
+    step = pos[1:] - pos[:-1]
+    breaks = (step < 0) | (step > 1)
+    if seg is not None:
+        breaks |= seg[1:] != seg[:-1]
+    cuts = [0] + (breaks.nonzero().squeeze(1) + 1).tolist() + [n]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _block_bounds(pos: Tensor, seg: Optional[Tensor], size: int) -> list[tuple[int, int]]:
+    """Blocks of at most ``size`` rows that follow the runs: a run of at least size/4 rows
+    gets blocks of its own (which the causal and segment rules can then skip, or take
+    without a mask); shorter runs share blocks with their neighbours (masked), which
+    keeps the number of blocks near ``n / size`` for rows of many short documents."""
+    bounds: list[tuple[int, int]] = []
+    open_start = open_end = None
+    for start, end in _runs(pos, seg):
+        if end - start < max(1, size // 4):
+            if open_start is not None and end - open_start <= size:
+                open_end = end
+                continue
+            if open_start is not None:
+                bounds.append((open_start, open_end))
+            open_start, open_end = start, end
+            continue
+        if open_start is not None:
+            bounds.append((open_start, open_end))
+            open_start = None
+        pieces = -(-(end - start) // size)  # equal blocks, none over size
+        edges = [start + (end - start) * i // pieces for i in range(pieces + 1)]
+        bounds.extend(zip(edges[:-1], edges[1:]))
+    if open_start is not None:
+        bounds.append((open_start, open_end))
+    return bounds
+
+
+def _blocks(pos: Tensor, seg: Optional[Tensor], size: int) -> list[_Block]:
+    bounds = _block_bounds(pos, seg, size)
+    offsets = torch.tensor([0] + [end for _, end in bounds], dtype=torch.long)
+
+    def reduce(values: Tensor, how: str) -> list[int]:
+        # float64 holds every position and segment id exactly
+        return torch.segment_reduce(values.detach().cpu().double(), how, offsets=offsets).long().tolist()
+
+    pmin, pmax = reduce(pos, "min"), reduce(pos, "max")
+    smin, smax = ([0] * len(bounds),) * 2 if seg is None else (reduce(seg, "min"), reduce(seg, "max"))
+    return [_Block(start, end, pmin[i], pmax[i], smin[i], smax[i]) for i, (start, end) in enumerate(bounds)]
 
 
 def _relation(qb: _Block, kb: _Block, causal: bool) -> str:

@@ -141,14 +141,13 @@ class LongSkyCoreAttention(MegatronModule):
             out = self._masked_dense(q, k, v, attention_mask, causal)
         else:
             q_pos, k_pos, q_seg, k_seg = self._positions(sq, k.shape[2], query.device, packed_seq_params)
-            block = self.block_size
-            if self.cp_size > 1 and packed_seq_params is None:
-                block = _chunk_aligned_block(sq // 2, block)
-            if q.shape[2] <= block and k.shape[2] <= block:
+            # One block (and no CP chunks or documents for the blocks to follow): one SDPA call.
+            single = q.shape[2] <= self.block_size and k.shape[2] <= self.block_size
+            if single and self.cp_size == 1 and packed_seq_params is None:
                 out = dense_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, scale=self.softmax_scale, causal=causal)
             else:
                 out = blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, scale=self.softmax_scale,
-                                          causal=causal, block_q=block, block_k=block)
+                                          causal=causal, block_q=self.block_size, block_k=self.block_size)
         # [b, h, s, d] -> [s, b, h*d]
         out = out.permute(2, 0, 1, 3).reshape(sq, b, -1)
         return out.squeeze(1) if thd else out
@@ -163,18 +162,6 @@ class LongSkyCoreAttention(MegatronModule):
             sq, sk = q.shape[2], k.shape[2]
             allowed = allowed & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
-
-
-def _chunk_aligned_block(chunk: int, block_size: int) -> int:
-    """The largest block of at most ``block_size`` tokens that divides a zig-zag ``chunk``.
-
-    Blocks that never straddle two chunks each cover one contiguous run of positions,
-    so the causal rule can skip the blocks above the diagonal and take those below it
-    without a mask; straddling blocks would need the mask everywhere."""
-    pieces = -(-chunk // block_size)
-    while chunk % pieces:
-        pieces += 1
-    return chunk // pieces
 
 
 def _log_cp_choice(cp_size: int, cp_comm_type) -> None:
