@@ -160,9 +160,18 @@ def measured():
 
 
 def test_estimates_agree_with_measured_cpu_memory(measured):
-    rows = []
+    # The planner reports the worst GPU: compare with the largest figure over the ranks
+    # (under CP the ranks' attention blocks differ; see plan/memory.py).
+    worst = {}
     for rank_results in measured:
         for tp, cp, seq, overrides, dist_opt, m in rank_results:
+            key = (tp, cp, seq, str(overrides), dist_opt)
+            seen = worst.setdefault(key, dict(m))
+            seen.update({k: max(v, seen[k]) for k, v in m.items()})
+    rows = []
+    for rank_results in measured[:1]:
+        for tp, cp, seq, overrides, dist_opt, _ in rank_results:
+            m = worst[(tp, cp, seq, str(overrides), dist_opt)]
             model = model_config_from_dict({"preset": "tiny", "seq_length": seq, **overrides})
             est = estimate_memory(PlanInput(
                 model=model, vocab_size=VOCAB, tensor_parallel=tp, context_parallel=cp,
@@ -176,7 +185,7 @@ def test_estimates_agree_with_measured_cpu_memory(measured):
             for name, (e, got) in pairs.items():
                 rows.append((f"TP={tp} CP={cp}", seq, str(overrides), dist_opt, name, e, got))
     # `pytest -s -k measured` prints the table quoted in docs/plan.md.
-    for layout, seq, ov, d, name, e, got in rows[:len(rows) // 2]:
+    for layout, seq, ov, d, name, e, got in rows:
         print(f"{layout} s={seq:5d} {ov:90s} dist_opt={d!s:5s} {name:16s} est {e:>11,d} "
               f"measured {got:>11,d} ratio {e / got:.3f}")
     bad = [r for r in rows if abs(r[5] / r[6] - 1) > TOLERANCE]

@@ -50,6 +50,16 @@ def _runs(pos: Tensor, seg: Optional[Tensor]) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
+def _pieces(run_length: int, size: int) -> int:
+    return -(-run_length // size)  # equal blocks, none over size
+
+
+def longest_block(run_length: int, size: int) -> int:
+    """The longest block a run of ``run_length`` rows is cut into (the memory planner's
+    figure for one block's working set)."""
+    return -(-run_length // _pieces(run_length, size))
+
+
 def _block_bounds(pos: Tensor, seg: Optional[Tensor], size: int) -> list[tuple[int, int]]:
     """Blocks of at most ``size`` rows that follow the runs: a run of at least size/4 rows
     gets blocks of its own (which the causal and segment rules can then skip, or take
@@ -69,7 +79,7 @@ def _block_bounds(pos: Tensor, seg: Optional[Tensor], size: int) -> list[tuple[i
         if open_start is not None:
             bounds.append((open_start, open_end))
             open_start = None
-        pieces = -(-(end - start) // size)  # equal blocks, none over size
+        pieces = _pieces(end - start, size)
         edges = [start + (end - start) * i // pieces for i in range(pieces + 1)]
         bounds.extend(zip(edges[:-1], edges[1:]))
     if open_start is not None:

@@ -195,9 +195,9 @@ def _attention_path(p: PlanInput) -> str:
     """'te', 'dense' (ours, one block) or 'blockwise' (ours, online softmax over blocks)."""
     if p.attention == "te":
         return "te"
-    s, t = p.model.seq_length, p.model.seq_length // p.context_parallel
-    block = block_size(p)
-    return "dense" if t <= block and s <= block else "blockwise"
+    # LongSkyCoreAttention: one SDPA call only for a CP=1 sequence within one block.
+    single = p.context_parallel == 1 and p.model.seq_length <= block_size(p)
+    return "dense" if single else "blockwise"
 
 
 def block_size(p: PlanInput) -> int:
@@ -319,8 +319,13 @@ def backward_working_set(p: PlanInput) -> tuple[int, int]:
     if _attention_path(p) == "blockwise":
         # Backward of one masked block pair: scores, masked scores, probabilities, dP, dS and
         # the scaled dS feeding dQ/dK, each [b, a/T, block, block] in fp32.
-        bq = min(block_size(p), tokens // p.micro_batch_size)
-        bk = min(block_size(p), m.seq_length)
+        # Blocks follow the runs of contiguous positions. Under CP the worst rank is the
+        # last: its two zig-zag chunks (CP-1 and CP, s / 2CP each) are adjacent, one run of
+        # 2s / 2CP queries, and the gathered keys hold that same run.
+        from megatron_longsky.attention.blockwise import longest_block
+
+        run = m.seq_length if CP == 1 else 2 * (m.seq_length // (2 * CP))
+        bq = bk = longest_block(run, block_size(p))
         attention = 6 * p.micro_batch_size * (m.num_attention_heads // T) * bq * bk * 4
     return int(grads), int(attention)
 
