@@ -30,6 +30,11 @@ def test_quickstart_report_has_every_stage(quickstart_run):
     for heading in ("## Data", "### CIP data", "## Training", "## Held-out perplexity", "## Needle in a haystack",
                     "## SynL accuracy", "## The paper's claims", "## Hugging Face export"):
         assert heading in text, heading
+    # The graded needle view: one fraction per stage and length, read from the sweep's cases.
+    assert "Answer tokens predicted" in text
+    needle_state = json.loads((run_dir / "state.json").read_text())["stages"]["needle_long_sft"]["results"]
+    assert set(needle_state["token_accuracy_per_length"]) == {str(n) for n in SMALL["needle_lengths"]}
+    assert all(0.0 <= v <= 1.0 for v in needle_state["token_accuracy_per_length"].values())
     # Every picture the report shows exists.
     for line in text.splitlines():
         if line.startswith("!["):

@@ -19,7 +19,19 @@ def needle(ctx: Context, model: str) -> dict:
                 ctx.path(f"logs/needle_{model}.log"))
     data = json.loads((out / "needle.json").read_text(encoding="utf-8"))
     return {"dir": str(out), "json": str(out / "needle.json"), "accuracy": data["accuracy"],
-            "per_length": data["per_length"], "longest_length_all_passed": data["longest_length_all_passed"]}
+            "per_length": data["per_length"], "longest_length_all_passed": data["longest_length_all_passed"],
+            "token_accuracy_per_length": _token_accuracy_per_length(data)}
+
+
+def _token_accuracy_per_length(data: dict) -> dict:
+    """Mean fraction of the answer's tokens that are the argmax (teacher-forced), per
+    length: a graded signal where a tiny model's exact matches are all zero."""
+    per: dict = {}
+    for cell in data["cells"]:
+        fractions = per.setdefault(str(cell["length"]), [])
+        for sample in cell["samples"]:
+            fractions += [case["correct_tokens"] / case["answer_tokens"] for case in sample["cases"]]
+    return {length: sum(f) / len(f) for length, f in per.items() if f}
 
 
 def perplexity(ctx: Context, model: str, length: int) -> dict:

@@ -23,6 +23,7 @@ def _needle_section(ctx: Context, models: list[str]) -> tuple[str, dict]:
         r = ctx.runner.results(f"needle_{m}")
         rows.append([TITLES[m]] + [f"{r['per_length'].get(str(n), 0.0):.0%}" for n in lengths]
                     + [f"{r['accuracy']:.0%}", r["longest_length_all_passed"] or "none"])
+    token_rows = [[TITLES[m]] + [_token_accuracy(ctx, m, [n]) for n in lengths] for m in models]
     text = "\n".join([
         "## Needle in a haystack (after each stage)", "",
         f"Teacher-forced exact match of the needle's value (base mode), {ctx.cfg.needle_depths} depths x "
@@ -30,8 +31,19 @@ def _needle_section(ctx: Context, models: list[str]) -> tuple[str, dict]:
         f"Base training length: {ctx.cfg.base_seq_length} tokens.", "",
         image(paths["png"], ctx.run_dir, "needle heatmaps, one per stage"), "",
         table(["model"] + [f"{n} tokens" for n in lengths] + ["overall", "longest length all passed"], rows),
+        "",
+        "Answer tokens predicted (teacher-forced argmax, mean fraction of the value's tokens, a graded "
+        "view of the same cases; the value's first token can be the space before its digits, which a "
+        "model gets without retrieving anything):", "",
+        table(["model"] + [f"{n} tokens" for n in lengths], token_rows),
     ])
     return text, results
+
+
+def _token_accuracy(ctx: Context, model: str, lengths: list[int]) -> str:
+    per = ctx.runner.results(f"needle_{model}").get("token_accuracy_per_length") or {}
+    values = [per[str(n)] for n in lengths if str(n) in per]
+    return f"{sum(values) / len(values):.1%}" if values else "n/a"
 
 
 def _beyond_base(ctx: Context, model: str) -> float:
@@ -44,11 +56,13 @@ def _claims(ctx: Context) -> str:
     cfg = ctx.cfg
     lines = ["## The paper's claims, in miniature", ""]
     before, after = _beyond_base(ctx, "sft"), _beyond_base(ctx, "long_sft")
+    long = [n for n in cfg.needle_lengths if n > cfg.base_seq_length]
     verdict = "lifted" if after > before else ("did not change" if after == before else "lowered")
     lines.append(
         f"- **Does long SFT lift needle accuracy beyond the base length?** Mean needle accuracy at lengths "
         f"> {cfg.base_seq_length} tokens: {before:.1%} after SFT, {after:.1%} after long SFT on SynL: "
-        f"long SFT {verdict} it here.")
+        f"long SFT {verdict} it here. Answer tokens predicted at those lengths: "
+        f"{_token_accuracy(ctx, 'sft', long)} after SFT, {_token_accuracy(ctx, 'long_sft', long)} after long SFT.")
     synl_before, synl_after = ctx.runner.results("synl_sft"), ctx.runner.results("synl_long_sft")
     lines.append(
         f"- **SynL accuracy (held-out, exact match):** {synl_before['correct']}/{synl_before['total']} after SFT, "
