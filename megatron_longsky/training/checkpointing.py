@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -211,8 +212,12 @@ def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimiz
     """
     from megatron.core import dist_checkpointing
 
+    if async_queue is not None:
+        # One save in flight at a time: megatron-core's async writers share one results queue.
+        async_queue.maybe_finalize_async_calls(blocking=True)
     root = Path(root)
-    final = iteration_dir(root, state.iteration)
+    iteration = state.iteration  # the caller goes on changing `state` while this one is written
+    final = iteration_dir(root, iteration)
     staging = root / f".{final.name}.partial"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -235,16 +240,39 @@ def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimiz
     if async_queue is None:
         save_model_weights(model_chunks, staging)
         dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER))
-        _publish(root, staging, final, state.iteration, keep_last)
+        _publish(root, staging, final, iteration, keep_last)
         return final
     model_request = dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(staging / MODEL),
                                             async_sharded_save=True)
     optimizer_request = dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER), async_sharded_save=True)
-    # The queue finalizes requests in order, on every rank at once, after all ranks wrote.
-    optimizer_request.add_finalize_fn(lambda: _publish(root, staging, final, state.iteration, keep_last))
-    async_queue.schedule_async_request(model_request)
-    async_queue.schedule_async_request(optimizer_request)
+    async_queue.schedule_async_request(_one_request(
+        [model_request, optimizer_request], functools.partial(_publish, root, staging, final, iteration, keep_last)))
     return final
+
+
+def _one_request(requests: list, then):
+    """Several dist_checkpointing async saves as one request: written one after another
+    by one background process, finalized in the same order on every rank, then ``then``.
+
+    Two requests in flight at once would race: each writer posts its results to
+    megatron-core's single process-wide results queue, and each finalize takes whichever
+    result is first, so the model's metadata could describe the optimizer's files."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    calls = []
+    for request in requests:
+        args = list(request.async_fn_args)
+        if request.preload_fn is not None:  # stage tensors to host memory now, as the caller would
+            args[1] = request.preload_fn()
+        calls.append((request.async_fn, tuple(args), dict(request.async_fn_kwargs)))
+    finalize = [fn for request in requests for fn in request.finalize_fns] + [then]
+    return AsyncRequest(_run_in_order, (calls,), finalize)
+
+
+def _run_in_order(calls) -> None:
+    for fn, args, kwargs in calls:
+        if fn is not None:
+            fn(*args, **kwargs)
 
 
 def _publish(root: Path, staging: Path, final: Path, iteration: int, keep_last: int) -> None:

@@ -264,7 +264,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     return result
 
 
-def _save(setup: TrainingSetup, state: TrainerState, async_queue=None) -> Path:
+def _save(setup: TrainingSetup, state: TrainerState, async_queue=None, background: bool = True) -> Path:
+    """Save now; in the background through ``async_queue`` when given and ``background``.
+    A synchronous save first waits for background saves still in flight."""
+    if async_queue is not None and not background:
+        async_queue.maybe_finalize_async_calls(blocking=True)
+        async_queue = None
     return save_checkpoint(setup.cfg.checkpoint_root, state, setup.model, setup.optimizer, setup.scheduler,
                            setup.config_dict, keep_last=setup.cfg.checkpoint.keep_last, async_queue=async_queue)
 
@@ -367,7 +372,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
                 interval = cfg.checkpoint.save_interval
                 if stop or (interval and state.iteration % interval == 0):
                     # A preemption save is synchronous: the process exits right after it.
-                    last_saved = _save(setup, state, None if stop else async_queue)
+                    last_saved = _save(setup, state, async_queue, background=not stop)
                 if stop:
                     result.exit_reason = "preempted"
                     log.warning("preempted: checkpoint %s saved at iteration %d; exiting", last_saved,
@@ -377,7 +382,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
                 if last_saved is None and state.iteration == start_iteration and resume_dir is not None:
                     last_saved = resume_dir  # resumed an already finished run: nothing new to save
                 elif last_saved is None or not last_saved.name.endswith(f"{state.iteration:07d}"):
-                    last_saved = _save(setup, state)
+                    last_saved = _save(setup, state, async_queue, background=False)
     finally:
         if async_queue is not None:  # wait for (and publish) saves still being written
             async_queue.maybe_finalize_async_calls(blocking=True)
