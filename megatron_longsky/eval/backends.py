@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -43,6 +43,30 @@ def continuation_logits(backend: LMBackend, prompt_ids: list[int], continuation:
     return backend.logits([full], last_n=len(continuation))[0]
 
 
+def greedy_decode(forward: Callable[[list[int]], torch.Tensor], prompt_ids: list[int], max_new_tokens: int,
+                  stop_ids: Sequence[int] = ()) -> list[int]:
+    """The greedy loop every backend shares. ``forward(new_ids)`` feeds ``new_ids`` after
+    the tokens fed so far (first the prompt, then one generated token at a time) and
+    returns the last position's ``[vocab]`` logits; a backend with a KV cache feeds only
+    the new ids to its model, one without re-reads the whole prefix."""
+    if not prompt_ids:
+        raise ValueError("generate_greedy needs a non-empty prompt")
+    stops = set(int(s) for s in stop_ids)
+    out: list[int] = []
+    if max_new_tokens < 1:
+        return out
+    logits = forward(list(prompt_ids))
+    while True:
+        token = int(logits.argmax())
+        if token in stops:
+            break
+        out.append(token)
+        if len(out) == max_new_tokens:
+            break
+        logits = forward([token])
+    return out
+
+
 class LogitsBackend:
     """Base class: implement :meth:`logits`; generation and NLL come from it."""
 
@@ -51,16 +75,13 @@ class LogitsBackend:
 
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
                         stop_ids: Sequence[int] = ()) -> list[int]:
-        stops = set(int(s) for s in stop_ids)
-        ids = list(prompt_ids)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(self.logits([ids], last_n=1)[0, -1].argmax())
-            if token in stops:
-                break
-            out.append(token)
-            ids.append(token)
-        return out
+        ids: list[int] = []
+
+        def forward(new_ids: list[int]) -> torch.Tensor:  # recompute the whole prefix
+            ids.extend(new_ids)
+            return self.logits([ids], last_n=1)[0, -1]
+
+        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids)
 
     def token_nll(self, token_ids: list[int]) -> torch.Tensor:
         if len(token_ids) < 2:
@@ -110,18 +131,14 @@ class HFBackend(LogitsBackend):
     @torch.no_grad()
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
                         stop_ids: Sequence[int] = ()) -> list[int]:
-        # A KV cache loop: one prefill of the long prompt, then one token at a time.
-        stops = set(int(s) for s in stop_ids)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        generated: list[int] = []
-        for step in range(max_new_tokens):
-            token = int(out.logits[0, -1].argmax())
-            if token in stops:
-                break
-            generated.append(token)
-            if step + 1 == max_new_tokens:
-                break
-            out = self.model(input_ids=torch.tensor([[token]], device=self.device),
-                             past_key_values=out.past_key_values, use_cache=True)
-        return generated
+        # transformers' KV cache: one prefill of the long prompt, then one token at a time.
+        cache = None
+
+        def forward(new_ids: list[int]) -> torch.Tensor:
+            nonlocal cache
+            out = self.model(input_ids=torch.tensor([new_ids], dtype=torch.long, device=self.device),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            return out.logits[0, -1]
+
+        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids)

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_longsky.eval.backends import LogitsBackend, check_rows
+from megatron_longsky.eval.backends import LogitsBackend, check_rows, greedy_decode
 from megatron_longsky.runtime.distributed import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -231,21 +231,15 @@ class MegatronBackend(LogitsBackend):
             return super().generate_greedy(prompt_ids, max_new_tokens, stop_ids)
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        if not prompt_ids:
-            raise ValueError("generate_greedy needs a non-empty prompt")
-        stops = set(int(s) for s in stop_ids)
         context = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt_ids) + max_new_tokens)
-        step = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
+
+        def forward(new_ids: list[int]) -> torch.Tensor:
             start = context.sequence_len_offset
-            positions = torch.arange(start, start + step.shape[1], device=self.device).unsqueeze(0)
+            tokens = torch.tensor([new_ids], dtype=torch.long, device=self.device)
+            positions = torch.arange(start, start + len(new_ids), device=self.device).unsqueeze(0)
             # Static batching: only the last position's logits, gathered over TP.
-            logits = self.model(step, positions, None, inference_context=context, runtime_gather_output=True)
-            context.sequence_len_offset += step.shape[1]
-            token = int(logits[0, -1, : self.vocab_size].argmax())
-            if token in stops:
-                break
-            out.append(token)
-            step = torch.tensor([[token]], dtype=torch.long, device=self.device)
-        return out
+            logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+            context.sequence_len_offset += len(new_ids)
+            return logits[0, -1, : self.vocab_size]
+
+        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids)

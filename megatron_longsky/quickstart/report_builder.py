@@ -46,9 +46,14 @@ def _token_accuracy(ctx: Context, model: str, lengths: list[int]) -> str:
     return f"{sum(values) / len(values):.1%}" if values else "n/a"
 
 
+def _long_lengths(ctx: Context) -> list[int]:
+    """The needle lengths beyond the base training length."""
+    return [n for n in ctx.cfg.needle_lengths if n > ctx.cfg.base_seq_length]
+
+
 def _beyond_base(ctx: Context, model: str) -> float:
     r = ctx.runner.results(f"needle_{model}")
-    long = [n for n in ctx.cfg.needle_lengths if n > ctx.cfg.base_seq_length]
+    long = _long_lengths(ctx)
     return sum(r["per_length"].get(str(n), 0.0) for n in long) / max(1, len(long))
 
 
@@ -56,7 +61,7 @@ def _claims(ctx: Context) -> str:
     cfg = ctx.cfg
     lines = ["## The paper's claims, in miniature", ""]
     before, after = _beyond_base(ctx, "sft"), _beyond_base(ctx, "long_sft")
-    long = [n for n in cfg.needle_lengths if n > cfg.base_seq_length]
+    long = _long_lengths(ctx)
     verdict = "lifted" if after > before else ("did not change" if after == before else "lowered")
     lines.append(
         f"- **Does long SFT lift needle accuracy beyond the base length?** Mean needle accuracy at lengths "
