@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_longsky.eval.backends import LogitsBackend, check_rows, greedy_decode
+from megatron_longsky.runtime.device import current_device
 from megatron_longsky.runtime.distributed import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ class MegatronBackend(LogitsBackend):
         self.kv_cache = (self.cp_size == 1 and not self.sequence_parallel
                          and parallel_state.get_pipeline_model_parallel_world_size() == 1)
         # Inputs and collectives live where the model does (NCCL needs CUDA tensors).
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = current_device()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, parallel: ParallelConfig,

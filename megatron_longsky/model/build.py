@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_longsky.model.config import ModelConfig
-from megatron_longsky.model.spec import layer_spec, resolve_impl
+from megatron_longsky.model.spec import decoder_spec, resolve_impl
+from megatron_longsky.runtime.device import current_device, dtype_from_name, use_cuda
 from megatron_longsky.runtime.distributed import ParallelConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, **extra):
@@ -17,8 +16,8 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, **extra):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     impl = resolve_impl(cfg)
-    on_gpu = torch.cuda.is_available()
-    dtype = _DTYPES[cfg.params_dtype]
+    on_gpu = use_cuda()
+    dtype = dtype_from_name(cfg.params_dtype, "model.params_dtype")
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -55,13 +54,16 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, **extra):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
+        hierarchical_context_parallel_sizes=parallel.hierarchical_cp_groups,
         recompute_granularity=cfg.recompute_granularity,
         recompute_method=cfg.recompute_method if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity == "full" else None,
         calculate_per_token_loss=True,
     )
     if impl == "transformer_engine" and cfg.fp8:
-        kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
+        kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe,
+                      fp8_dot_product_attention=cfg.fp8_attention == "dot_product",
+                      fp8_multi_head_attention=cfg.fp8_attention == "multi_head")
     kwargs.update(extra)
     tcfg = TransformerConfig(**kwargs)
     if cfg.rope.scaling == "yarn":
@@ -109,6 +111,7 @@ def build_model(
     post_process: bool | None = None,
     seed: int | None = None,
     initialize: bool = True,
+    device: torch.device | None = None,
 ):
     """One GPTModel holding this pipeline stage's layers, with RoPE as configured.
 
@@ -116,6 +119,10 @@ def build_model(
     gives the same full weights at any TP/PP. Without it megatron-core initialises (its
     weights differ between PP layouts). ``initialize=False`` leaves the weights
     uninitialised, for callers that load them next (conversion, evaluation).
+
+    The model ends on ``device`` (default: this process's device,
+    :func:`megatron_longsky.runtime.device.current_device`). When megatron-core does not
+    initialise the weights itself they are allocated there directly.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -126,11 +133,22 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    tcfg = transformer_config(cfg, parallel, perform_initialization=initialize and seed is None)
+    if parallel.hierarchical_cp_groups and \
+            parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False) is None:
+        # TE would get no CP group and attend within each rank's own chunks, silently.
+        raise RuntimeError("parallel.cp_comm_type=a2a+p2p but megatron-core's hierarchical context-parallel "
+                           "groups do not exist: initialise through megatron_longsky.runtime.distributed."
+                           "initialize (it creates them from parallel.hierarchical_context_parallel_sizes)")
+    device = torch.device(device) if device is not None else current_device()
+    megatron_initializes = initialize and seed is None
+    # megatron-core's own initialisation draws full weights on CPU (TP-invariant); weights
+    # we fill or load are allocated on the device (CUDA: torch.cuda.current_device()).
+    tcfg = transformer_config(cfg, parallel, perform_initialization=megatron_initializes,
+                              use_cpu_initialization=megatron_initializes or device.type == "cpu")
     rope = cfg.rope
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=decoder_spec(cfg, tcfg),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
         pre_process=pre_process,
@@ -147,4 +165,4 @@ def build_model(
         from megatron_longsky.model.init import initialize_weights
 
         initialize_weights(model, seed, cfg.init_method_std, cfg.num_layers)
-    return model
+    return model.to(device)
