@@ -184,6 +184,13 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
             world_size=launch.world_size,
             timeout=timedelta(minutes=parallel.timeout_minutes),
         )
+    if parallel.hierarchical_cp_groups:
+        try:
+            import einops  # noqa: F401 - megatron-core's create_hierarchical_groups needs it
+        except ImportError:
+            raise RuntimeError("parallel.cp_comm_type=a2a+p2p: megatron-core creates the hierarchical "
+                               "context-parallel groups with einops, which is not installed (pip install "
+                               "einops)") from None
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
