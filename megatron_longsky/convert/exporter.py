@@ -121,7 +121,7 @@ def export_checkpoint(
 
             def write(shard: int, tensors: dict[str, torch.Tensor]) -> None:
                 name = f"model-{shard:05d}-of-{n_shards:05d}.safetensors"
-                save_file({k: v.to(out_dtype).contiguous() for k, v in tensors.items()}, str(tmp / name),
+                save_file({k: v.to(out_dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp / name),
                           metadata={"format": "pt"})
                 weight_map.update({k: name for k in tensors})
 

@@ -4,8 +4,10 @@ Every module asks :func:`use_cuda` / :func:`current_device` instead of calling
 ``torch.cuda.is_available()`` itself, so one setting decides where a process runs:
 
 - ``LONGSKY_DEVICE=cpu`` runs on CPU (megatron-core through the CPU compatibility layer)
-  even where CUDA is present; the CPU test suite sets it so it behaves the same on a GPU
-  machine as on the CPU machines it is written for;
+  even where CUDA is present, and keeps Transformer Engine and apex out of the process
+  (:func:`hide_gpu_extensions`, applied when the package is imported): megatron-core picks
+  TE's CUDA-only fused Adam, norms and kernels as soon as TE imports. The CPU test suite
+  sets it so it behaves the same on a GPU machine as on the CPU machines it is written for;
 - ``LONGSKY_DEVICE=cuda`` requires CUDA (an error without it);
 - unset (or ``auto``): CUDA when torch sees a device, else CPU.
 
@@ -38,6 +40,28 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     raise ValueError(f"dtype {dtype} is not one of {list(DTYPES.values())}")
+
+
+# What megatron-core imports opportunistically and then uses on CUDA tensors only.
+GPU_EXTENSIONS = ("transformer_engine", "transformer_engine_torch", "apex")
+
+
+def hide_gpu_extensions() -> list[str]:
+    """Make ``import transformer_engine`` / ``import apex`` fail in this process (a None entry in
+    ``sys.modules`` is Python's own way to block an import). Returns the names blocked; a
+    module already imported cannot be hidden and is left as it is (and logged)."""
+    import logging
+    import sys
+
+    blocked = []
+    for name in GPU_EXTENSIONS:
+        if sys.modules.get(name) is not None:
+            logging.getLogger(__name__).warning("%s=cpu but %s is already imported: megatron-core may use it",
+                                                DEVICE_ENV, name)
+            continue
+        sys.modules[name] = None
+        blocked.append(name)
+    return blocked
 
 
 def requested_device() -> str:
