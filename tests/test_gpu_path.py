@@ -444,3 +444,96 @@ def test_one_place_decides_the_device_and_one_maps_dtypes():
                 re.search(r"torch\.bfloat16\s*:\s*[\"']bfloat16", text) or "getattr(torch, dtype" in text:
             offenders.append(str(path.relative_to(PACKAGE)))
     assert offenders == []
+
+
+def test_cpu_setting_keeps_gpu_extensions_out_of_the_process():
+    """LONGSKY_DEVICE=cpu blocks TE/apex before megatron-core imports them (it would pick TE's
+    CUDA-only fused Adam and norms on a GPU machine)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_longsky, megatron.core.optimizer as o; "
+            "print(all(sys.modules[n] is None for n in ('transformer_engine', 'apex')), o.Adam.__module__)")
+    env = {**os.environ, "LONGSKY_DEVICE": "cpu", "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["True", "torch.optim.adamw"], out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ planner: FP8 attention
+
+def test_plan_counts_fp8_attention_in_time_and_memory():
+    from megatron_longsky.plan.flops import attention_peak, estimate_step_time, step_flops
+    from megatron_longsky.plan.memory import PlanInput, layer_activations
+
+    def model(**kw):
+        return model_config_from_dict({"preset": "llama3-8b", "seq_length": 131072, "fp8": "hybrid", **kw})
+
+    off, on = model(), model(fp8_attention="dot_product")
+    flops = step_flops(off, 128256, 8)
+    assert 0 < flops.attention_flops < flops.hardware_flops
+    slow = estimate_step_time(flops, 8, 1979.0, 0.4, attention_peak(off, 1979.0))
+    fast = estimate_step_time(flops, 8, 1979.0, 0.4, attention_peak(on, 1979.0))
+    assert attention_peak(off, 1979.0) == pytest.approx(989.0) and attention_peak(on, 1979.0) == 1979.0
+    assert fast.step_seconds == pytest.approx(flops.hardware_flops / (8 * 1979e12 * 0.4))
+    assert slow.step_seconds > 1.5 * fast.step_seconds  # attention dominates at 128K
+    mem = {name: layer_activations(PlanInput(model=m, vocab_size=128256, tensor_parallel=2, context_parallel=4))
+           for name, m in [("off", off), ("on", on), ("mha", model(fp8_attention="multi_head"))]}
+    assert mem["on"].core_attention < mem["off"].core_attention
+    assert mem["mha"].linear_and_norm < mem["on"].linear_and_norm
+
+
+def test_fp8_attention_off_is_read_from_yaml():
+    """YAML 1.1 reads a bare `off` as false."""
+    assert model_config_from_dict({**TINY, "fp8_attention": False}).fp8_attention == "off"
+
+
+# ----------------------------------------------------------------------- longsky doctor
+
+def _environment(**changes):
+    from megatron_longsky.runtime.doctor import Environment
+
+    good = dict(python="3.12.3", torch="2.10.0a0+b4e4ee81d3", cuda="13.1", cudnn=91000, nccl="2.28.3",
+                gpus=[("NVIDIA H100 80GB HBM3", (9, 0))] * 8, transformer_engine="2.10.0",
+                transformer_engine_error=None, apex="nvidia", megatron_core="0.16.1", longsky="0.1.0",
+                einops="0.8.1", device_setting="auto")
+    return Environment(**{**good, **changes})
+
+
+def test_doctor_on_a_good_h100_container():
+    from megatron_longsky.runtime.doctor import diagnose, render
+
+    report = diagnose(_environment())
+    assert report.problems == []
+    paths = dict(report.paths)
+    assert paths["layer spec (transformer_impl: auto)"] == "Transformer Engine"
+    assert paths["FP8 (model.fp8)"].startswith("available") and paths["checkpoint.async_save"] == "asynchronous writes"
+    assert "doctor: ok" in render(report)
+
+
+@pytest.mark.parametrize("changes,fix", [
+    ({"megatron_core": "0.17.0"}, "pip install megatron-core==0.16.1"),
+    ({"megatron_core": None}, "pip install megatron-core==0.16.1"),
+    ({"transformer_engine": "2.8.0"}, "transformer_engine\\[pytorch\\]>=2.9,<2.12"),
+    ({"transformer_engine": "2.12.0"}, "outside what megatron-core 0.16.1 supports"),
+    ({"torch": "2.5.1"}, "older than megatron-core 0.16.1 needs"),
+    ({"apex": "pypi-impostor"}, "pip uninstall -y apex"),
+    ({"gpus": [], "device_setting": "cuda"}, "LONGSKY_DEVICE=cuda but torch sees no CUDA device"),
+])
+def test_doctor_refuses_known_bad_combinations_with_the_fix(changes, fix):
+    from megatron_longsky.runtime.doctor import diagnose
+
+    problems = diagnose(_environment(**changes)).problems
+    assert len(problems) == 1 and re.search(fix, problems[0]), problems
+
+
+def test_doctor_paths_without_te_and_on_this_machine(capsys):
+    from megatron_longsky.runtime.doctor import diagnose, main
+
+    paths = dict(diagnose(_environment(transformer_engine=None, einops=None)).paths)
+    assert paths["layer spec (transformer_impl: auto)"] == "megatron-core local"
+    assert paths["FP8 (model.fp8)"].startswith("unavailable")
+    assert "einops" in paths["cp_comm_type a2a+p2p (hierarchical CP groups)"]
+    assert main([]) == 0  # this machine: CPU, megatron-core 0.16.1
+    out = capsys.readouterr().out
+    assert "megatron-core       0.16.1" in out and "doctor: ok" in out

@@ -144,6 +144,8 @@ def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
     base = preset(name) if name else {}
     rope = {**base.get("rope", {}), **data.pop("rope", {})}
     merged = {**base, **data, "rope": rope}
+    if merged.get("fp8_attention") is False:  # YAML 1.1 reads a bare `off` as false
+        merged["fp8_attention"] = "off"
     return from_dict(ModelConfig, merged, where)
 
 

@@ -16,7 +16,7 @@ import json
 import sys
 
 from megatron_longsky.config import ConfigError
-from megatron_longsky.plan.flops import PEAK_TFLOPS, estimate_step_time, step_flops
+from megatron_longsky.plan.flops import PEAK_TFLOPS, attention_peak, estimate_step_time, step_flops
 from megatron_longsky.plan.memory import GiB, PlanInput, estimate_memory
 
 
@@ -128,7 +128,8 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
         "",
         f"step ({flops.tokens} tokens): {_flop(flops.model_flops)} model, "
         f"{_flop(flops.hardware_flops)} with recomputation",
-        f"  assuming {efficiency:.0%} of {peak:g} TFLOP/s per GPU: {timing.step_seconds:.3g} s/step, "
+        f"  assuming {efficiency:.0%} of {peak:g} TFLOP/s per GPU (core attention in "
+        f"{'FP8' if m.fp8 and m.fp8_attention != 'off' else 'BF16'}): {timing.step_seconds:.3g} s/step, "
         f"{timing.tokens_per_second_per_device:.0f} tokens/s/GPU, MFU {timing.mfu:.1%}",
     ]
     return "\n".join(lines)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or PEAK_TFLOPS["h100-fp8" if cfg.model.fp8 else "h100-bf16"]
     mem = estimate_memory(p)
     flops = step_flops(cfg.model, vocab, cfg.global_batch_size)
-    timing = estimate_step_time(flops, world, peak, args.efficiency)
+    timing = estimate_step_time(flops, world, peak, args.efficiency, attention_peak(cfg.model, peak))
     fits = mem.peak + args.reserved_gb * GiB <= args.gpu_memory_gb * GiB
     if args.json:
         print(json.dumps({"memory": mem.to_dict(), "flops": flops.to_dict(), "time": timing.to_dict(),
