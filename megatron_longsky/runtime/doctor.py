@@ -85,13 +85,12 @@ def collect() -> Environment:
     import megatron_longsky
     from megatron_longsky.runtime.device import requested_device
 
-    gpus = []
-    if torch.cuda.is_available():
-        gpus = [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
-                for i in range(torch.cuda.device_count())]
+    # What the hardware has, whatever LONGSKY_DEVICE chooses (device_count() is 0 without CUDA).
+    gpus = [(torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+            for i in range(torch.cuda.device_count())]
     nccl = None
     try:
-        nccl = ".".join(str(x) for x in torch.cuda.nccl.version()) if torch.cuda.is_available() else None
+        nccl = ".".join(str(x) for x in torch.cuda.nccl.version()) if gpus else None
     except Exception:  # noqa: BLE001
         pass
     te_version, te_error = None, None
