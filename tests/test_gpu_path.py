@@ -537,3 +537,21 @@ def test_doctor_paths_without_te_and_on_this_machine(capsys):
     assert main([]) == 0  # this machine: CPU, megatron-core 0.16.1
     out = capsys.readouterr().out
     assert "megatron-core       0.16.1" in out and "doctor: ok" in out
+
+
+def test_doctor_checks_a_training_config_against_the_machine(capsys):
+    from megatron_longsky.runtime.doctor import diagnose, main
+
+    cfg = _train_config(**{"model.fp8": "hybrid", "model.fp8_attention": "dot_product",
+                           "parallel.context_parallel_size": 4, "parallel.cp_comm_type": "a2a+p2p",
+                           "parallel.hierarchical_context_parallel_sizes": "[2,2]"})
+    assert diagnose(_environment(), cfg).problems == []
+    ada = [("NVIDIA L40S", (8, 9))]
+    problems = diagnose(_environment(gpus=ada, einops=None), cfg).problems
+    assert len(problems) == 2 and "fp8_attention=off" in problems[0] and "pip install einops" in problems[1]
+    problems = diagnose(_environment(gpus=[], transformer_engine=None), cfg).problems
+    assert any("model.fp8=hybrid needs Transformer Engine" in p for p in problems)
+    # this machine (CPU): an FP8 recipe cannot run here, said with the fix; a bad key is a usage error
+    assert main(["--config", str(PACKAGE.parent / "examples/configs/recipes/llama3_8b_128k/cpt.yaml")]) == 1
+    assert "PROBLEM: model.fp8=hybrid" in capsys.readouterr().out
+    assert main(["model.no_such_key=1"]) == 2

@@ -2,6 +2,7 @@
 the known-bad combinations, refused with the fix.
 
     longsky doctor            # exit 0: usable; 1: a combination known to fail (printed with the fix)
+    longsky doctor --config cpt.yaml [key=value ...]   # also: can this training config run here?
 
 Tested together (setup.py says the same): megatron-core 0.16.1 (we patch some of its
 internals), Transformer Engine 2.9-2.11 (megatron-core 0.16.1's own bound), torch >= 2.6
@@ -121,8 +122,9 @@ def collect() -> Environment:
     )
 
 
-def diagnose(env: Environment) -> Report:
-    """What runs where, and what is refused (pure: tested with made-up environments)."""
+def diagnose(env: Environment, cfg=None) -> Report:
+    """What runs where, and what is refused (pure: tested with made-up environments).
+    ``cfg``: a TrainConfig to check against this machine as well."""
     report = Report(env)
     problems, notes, paths = report.problems, report.notes, report.paths
     mcore = release(env.megatron_core)
@@ -175,7 +177,31 @@ def diagnose(env: Environment) -> Report:
         notes.append("LONGSKY_DEVICE=cpu: this process runs on CPU although CUDA is present")
     if env.einops is None:
         notes.append("einops is missing: cp_comm_type=a2a+p2p cannot create its CP groups (pip install einops)")
+    if cfg is not None:
+        _check_config(cfg, report, have_te, fp8, fp8_attn)
     return report
+
+
+def _check_config(cfg, report: Report, have_te: bool, fp8: bool, fp8_attention: bool) -> None:
+    """A training config that loads (its own checks passed) against what this machine has."""
+    m, parallel = cfg.model, cfg.parallel
+    if m.transformer_impl == "transformer_engine" and not have_te:
+        report.problems.append("model.transformer_impl=transformer_engine but Transformer Engine is not usable here: "
+                               "run in the NVIDIA PyTorch container on a GPU node, or set transformer_impl=auto")
+    if m.fp8 and not fp8:
+        report.problems.append(f"model.fp8={m.fp8} needs Transformer Engine on an Ada/Hopper GPU, not available here: "
+                               "unset model.fp8 or run on H100 nodes in the container")
+    if m.fp8_attention != "off" and not fp8_attention:
+        report.problems.append(f"model.fp8_attention={m.fp8_attention} needs Transformer Engine on a Hopper GPU: "
+                               "set model.fp8_attention=off")
+    if parallel.hierarchical_cp_groups and report.environment.einops is None:
+        report.problems.append("parallel.cp_comm_type=a2a+p2p needs einops for megatron-core's hierarchical CP "
+                               "groups: pip install einops")
+    if cfg.checkpoint.async_save and not have_te and not report.environment.gpus:
+        report.notes.append("checkpoint.async_save is for GPU runs: saves are synchronous on CPU")
+    report.paths.append(("this config", f"{'TE' if have_te and m.transformer_impl != 'local' else 'local'} layer spec, "
+                         f"{m.params_dtype}, fp8={m.fp8 or 'off'}, fp8_attention={m.fp8_attention}, "
+                         f"CP={parallel.context_parallel_size} ({parallel.cp_comm_type})"))
 
 
 def render(report: Report) -> str:
@@ -203,8 +229,20 @@ def render(report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="longsky doctor", description=__doc__.split("\n\n")[0])
-    parser.parse_args(argv)
-    report = diagnose(collect())
+    parser.add_argument("--config", help="a training config (YAML) to check against this machine")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of --config, as for longsky train")
+    args = parser.parse_args(argv)
+    cfg = None
+    if args.config or args.overrides:
+        from megatron_longsky.config import ConfigError
+        from megatron_longsky.training.config import load_train_config
+
+        try:
+            cfg = load_train_config(args.config, args.overrides)
+        except ConfigError as exc:
+            print(f"longsky doctor: {exc}", file=sys.stderr)
+            return 2
+    report = diagnose(collect(), cfg)
     print(render(report))
     return 1 if report.problems else 0
 
