@@ -88,11 +88,14 @@ def _four_ranks(tmp, prefix):
         out["tp_change_error"] = None
     except CheckpointLayoutError as exc:
         out["tp_change_error"] = str(exc)
-    # Asked for, the fully reshardable form resumes at TP=2.
-    train(_cfg(tmp, prefix, train_iters=2, output_dir=f"{tmp}/full",
-               checkpoint={"save": f"{tmp}/ckpt_full", "optimizer_format": "fully_reshardable"}))
+    # Asked for, the fully reshardable form resumes at TP=2 (the same 4-iteration schedule:
+    # a resume takes its LR schedule from the checkpoint).
+    train(_cfg(tmp, prefix, train_iters=4, output_dir=f"{tmp}/full",
+               checkpoint={"save": f"{tmp}/ckpt_full", "save_interval": 2, "keep_last": 0,
+                           "optimizer_format": "fully_reshardable"}))
     tp2 = train(_cfg(tmp, prefix, train_iters=4, parallel={"tensor_model_parallel_size": 2},
-                     output_dir=f"{tmp}/tp2", checkpoint={"load": f"{tmp}/ckpt_full", "save": f"{tmp}/tp2/ckpt"}))
+                     output_dir=f"{tmp}/tp2", checkpoint={"load": _root_at(tmp, f"{tmp}/ckpt_full", 2, "ckpt_full_at2"),
+                                                          "save": f"{tmp}/tp2/ckpt"}))
     out["resumed_tp2"] = dict(zip(tp2.iterations, tp2.losses))
     return out
 

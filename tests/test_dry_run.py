@@ -16,7 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "configs" / "recipes"
 
 
-@pytest.mark.parametrize("recipe", ["llama3_8b_128k", "skywork13b_200k"])
+@pytest.mark.parametrize("recipe", [
+    "llama3_8b_128k",
+    # issue 12 item 4 (owned by the 'consistency' work): the importer records the padded
+    # 65536 while the Skywork preset says 65519, and the trainer's vocabulary rule refuses
+    # the CPT stage; the dry-run reports exactly that. Remove the mark with that fix.
+    pytest.param("skywork13b_200k", marks=pytest.mark.xfail(
+        strict=True, raises=DryRunError, reason="Skywork vocabulary 65519 vs the import's 65536 (issue 12 item 4)")),
+])
 def test_every_stage_of_the_recipe_passes_and_chains(recipe):
     from megatron_longsky.plan.cli import plan_input
     from megatron_longsky.plan.memory import params_on_rank
