@@ -134,3 +134,29 @@ def test_planner_reflects_the_recompute_the_run_will_do():
     assert plan_input(cfg, 8, 256, "te").model.recompute_granularity is None
     assert te.activations_per_layer == te.activations_per_layer_no_recompute
     assert ours.activations_per_layer < ours.activations_per_layer_no_recompute
+
+
+def test_gpu_path_initialises_on_the_device_without_the_host_draw():
+    """On GPU the seeded model is initialised by megatron-core where the parameters live
+    (here the CPU layer stands in for the device); the host draw of full weights is the CPU path."""
+    import torch
+
+    from megatron_longsky.model import build_model
+    from megatron_longsky.runtime.distributed import initialize, shutdown
+
+    initialize(ParallelConfig(), seed=5)
+    try:
+        cfg = _model()
+        gpu_without_extras = Environment(cuda=True, transformer_engine=False, apex_grad_accum_fusion=False)
+        device_perf = resolve_perf(cfg, ParallelConfig(), gpu_without_extras, "local")
+        on_device = build_model(cfg, ParallelConfig(), 128, pre_process=True, post_process=True, seed=5,
+                                perf=device_perf)
+        on_host = build_model(cfg, ParallelConfig(), 128, pre_process=True, post_process=True, seed=5)
+        assert not on_device.config.use_cpu_initialization and on_host.config.use_cpu_initialization
+        assert on_device.config.perform_initialization and not on_host.config.perform_initialization
+        w_device = on_device.decoder.layers[0].mlp.linear_fc1.weight
+        w_host = on_host.decoder.layers[0].mlp.linear_fc1.weight
+        assert torch.isfinite(w_device).all() and w_device.std() > 0
+        assert not torch.equal(w_device, w_host)  # megatron-core's draw, not the layout-invariant one
+    finally:
+        shutdown()
