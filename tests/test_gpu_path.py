@@ -230,7 +230,6 @@ def test_build_model_allocates_loaded_weights_on_the_device(runtime):
 
     cfg = model_config_from_dict(TINY)
     model = build_model(cfg, ParallelConfig(), VOCAB, initialize=False, device="meta")
-    assert not model.config.use_cpu_initialization
     assert {p.device.type for p in model.parameters()} == {"meta"}
     model = build_model(cfg, ParallelConfig(), VOCAB, seed=1)  # CPU process: CPU
     assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -36,15 +36,16 @@ def model_sharded_state_dict(model_chunks) -> dict:
     return chunks[0].sharded_state_dict()
 
 
-def save_model_weights(model_chunks, ckpt_dir: str | Path) -> Path:
-    """Collective: every rank calls it. Writes ``<ckpt_dir>/model/``."""
+def save_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None) -> Path:
+    """Collective: every rank calls it. Writes ``<ckpt_dir>/model/`` (``sharded_strategy``:
+    a dist_checkpointing save strategy, e.g. the fully parallel one training uses)."""
     from megatron.core import dist_checkpointing
 
     target = Path(ckpt_dir) / MODEL
     if torch.distributed.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(target))
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(target), sharded_strategy=sharded_strategy)
     return target
 
 
@@ -68,14 +69,15 @@ class LoadReport:
     unused_checkpoint_keys: list[str] = field(default_factory=list)
 
 
-def load_model_weights(model_chunks, ckpt_dir: str | Path) -> LoadReport:
+def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None) -> LoadReport:
     """Collective: load ``<ckpt_dir>/model/`` into the model, resharding to this layout.
 
     Checkpoints written with the local layer spec (CPU runs, ``longsky convert import``)
     load into the Transformer Engine spec and the other way round: TE's ``_extra_state``
     entries (FP8 scaling metadata, no weights) missing on either side are left out and
     logged (megatron-core's ``StrictHandling.RETURN_ALL`` reports the mismatch). A weight
-    the model needs and the checkpoint lacks is an error.
+    the model needs and the checkpoint lacks is an error. ``sharded_strategy``: e.g. the
+    fully parallel load wrapper (training/checkpointing.py).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -87,6 +89,7 @@ def load_model_weights(model_chunks, ckpt_dir: str | Path) -> LoadReport:
     # missing: in the checkpoint, asked by no rank; unexpected: asked here, not in the checkpoint
     # (megatron-core has already dropped those from what it loads).
     state, missing, unexpected = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source),
+                                                         sharded_strategy=sharded_strategy,
                                                          strict=StrictHandling.RETURN_ALL)
     lacking = sorted(k for k in unexpected if not is_extra_state_key(k))
     if lacking:

@@ -38,6 +38,8 @@ class ParallelConfig:
     # a2a+p2p: [a2a size, p2p size] with a2a size x p2p size = context_parallel_size; the a2a
     # level spans consecutive CP ranks (keep it inside a node: NVLink), the ring crosses nodes.
     hierarchical_context_parallel_sizes: Optional[list[int]] = None
+    # Overlap TP communication with GEMMs (TE userbuffers; GPU with TE, TP > 1, sequence_parallel).
+    tp_comm_overlap: bool = False
     timeout_minutes: int = 30
 
     def __post_init__(self):
