@@ -385,9 +385,16 @@ def test_fp8_attention_reaches_transformer_config(monkeypatch, choice, dpa, mha)
     megatron-core validates in TransformerConfig."""
     from megatron_longsky.model import spec, transformer_config
 
+    import dataclasses
+
+    from megatron_longsky.model.perf import Environment, resolve_perf
+
     monkeypatch.setattr(spec, "transformer_engine_available", lambda: True)
     cfg = model_config_from_dict({**TINY, "fp8": "hybrid", "fp8_attention": choice})
-    tcfg = transformer_config(cfg, ParallelConfig())
+    perf = resolve_perf(cfg, ParallelConfig(), Environment(cuda=False, transformer_engine=True,
+                                                           apex_grad_accum_fusion=False), "transformer_engine")
+    # megatron-core checks that TE's fused RoPE is importable; it is not on this machine
+    tcfg = transformer_config(cfg, ParallelConfig(), perf=dataclasses.replace(perf, apply_rope_fusion=False))
     assert (tcfg.fp8, tcfg.fp8_dot_product_attention, tcfg.fp8_multi_head_attention) == ("hybrid", dpa, mha)
 
 
