@@ -1,8 +1,16 @@
 """Build: the megatron_longsky package, its pybind11 extensions from csrc/, and `longsky`.
 
 Each ``csrc/<name>.cpp`` becomes the extension module ``megatron_longsky._ext_<name>``
-(``PYBIND11_MODULE(_ext_<name>, m)``). Requirements are loose so cluster containers
-keep their own CUDA torch; the pinned CPU set-up lives in requirements-cpu.txt.
+(``PYBIND11_MODULE(_ext_<name>, m)``). The pinned CPU set-up lives in requirements-cpu.txt.
+
+Versions (``longsky doctor`` checks them on a machine and refuses the known-bad ones):
+- megatron-core is pinned to 0.16.1: we patch some of its internals (training/checkpointing.py,
+  runtime/cpu_compat.py) and test against that release only;
+- torch is bounded below only (megatron-core 0.16.1 needs >= 2.6): cluster containers keep
+  their own CUDA build (NVIDIA's ship pre-releases such as 2.10.0a0, which satisfy it);
+- Transformer Engine 2.9-2.11 (megatron-core 0.16.1's bound) and NVIDIA apex come with the
+  NVIDIA PyTorch container (docs/gpu.md); the ``te`` extra states the TE bound for other
+  installs. Never the PyPI package named ``apex``: it is unrelated.
 """
 
 from glob import glob
@@ -37,8 +45,9 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     install_requires=[
-        "megatron-core>=0.16.1",
-        "torch",
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        "einops",
         "numpy",
         "nltk",
         "pybind11",
@@ -53,7 +62,10 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "hypothesis"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "te": ["transformer_engine[pytorch]>=2.9,<2.12"],
+    },
     entry_points={"console_scripts": ["longsky=megatron_longsky.cli:main"]},
     zip_safe=False,
 )

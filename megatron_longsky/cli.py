@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "needle": ("megatron_longsky.eval.needle_cli", "needle-in-a-haystack sweep: heatmap, JSON, Markdown"),
     "eval": ("megatron_longsky.eval.tasks_cli", "passkey, RULER-style tasks, perplexity by position"),
     "plan": ("megatron_longsky.plan.cli", "per-GPU memory, fit and step time/MFU of a training config"),
+    "doctor": ("megatron_longsky.runtime.doctor", "versions, the path each feature takes here, known-bad combinations"),
 }
 
 

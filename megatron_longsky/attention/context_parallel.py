@@ -11,6 +11,7 @@ from which the exact causal mask follows.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -122,3 +123,66 @@ def all_gather_sequence(x: Tensor, group) -> Tensor:
     if _group_size(group) == 1:
         return x
     return _AllGatherSequence.apply(x, group)
+
+
+# ------------------------------------------------------------------ config-time checks
+# What Transformer Engine's context-parallel attention accepts (TE 2.9-2.11,
+# attention/dot_product_attention/context_parallel.py and its CP tests): THD (packed)
+# input only with the p2p ring; a2a splits the query AND key/value heads of each TP rank
+# over the CP (a2a) ranks; a2a+p2p needs two-level CP groups; FP8 attention neither with
+# THD nor with the all-gather form. Our own attention (CPU, GPU without TE) takes all of
+# these, but a config is checked for the cluster it is written for.
+
+def packed_pad_multiple(cp_size: int, fp8: Optional[str] = None) -> int:
+    """What each packed document is padded to: 2*CP chunks (CP load balancing), and with FP8
+    each CP rank's part (length / CP) divisible by 16."""
+    multiple = 2 * cp_size if cp_size > 1 else 1
+    if fp8:
+        multiple = math.lcm(multiple, 16 * cp_size)
+    return multiple
+
+
+def validate_pad_multiple(multiple: int, cp_size: int, fp8: Optional[str] = None,
+                          where: str = "packed document padding") -> None:
+    """Every packed document is a multiple of ``multiple`` tokens: refuse one that breaks
+    the CP chunking or, with FP8, the shard rule."""
+    need = packed_pad_multiple(cp_size, fp8)
+    if multiple % need:
+        rules = [f"context_parallel_size={cp_size} cuts every document into {2 * cp_size} chunks"] if cp_size > 1 else []
+        if fp8:
+            rules.append("FP8 needs each CP rank's part of every document divisible by 16")
+        raise SequenceLengthError(f"{where}={multiple} is not a multiple of {need}: {'; '.join(rules)}")
+
+
+def validate_context_parallel(model, parallel, packed: bool) -> None:
+    """Refuse, at config time, a model/parallel/data combination the attention cannot run.
+
+    ``model``: ModelConfig; ``parallel``: ParallelConfig; ``packed``: rows hold several
+    documents (THD). Raises ValueError naming the setting.
+    """
+    cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
+    validate_sequence_length(model.seq_length, cp, model.fp8, where="model.seq_length")
+    if model.fp8_attention != "off" and packed:
+        raise ValueError(f"model.fp8_attention={model.fp8_attention} with packed rows (data.packed=true): "
+                         "Transformer Engine's FP8 attention does not take THD (packed) input; use "
+                         "fp8_attention=off for packed SFT")
+    if cp == 1:
+        return
+    comm = parallel.cp_comm_type
+    if packed and comm != "p2p":
+        raise ValueError(f"parallel.cp_comm_type={comm} with packed rows (data.packed=true): Transformer "
+                         "Engine's context parallelism takes THD (packed) input only with cp_comm_type=p2p")
+    if comm == "all_gather" and model.fp8_attention != "off":
+        raise ValueError(f"parallel.cp_comm_type=all_gather with model.fp8_attention={model.fp8_attention}: "
+                         "Transformer Engine's all-gather context parallelism has no FP8 attention; use "
+                         "cp_comm_type=p2p or a2a")
+    if comm in ("a2a", "a2a+p2p"):
+        a2a = cp if comm == "a2a" else parallel.hierarchical_context_parallel_sizes[0]
+        heads = model.num_attention_heads // tp
+        kv_heads = max(1, model.kv_groups // tp)
+        if heads % a2a or kv_heads % a2a:
+            raise ValueError(
+                f"parallel.cp_comm_type={comm}: the all-to-all spreads each TP rank's attention heads over "
+                f"{a2a} CP ranks, but a TP rank holds {heads} query heads and {kv_heads} key/value heads "
+                f"(num_attention_heads={model.num_attention_heads}, num_query_groups={model.kv_groups}, "
+                f"TP={tp}); use cp_comm_type=p2p or a CP (a2a) size dividing both")

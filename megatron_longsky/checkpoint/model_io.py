@@ -6,11 +6,16 @@ checkpoint written at one TP/PP layout loads at any other.
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from megatron_longsky.checkpoint.layout import MODEL
+
+log = logging.getLogger(__name__)
 
 
 def unwrap(model):
@@ -44,13 +49,69 @@ def save_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None
     return target
 
 
-def load_model_weights(model_chunks, ckpt_dir: str | Path, strict: bool = True, sharded_strategy=None) -> None:
-    """Collective: load ``<ckpt_dir>/model/`` into the model, resharding to this layout."""
+# Transformer Engine modules keep FP8 scaling state as ``<module>._extra_state`` (TE linears,
+# TE norms; ``_extra_state<i>`` for grouped GEMMs); megatron-core's local modules have none.
+_EXTRA_STATE = re.compile(r"(^|\.)_extra_state\d*$")
+
+
+def is_extra_state_key(key: str) -> bool:
+    return bool(_EXTRA_STATE.search(key))
+
+
+@dataclass
+class LoadReport:
+    """What a load left out: TE ``_extra_state`` the checkpoint lacked (this model starts those
+    FP8 scales fresh) or held for modules this model does not have, and other checkpoint
+    entries this model has no place for."""
+
+    extra_state_not_in_checkpoint: list[str] = field(default_factory=list)
+    extra_state_not_in_model: list[str] = field(default_factory=list)
+    unused_checkpoint_keys: list[str] = field(default_factory=list)
+
+
+def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None) -> LoadReport:
+    """Collective: load ``<ckpt_dir>/model/`` into the model, resharding to this layout.
+
+    Checkpoints written with the local layer spec (CPU runs, ``longsky convert import``)
+    load into the Transformer Engine spec and the other way round: TE's ``_extra_state``
+    entries (FP8 scaling metadata, no weights) missing on either side are left out and
+    logged (megatron-core's ``StrictHandling.RETURN_ALL`` reports the mismatch). A weight
+    the model needs and the checkpoint lacks is an error. ``sharded_strategy``: e.g. the
+    fully parallel load wrapper (training/checkpointing.py).
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     source = Path(ckpt_dir) / MODEL
     if not source.is_dir():
         raise FileNotFoundError(f"{source} not found: not a checkpoint with model weights")
     chunks = [unwrap(m) for m in _as_list(model_chunks)]
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source), sharded_strategy=sharded_strategy)
-    chunks[0].load_state_dict(state, strict=strict)
+    # missing: in the checkpoint, asked by no rank; unexpected: asked here, not in the checkpoint
+    # (megatron-core has already dropped those from what it loads).
+    state, missing, unexpected = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source),
+                                                         sharded_strategy=sharded_strategy,
+                                                         strict=StrictHandling.RETURN_ALL)
+    lacking = sorted(k for k in unexpected if not is_extra_state_key(k))
+    if lacking:
+        raise KeyError(f"{source} lacks {len(lacking)} weight(s) this model needs, e.g. {lacking[:4]}: "
+                       "it was written for another model (layers, sizes or tied embeddings differ)")
+    report = LoadReport(
+        extra_state_not_in_checkpoint=sorted(unexpected),
+        extra_state_not_in_model=sorted(k for k in missing if is_extra_state_key(k)),
+        unused_checkpoint_keys=sorted(k for k in missing if not is_extra_state_key(k)),
+    )
+    result = chunks[0].load_state_dict(state, strict=False)
+    wrong = [k for k in list(result.missing_keys) + list(result.unexpected_keys) if not is_extra_state_key(k)]
+    if wrong:
+        raise KeyError(f"loading {source}: state-dict keys do not match the model: {wrong[:4]}")
+    if report.extra_state_not_in_checkpoint:
+        log.info("%s: no Transformer Engine extra state for %d module(s) (a checkpoint from the local layer "
+                 "spec): their FP8 scaling state starts fresh", source, len(report.extra_state_not_in_checkpoint))
+    if report.extra_state_not_in_model:
+        log.info("%s: ignored Transformer Engine extra state of %d module(s) this model (local layer spec) "
+                 "does not have", source, len(report.extra_state_not_in_model))
+    if report.unused_checkpoint_keys:
+        log.warning("%s: %d checkpoint entr%s not used by this model: %s", source,
+                    len(report.unused_checkpoint_keys), "y" if len(report.unused_checkpoint_keys) == 1 else "ies",
+                    report.unused_checkpoint_keys[:4])
+    return report

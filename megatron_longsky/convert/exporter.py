@@ -23,12 +23,11 @@ import torch
 
 from megatron_longsky.convert.hf_config import ConversionError, hf_config_from_model
 from megatron_longsky.convert.importer import check_tokenizer_fits, tokenizer_entry, tokenizer_files
+from megatron_longsky.runtime.device import dtype_from_name, dtype_name
 from megatron_longsky.convert.mapping import HF_GLOBAL, MEGATRON_GLOBAL, MEGATRON_LAYER_KEYS, layer_to_hf
 
 log = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 def _checkpoint_tokenizer_dir(conf: dict) -> Optional[Path]:
@@ -107,7 +106,7 @@ def export_checkpoint(
     if vocab > padded:
         raise ConversionError(f"{where}: vocabulary {vocab} is larger than the model's {padded} embedding rows")
     check_tokenizer_fits(tok_vocab, vocab, str(tok_dir))
-    out_dtype = _DTYPES[dtype] if dtype else _DTYPES[cfg.params_dtype]
+    out_dtype = dtype_from_name(dtype or cfg.params_dtype, "dtype")
 
     tmp = make_temp_dir_beside(out_dir)
     try:
@@ -122,7 +121,7 @@ def export_checkpoint(
 
             def write(shard: int, tensors: dict[str, torch.Tensor]) -> None:
                 name = f"model-{shard:05d}-of-{n_shards:05d}.safetensors"
-                save_file({k: v.to(out_dtype).contiguous() for k, v in tensors.items()}, str(tmp / name),
+                save_file({k: v.to(out_dtype).contiguous().cpu() for k, v in tensors.items()}, str(tmp / name),
                           metadata={"format": "pt"})
                 weight_map.update({k: name for k in tensors})
 
@@ -140,7 +139,7 @@ def export_checkpoint(
         total = sum(os.path.getsize(tmp / f) for f in set(weight_map.values()))
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        hf = hf_config_from_model(cfg, vocab, base=base, torch_dtype=_DTYPE_NAMES[out_dtype])
+        hf = hf_config_from_model(cfg, vocab, base=base, torch_dtype=dtype_name(out_dtype))
         if base is None and tokenizer is not None:
             hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eod_id,
                       pad_token_id=getattr(tokenizer, "pad_id", None))
@@ -154,5 +153,5 @@ def export_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("export: %s -> %s (vocab %d of %d rows, %s)", ckpt, out_dir, vocab, padded, _DTYPE_NAMES[out_dtype])
+    log.info("export: %s -> %s (vocab %d of %d rows, %s)", ckpt, out_dir, vocab, padded, dtype_name(out_dtype))
     return out_dir

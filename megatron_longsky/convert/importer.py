@@ -44,7 +44,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def validate_layout(cfg: ModelConfig, tp: int, pp: int, where: str = "layout") -> None:
@@ -154,14 +153,15 @@ def import_checkpoint(
     from megatron_longsky.checkpoint import iteration_dir, save_model_weights, write_checkpoint_config, write_latest
     from megatron_longsky.config import to_dict
     from megatron_longsky.model import build_model
+    from megatron_longsky.runtime.device import DTYPES
     from megatron_longsky.runtime.distributed import ParallelConfig
     from megatron_longsky.tokenizer import pad_vocab_size
     from megatron_longsky.convert.session import single_process_runtime
     from megatron_longsky.utils.atomic import make_temp_dir_beside
 
     hf_dir, out_root = Path(hf_dir), Path(out_root)
-    if dtype not in _DTYPES:
-        raise ConversionError(f"dtype {dtype!r} is not one of {list(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
     if out_root.exists() and not overwrite:
         raise ConversionError(f"{out_root} already exists (pass overwrite=True / --overwrite to replace it)")
     hf = read_hf_config(hf_dir)

@@ -112,10 +112,12 @@ class HFBackend(LogitsBackend):
                         device: str = "cpu") -> "HFBackend":
         from transformers import AutoModelForCausalLM
 
+        from megatron_longsky.runtime.device import dtype_from_name
+
         path = Path(model_dir)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype_from_name(dtype, "--dtype"),
                                                      local_files_only=True)
         log.info("HF backend: %s (%s) on %s", path, type(model).__name__, device)
         return cls(model.to(device), device)

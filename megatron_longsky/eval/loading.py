@@ -24,6 +24,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     group.add_argument("--cp", type=int, default=1, help="context-parallel size (long contexts)")
+    group.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None,
+                       help="run the GEMMs in FP8 (Transformer Engine, GPU); default: the checkpoint's dtype "
+                            "(bf16 for the recipes) without FP8, whatever the training config used")
     group = parser.add_argument_group("Hugging Face model (--hf-model)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -73,7 +76,8 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               context_parallel_size=args.cp)
     runtime = initialize(parallel)
-    backend = MegatronBackend.from_checkpoint(args.checkpoint, parallel, vocab_size=tokenizer.vocab_size)
+    backend = MegatronBackend.from_checkpoint(args.checkpoint, parallel, vocab_size=tokenizer.vocab_size,
+                                              fp8=getattr(args, "fp8", None))
     return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True)
 
 

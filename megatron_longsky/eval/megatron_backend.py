@@ -17,9 +17,16 @@ NLL uses the model's own vocab-parallel cross entropy (``labels=``), so perplexi
 at long lengths never materialises full logits either.
 
 Greedy generation keeps a KV cache (megatron-core's ``StaticInferenceContext``: one
-prefill pass, then one token per step) when the job has one pipeline stage, CP=1 and
-no sequence parallelism; other layouts recompute the prefix for every new token
+prefill pass, then one token per step) when the job has one pipeline stage, CP=1, no
+sequence parallelism and no FP8; other layouts recompute the prefix for every new token
 (exact, but about (answer tokens) x slower).
+
+Precision: the checkpoint's ``params_dtype`` (bf16 for the cluster recipes) and no FP8,
+whatever the training config said (``fp8: hybrid`` rides along in ``config.yaml``): FP8
+GEMMs need their token count divisible by 16, which one-token decode steps and unpadded
+prompts break. ``fp8=`` asks for FP8 anyway; then sequences are padded to a multiple of
+16 x CP (as megatron-core's FP8 inference pads) and generation recomputes instead of
+decoding one token at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_longsky.eval.backends import LogitsBackend, check_rows, greedy_decode
+from megatron_longsky.runtime.device import current_device
 from megatron_longsky.runtime.distributed import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,19 @@ def padded_vocab_for_checkpoint(ckpt_config: dict, model_cfg, tokenizer_vocab: O
         raise ValueError("checkpoint config records no model.vocab_size and no tokenizer vocabulary size is known")
     saved_tp = int((ckpt_config.get("parallel") or {}).get("tensor_model_parallel_size", 1))
     return pad_vocab_size(int(vocab), model_cfg.make_vocab_size_divisible_by, saved_tp)
+
+
+def evaluation_model_config(ckpt_config: dict, where: str, fp8: Optional[str] = None):
+    """The checkpoint's model config for evaluation: FP8 (and FP8 attention) only when asked."""
+    import dataclasses
+
+    from megatron_longsky.model import model_config_from_dict
+
+    model_cfg = model_config_from_dict(ckpt_config.get("model") or {}, where=where)
+    if model_cfg.fp8 and not fp8:
+        log.info("evaluating in %s without FP8 (the checkpoint trained with fp8=%s; pass --fp8 to keep it)",
+                 model_cfg.params_dtype, model_cfg.fp8)
+    return dataclasses.replace(model_cfg, fp8=fp8, fp8_attention=model_cfg.fp8_attention if fp8 else "off")
 
 
 class MegatronBackend(LogitsBackend):
@@ -72,39 +93,42 @@ class MegatronBackend(LogitsBackend):
         self.cp_rank = parallel_state.get_context_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.sequence_parallel = bool(self.config.sequence_parallel)
-        self.kv_cache = (self.cp_size == 1 and not self.sequence_parallel
+        self.fp8 = bool(self.config.fp8)
+        self.kv_cache = (self.cp_size == 1 and not self.sequence_parallel and not self.fp8
                          and parallel_state.get_pipeline_model_parallel_world_size() == 1)
         # Inputs and collectives live where the model does (NCCL needs CUDA tensors).
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = current_device()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, parallel: ParallelConfig,
-                        vocab_size: Optional[int] = None) -> "MegatronBackend":
-        """Build the model the checkpoint describes at this job's TP/PP/CP and load it."""
+                        vocab_size: Optional[int] = None, fp8: Optional[str] = None) -> "MegatronBackend":
+        """Build the model the checkpoint describes at this job's TP/PP/CP, on this process's
+        device, in the checkpoint's dtype without FP8 (unless ``fp8`` is given), and load it."""
         from megatron_longsky.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
-        from megatron_longsky.model import build_model, model_config_from_dict
+        from megatron_longsky.model import build_model
 
         ckpt_dir = resolve_checkpoint(path)
         ckpt_config = read_checkpoint_config(ckpt_dir)
-        model_cfg = model_config_from_dict(ckpt_config.get("model") or {}, where=f"{ckpt_dir}/config.yaml:model")
+        model_cfg = evaluation_model_config(ckpt_config, f"{ckpt_dir}/config.yaml:model", fp8)
         padded = padded_vocab_for_checkpoint(ckpt_config, model_cfg, vocab_size)
         if padded % parallel.tensor_model_parallel_size:
             raise ValueError(f"padded vocabulary {padded} of {ckpt_dir} does not divide by TP="
                              f"{parallel.tensor_model_parallel_size}")
         # No random initialisation: every weight comes from the checkpoint.
-        model = build_model(model_cfg, parallel, padded, initialize=False)
+        model = build_model(model_cfg, parallel, padded, initialize=False, device=current_device())
         load_model_weights([model], ckpt_dir)
         real_vocab = vocab_size or int((ckpt_config.get("tokenizer") or {}).get("vocab_size") or padded)
-        log.info("Megatron backend: %s (padded vocab %d, TP=%d PP=%d CP=%d)", ckpt_dir, padded,
+        log.info("Megatron backend: %s (padded vocab %d, TP=%d PP=%d CP=%d, %s, fp8=%s, on %s)", ckpt_dir, padded,
                  parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                 parallel.context_parallel_size)
+                 parallel.context_parallel_size, model_cfg.params_dtype, model_cfg.fp8, current_device())
         return cls(model, real_vocab)
 
     # -- one forward pass over the pipeline -------------------------------------------
 
     def _padded_length(self, length: int) -> int:
         multiple = 2 * self.cp_size
+        if self.fp8:  # FP8 GEMMs: each rank's token count divisible by 16
+            multiple = 16 * self.cp_size
         if self.sequence_parallel:
             multiple *= self.tp_size
         return -(-length // multiple) * multiple

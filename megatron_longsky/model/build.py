@@ -6,10 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_longsky.model.config import ModelConfig
-from megatron_longsky.model.spec import layer_spec, resolve_impl
+from megatron_longsky.model.spec import decoder_spec, resolve_impl
+from megatron_longsky.runtime.device import current_device, dtype_from_name, use_cuda
 from megatron_longsky.runtime.distributed import ParallelConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, impl: str | None = None,
@@ -24,11 +23,11 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, im
     from megatron_longsky.model.perf import Environment, log_choices, resolve_perf
 
     impl = impl or resolve_impl(cfg)
-    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    on_gpu = use_cuda() if on_gpu is None else on_gpu
     if perf is None:
         perf = resolve_perf(cfg, parallel, Environment.detect(), impl)
         log_choices(perf)
-    dtype = _DTYPES[cfg.params_dtype]
+    dtype = dtype_from_name(cfg.params_dtype, "model.params_dtype")
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -60,6 +59,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, im
         persist_layer_norm=on_gpu,
         bias_dropout_fusion=on_gpu,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
+        hierarchical_context_parallel_sizes=parallel.hierarchical_cp_groups,
         recompute_method=cfg.recompute_method if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity == "full" else None,
         calculate_per_token_loss=True,
@@ -67,7 +67,9 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, im
         **perf.transformer_config_kwargs(),
     )
     if impl == "transformer_engine" and cfg.fp8:
-        kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
+        kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe,
+                      fp8_dot_product_attention=cfg.fp8_attention == "dot_product",
+                      fp8_multi_head_attention=cfg.fp8_attention == "multi_head")
     kwargs.update(extra)
     tcfg = TransformerConfig(**kwargs)
     if cfg.rope.scaling == "yarn":
@@ -116,6 +118,7 @@ def build_model(
     seed: int | None = None,
     initialize: bool = True,
     perf=None,
+    device: torch.device | None = None,
 ):
     """One GPTModel holding this pipeline stage's layers, with RoPE as configured.
 
@@ -125,6 +128,9 @@ def build_model(
     uninitialised, for callers that load them next (conversion, evaluation). On GPU
     (``perf.use_cpu_initialization`` off) the seed's layout-invariant draw is replaced by
     megatron-core's on-device initialisation: each rank builds only its own shards.
+
+    The model ends on ``device`` (default: this process's device,
+    :func:`megatron_longsky.runtime.device.current_device`).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -135,6 +141,12 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    if parallel.hierarchical_cp_groups and \
+            parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False) is None:
+        # TE would get no CP group and attend within each rank's own chunks, silently.
+        raise RuntimeError("parallel.cp_comm_type=a2a+p2p but megatron-core's hierarchical context-parallel "
+                           "groups do not exist: initialise through megatron_longsky.runtime.distributed."
+                           "initialize (it creates them from parallel.hierarchical_context_parallel_sizes)")
     from megatron_longsky.model.perf import Environment, log_choices, resolve_perf
 
     if perf is None:
@@ -146,7 +158,7 @@ def build_model(
     rope = cfg.rope
     model = GPTModel(
         config=tcfg,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=decoder_spec(cfg, tcfg),
         vocab_size=vocab_size,
         max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
         pre_process=pre_process,
@@ -163,4 +175,4 @@ def build_model(
         from megatron_longsky.model.init import initialize_weights
 
         initialize_weights(model, seed, cfg.init_method_std, cfg.num_layers)
-    return model
+    return model.to(torch.device(device) if device is not None else current_device())

@@ -61,11 +61,26 @@ class ModelConfig:
     # FP8 through Transformer Engine (GPU only); requesting it without TE is an error.
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    # FP8 attention (TE, needs fp8): 'dot_product' runs the core attention (QK^T, softmax, .V)
+    # in FP8 (TransformerConfig.fp8_dot_product_attention); 'multi_head' also keeps the QKV and
+    # output projections' activations in FP8 between them (fp8_multi_head_attention).
+    fp8_attention: Literal["off", "dot_product", "multi_head"] = "off"
     recompute_granularity: Optional[Literal["selective", "full"]] = None
     recompute_method: Optional[Literal["uniform", "block"]] = None
     recompute_num_layers: Optional[int] = None
 
     def __post_init__(self):
+        if self.fp8_attention != "off":
+            if not self.fp8:
+                raise ValueError(f"fp8_attention={self.fp8_attention!r} needs model.fp8 (e4m3 or hybrid): "
+                                 "FP8 attention runs inside Transformer Engine's FP8 autocast")
+            # megatron-core 0.16.1 (fp8_utils.get_fp8_recipe) hands the FP8-attention switches to
+            # TE only for these recipes; with the others they would be dropped silently.
+            supported = {"dot_product": ("delayed", "tensorwise"), "multi_head": ("delayed",)}[self.fp8_attention]
+            if self.fp8_recipe not in supported:
+                raise ValueError(f"fp8_attention={self.fp8_attention!r} works with fp8_recipe "
+                                 f"{' or '.join(supported)} (megatron-core passes it to Transformer Engine "
+                                 f"only for those), not {self.fp8_recipe!r}")
         groups = self.num_query_groups or self.num_attention_heads
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -129,6 +144,8 @@ def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
     base = preset(name) if name else {}
     rope = {**base.get("rope", {}), **data.pop("rope", {})}
     merged = {**base, **data, "rope": rope}
+    if merged.get("fp8_attention") is False:  # YAML 1.1 reads a bare `off` as false
+        merged["fp8_attention"] = "off"
     return from_dict(ModelConfig, merged, where)
 
 

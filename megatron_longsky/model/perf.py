@@ -51,11 +51,10 @@ class Environment:
 
     @classmethod
     def detect(cls) -> "Environment":
-        import torch
-
         from megatron_longsky.model.spec import transformer_engine_available
+        from megatron_longsky.runtime.device import use_cuda
 
-        cuda = torch.cuda.is_available()
+        cuda = use_cuda()
         apex = cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
         return cls(cuda=cuda, transformer_engine=transformer_engine_available(), apex_grad_accum_fusion=apex)
 

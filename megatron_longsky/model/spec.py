@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from megatron_longsky.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
 def transformer_engine_available() -> bool:
-    if not torch.cuda.is_available():
+    from megatron_longsky.runtime.device import use_cuda
+
+    if not use_cuda():
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -60,3 +60,21 @@ def layer_spec(cfg: ModelConfig):
     log.info("layer spec: megatron-core local modules (no Transformer Engine), LongSkyCoreAttention "
              "for context parallelism and packed sequences")
     return install_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"))
+
+
+def decoder_spec(cfg: ModelConfig, tcfg):
+    """What GPTModel gets as ``transformer_layer_spec`` for this stage.
+
+    TE: the TE layer spec (megatron-core adds TE's final norm). Local: the layers plus a
+    final norm of the same implementation as the layers' norms. Given a bare layer spec,
+    megatron-core picks the final norm by what is importable (TE's norm as soon as TE
+    imports), so a local-spec model would hold a TE module, with its ``_extra_state`` on GPU
+    machines and none on CPU ones, and could not run on CPU where TE is installed.
+    """
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = layer_spec(cfg)
+    if resolve_impl(cfg) == "transformer_engine":
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(tcfg),
+                                      layer_norm=spec.submodules.input_layernorm)

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from megatron_longsky.config import ConfigError
-from megatron_longsky.plan.flops import PEAK_TFLOPS, estimate_step_time, step_flops
+from megatron_longsky.plan.flops import PEAK_TFLOPS, attention_peak, estimate_step_time, step_flops
 from megatron_longsky.plan.memory import GiB, PlanInput, checkpoint_memory, estimate_memory
 
 
@@ -158,7 +158,8 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
         "",
         f"step ({flops.tokens} tokens): {_flop(flops.model_flops)} model, "
         f"{_flop(flops.hardware_flops)} with recomputation",
-        f"  assuming {efficiency:.0%} of {peak:g} TFLOP/s per GPU: {timing.step_seconds:.3g} s/step, "
+        f"  assuming {efficiency:.0%} of {peak:g} TFLOP/s per GPU (core attention in "
+        f"{'FP8' if m.fp8 and m.fp8_attention != 'off' else 'BF16'}): {timing.step_seconds:.3g} s/step, "
         f"{timing.tokens_per_second_per_device:.0f} tokens/s/GPU, MFU {timing.mfu:.1%}",
     ]
     if ckpt is not None:
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = args.peak_tflops or PEAK_TFLOPS["h100-fp8" if cfg.model.fp8 else "h100-bf16"]
     mem = estimate_memory(p)
     flops = step_flops(cfg.model, vocab, cfg.global_batch_size)
-    timing = estimate_step_time(flops, world, peak, args.efficiency)
+    timing = estimate_step_time(flops, world, peak, args.efficiency, attention_peak(cfg.model, peak))
     perf = perf_choices(cfg, args.attention)
     ckpt = checkpoint_memory(p, world, args.gpus_per_node, cfg.checkpoint.optimizer_format,
                              cfg.checkpoint.async_save, perf.bucket_size)

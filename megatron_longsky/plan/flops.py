@@ -16,7 +16,9 @@ FLOPs.
 
 The step time is an *estimate*: hardware FLOPs / (devices x peak x efficiency), where
 ``efficiency`` is an assumption the user states (what fraction of the datasheet peak the
-kernels reach, communication and pipeline bubbles included). MFU follows from it.
+kernels reach, communication and pipeline bubbles included). MFU follows from it. With
+FP8 the GEMMs run at the FP8 peak but core attention (scores, weighted values) stays in
+BF16 unless ``model.fp8_attention`` is on: those FLOPs are timed at the attention peak.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from megatron_longsky.model.config import ModelConfig
 
 # Dense (no sparsity) datasheet peaks, TFLOP/s per device.
 PEAK_TFLOPS = {"h100-bf16": 989.0, "h100-fp8": 1979.0, "a100-bf16": 312.0}
+
+
+def attention_peak(model: ModelConfig, peak_tflops: float) -> float:
+    """The peak core attention runs at: FP8 only with ``fp8_attention``, else BF16's share of
+    ``peak_tflops`` (half of an FP8 peak)."""
+    if model.fp8 and model.fp8_attention == "off":
+        return peak_tflops * PEAK_TFLOPS["h100-bf16"] / PEAK_TFLOPS["h100-fp8"]
+    return peak_tflops
 
 
 def layer_forward_flops_per_token(model: ModelConfig, seq_length: int, causal: bool = True) -> dict[str, float]:
@@ -45,6 +55,7 @@ class StepFlops:
     tokens: int  # tokens per global batch
     model_flops: float  # forward + backward, no recomputation
     hardware_flops: float  # including recomputation
+    attention_flops: float = 0.0  # the part of hardware_flops in core attention (QK^T, softmax . V)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,7 +78,11 @@ def step_flops(model: ModelConfig, vocab_size: int, global_batch_size: int, caus
         extra = model.num_layers * parts["attention"] * tokens
     else:
         extra = 0.0
-    return StepFlops(tokens=tokens, model_flops=model_flops, hardware_flops=model_flops + extra)
+    attention = 3 * model.num_layers * parts["attention"] * tokens
+    if model.recompute_granularity is not None:  # full and selective both re-run core attention
+        attention += extra * parts["attention"] / layer if model.recompute_granularity == "full" else extra
+    return StepFlops(tokens=tokens, model_flops=model_flops, hardware_flops=model_flops + extra,
+                     attention_flops=attention)
 
 
 @dataclass
@@ -81,13 +96,16 @@ class StepTimeEstimate:
         return asdict(self)
 
 
-def estimate_step_time(flops: StepFlops, devices: int, peak_tflops: float, efficiency: float) -> StepTimeEstimate:
-    """Step time if the devices sustain ``efficiency`` x ``peak_tflops`` on the hardware FLOPs."""
+def estimate_step_time(flops: StepFlops, devices: int, peak_tflops: float, efficiency: float,
+                       attention_peak_tflops: float | None = None) -> StepTimeEstimate:
+    """Step time if the devices sustain ``efficiency`` x ``peak_tflops`` on the hardware FLOPs
+    (core attention at ``attention_peak_tflops`` when given: BF16 attention in an FP8 run)."""
     if devices < 1 or peak_tflops <= 0 or not 0 < efficiency <= 1:
         raise ValueError(f"need devices >= 1, peak_tflops > 0 and 0 < efficiency <= 1 "
                          f"(got {devices}, {peak_tflops}, {efficiency})")
-    sustained = devices * peak_tflops * 1e12 * efficiency
-    seconds = flops.hardware_flops / sustained
+    attention_peak = attention_peak_tflops or peak_tflops
+    seconds = ((flops.hardware_flops - flops.attention_flops) / peak_tflops
+               + flops.attention_flops / attention_peak) / (devices * 1e12 * efficiency)
     achieved = flops.model_flops / seconds / devices
     return StepTimeEstimate(
         step_seconds=seconds,

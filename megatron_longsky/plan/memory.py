@@ -39,6 +39,8 @@ size, ``B`` activation bytes):
   view that keeps the fused QKV output alive); its output is the ``linear_proj`` input
   above; with CP > 1 the K/V of the whole sequence (counted as all-gathered: an upper
   bound for TE's ring).
+  With FP8 attention (``model.fp8_attention``, TE) q, k, v and the output are kept as FP8
+  copies (1 byte) instead; ``multi_head`` also hands ``linear_proj`` an FP8 input.
 * core attention, ``longsky`` (ours, no TE): megatron-core's unfused RoPE keeps cos and sin
   (``4 d``); when the rank's problem fits in one block, SDPA keeps q, K/V repeated to every
   head over the gathered sequence, its output and a fp32 ``t x s`` mask; otherwise the
@@ -233,8 +235,14 @@ def layer_activations(p: PlanInput) -> LayerActivations:
     )
     linear = tokens * (per_token * B + 2 * 4 / S)  # + the norms' fp32 inverse RMS
     path = _attention_path(p)
+    fp8_attention = path == "te" and m.fp8 and m.fp8_attention != "off"
+    if fp8_attention and m.fp8_attention == "multi_head":
+        linear -= tokens * hq * (B - 1)  # linear_proj's input arrives in FP8
     core = tokens * (a / T) * 4  # softmax log-sum-exp (fp32)
-    if path == "te":
+    if fp8_attention:
+        # TE's FP8 attention keeps FP8 (1-byte) q, k, v and output for its backward.
+        core += tokens * (hq + 2 * hkv + hq) + tokens * (CP - 1) * 2 * hkv
+    elif path == "te":
         # q, k after RoPE and v (a view keeping the fused QKV output alive); TE's output is
         # the linear_proj input counted above.
         core += tokens * B * (hq + hkv + (hq + 2 * hkv)) + tokens * (CP - 1) * 2 * hkv * B

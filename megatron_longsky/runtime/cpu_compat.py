@@ -4,8 +4,10 @@ megatron-core hard-codes CUDA in a handful of places (``torch.cuda.current_devic
 devices, ``device='cuda'`` literals, the CUDA RNG tracker, ``torch.cuda.synchronize``,
 an assert that gradients are ``torch.cuda.FloatTensor`` in grad clipping, pinned
 memory in RoPE slicing). This module maps those to CPU so the *real* megatron-core
-code paths run on CPU with gloo. It is entered only when CUDA is absent; on a GPU
-machine :func:`enable` refuses to activate, so nothing here can hide a GPU bug.
+code paths run on CPU with gloo. It is entered only when the process runs on CPU
+(:func:`megatron_longsky.runtime.device.use_cuda` is False: no CUDA, or
+``LONGSKY_DEVICE=cpu``); a process computing on CUDA never activates it, so nothing
+here can hide a GPU bug.
 """
 
 from __future__ import annotations
@@ -90,9 +92,11 @@ def _patch(obj, name, value):
 
 
 def enable() -> bool:
-    """Activate the CPU layer. Returns False (and does nothing) when CUDA is present."""
+    """Activate the CPU layer. Returns False (and does nothing) when this process runs on CUDA."""
     global _ACTIVE_MODE
-    if torch.cuda.is_available():
+    from megatron_longsky.runtime.device import use_cuda
+
+    if use_cuda():
         return False
     if _ACTIVE_MODE is not None:
         return True

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Optional
 
 import torch
 
@@ -32,7 +32,12 @@ class ParallelConfig:
     # Megatron sequence parallelism (shards LayerNorm/dropout activations over TP).
     sequence_parallel: bool = False
     # Transformer Engine's CP communication (GPU only); our CPU attention all-gathers K/V.
+    # What each needs is checked with the model and data (attention.context_parallel.
+    # validate_context_parallel); a2a+p2p also needs hierarchical_context_parallel_sizes.
     cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = "p2p"
+    # a2a+p2p: [a2a size, p2p size] with a2a size x p2p size = context_parallel_size; the a2a
+    # level spans consecutive CP ranks (keep it inside a node: NVLink), the ring crosses nodes.
+    hierarchical_context_parallel_sizes: Optional[list[int]] = None
     # Overlap TP communication with GEMMs (TE userbuffers; GPU with TE, TP > 1, sequence_parallel).
     tp_comm_overlap: bool = False
     timeout_minutes: int = 30
@@ -41,6 +46,28 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        sizes = self.hierarchical_context_parallel_sizes
+        if sizes is not None and self.cp_comm_type != "a2a+p2p":
+            raise ValueError(f"parallel.hierarchical_context_parallel_sizes={sizes} is used by cp_comm_type=a2a+p2p "
+                             f"only; this config has cp_comm_type={self.cp_comm_type} (remove it)")
+        if self.cp_comm_type == "a2a+p2p" and self.context_parallel_size > 1:
+            cp = self.context_parallel_size
+            if sizes is None:
+                raise ValueError(
+                    "parallel.cp_comm_type=a2a+p2p needs parallel.hierarchical_context_parallel_sizes "
+                    f"([a2a size, p2p size], product {cp}): without the hierarchical CP groups Transformer "
+                    "Engine gets no CP group for attention")
+            if len(sizes) != 2 or any(s < 1 for s in sizes) or sizes[0] * sizes[1] != cp:
+                raise ValueError(
+                    f"parallel.hierarchical_context_parallel_sizes={sizes}: Transformer Engine takes two levels "
+                    f"[a2a size, p2p size] of sizes >= 1 whose product is context_parallel_size={cp}")
+
+    @property
+    def hierarchical_cp_groups(self) -> Optional[list[int]]:
+        """The sizes handed to ``initialize_model_parallel`` (None: no hierarchical CP groups)."""
+        if self.cp_comm_type == "a2a+p2p" and self.context_parallel_size > 1:
+            return list(self.hierarchical_context_parallel_sizes)
+        return None
 
     @property
     def model_parallel_size(self) -> int:
@@ -133,11 +160,12 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from megatron_longsky.runtime.device import current_device, use_cuda
+
     launch = launch or detect_launch_env()
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
+    if use_cuda():
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
+        device = current_device()
         backend = "nccl"
     else:
         cpu_compat.enable()
@@ -158,11 +186,19 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
             world_size=launch.world_size,
             timeout=timedelta(minutes=parallel.timeout_minutes),
         )
+    if parallel.hierarchical_cp_groups:
+        try:
+            import einops  # noqa: F401 - megatron-core's create_hierarchical_groups needs it
+        except ImportError:
+            raise RuntimeError("parallel.cp_comm_type=a2a+p2p: megatron-core creates the hierarchical "
+                               "context-parallel groups with einops, which is not installed (pip install "
+                               "einops)") from None
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
             context_parallel_size=parallel.context_parallel_size,
+            hierarchical_context_parallel_sizes=parallel.hierarchical_cp_groups,
             distributed_timeout_minutes=parallel.timeout_minutes,
         )
     set_seed(seed)

@@ -47,6 +47,7 @@ from megatron_longsky.checkpoint.layout import (
     MODEL, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
 )
 from megatron_longsky.checkpoint.model_io import load_model_weights, model_sharded_state_dict, save_model_weights
+from megatron_longsky.runtime.device import use_cuda
 from megatron_longsky.utils.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "tracker": get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
+    if use_cuda():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -101,7 +102,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and use_cuda():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 

@@ -18,11 +18,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from megatron_longsky.attention.context_parallel import (
+    packed_pad_multiple, validate_context_parallel, validate_pad_multiple,
+)
 from megatron_longsky.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from megatron_longsky.model.config import ModelConfig, model_config_from_dict
 from megatron_longsky.runtime.distributed import ParallelConfig
@@ -171,6 +173,17 @@ class TrainConfig:
                              f"micro_batch_size {self.micro_batch_size}")
         if self.max_consecutive_nan_steps < 1:
             raise ValueError("max_consecutive_nan_steps must be >= 1")
+        # CP communication, FP8 shard and FP8-attention rules, before anything is built.
+        packed = self.data.kind == "sft" and self.data.packed
+        validate_context_parallel(self.model, self.parallel, packed)
+        if packed:
+            validate_pad_multiple(self.sft_pad_multiple, self.parallel.context_parallel_size, self.model.fp8,
+                                  where="packed SFT document padding")
+
+    @property
+    def sft_pad_multiple(self) -> int:
+        """What each SFT sample is padded to (CP chunking, FP8 shards)."""
+        return packed_pad_multiple(self.parallel.context_parallel_size, self.model.fp8)
 
     @property
     def seq_length(self) -> int:
@@ -203,8 +216,8 @@ def train_config_from_dict(data: dict, where: str = "config") -> TrainConfig:
         model_cfg = model_config_from_dict(model, where=f"{where}.model")
     else:
         raise ConfigError(f"{where}.model: expected a mapping, got {model!r}")
-    cfg = from_dict(TrainConfig, data, where)
-    return dataclasses.replace(cfg, model=model_cfg)
+    # The model goes in with the rest: TrainConfig's checks need the real one.
+    return from_dict(TrainConfig, {**data, "model": model_cfg}, where)
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:

@@ -78,7 +78,9 @@ class TrainingSetup:
 
 
 def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from megatron_longsky.runtime.device import current_device
+
+    return current_device()
 
 
 def resolve_vocab_size(cfg: TrainConfig, tokenizer, checkpoint_dir: Optional[Path]) -> int:
@@ -111,15 +113,14 @@ def build_training_model(cfg: TrainConfig, vocab_size: int, initialize: bool = T
 
     from megatron_longsky.model import build_model
     from megatron_longsky.model.perf import initialize_tp_comm_overlap, resolve_for_train
+    from megatron_longsky.runtime.device import dtype_from_name
 
     perf = resolve_for_train(cfg)
     initialize_tp_comm_overlap(perf, cfg.seq_length, cfg.micro_batch_size, cfg.model.hidden_size,
                                cfg.parallel.context_parallel_size, cfg.parallel.tensor_model_parallel_size,
-                               bool(cfg.model.fp8), getattr(torch, cfg.model.params_dtype))
+                               bool(cfg.model.fp8), dtype_from_name(cfg.model.params_dtype))
     model = build_model(cfg.model, cfg.parallel, vocab_size, seed=cfg.seed if initialize else None,
-                        initialize=initialize, perf=perf)
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+                        initialize=initialize, perf=perf)  # on this process's device
     tcfg = model.config
     if tcfg.bf16 or tcfg.fp16:
         model = Float16Module(tcfg, model)
@@ -281,7 +282,9 @@ def _async_queue(cfg: TrainConfig):
     """megatron-core's queue of background checkpoint writes, when asked for and on GPU."""
     if not cfg.checkpoint.async_save:
         return None
-    if not torch.cuda.is_available():
+    from megatron_longsky.runtime.device import use_cuda
+
+    if not use_cuda():
         log.warning("checkpoint.async_save is for GPU runs; saving synchronously on CPU")
         return None
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue

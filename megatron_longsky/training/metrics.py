@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from megatron_longsky.model.config import ModelConfig
+from megatron_longsky.runtime.device import use_cuda
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,13 @@ def flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int, recomp
 
 
 def peak_memory_gib() -> float:
-    if torch.cuda.is_available():
+    if use_cuda():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def default_peak_tflops() -> Optional[float]:
-    if torch.cuda.is_available() and "H100" in torch.cuda.get_device_name():
+    if use_cuda() and "H100" in torch.cuda.get_device_name():
         return H100_BF16_DENSE_TFLOPS
     return None
 

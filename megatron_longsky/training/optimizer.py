@@ -9,6 +9,8 @@ from megatron_longsky.training.config import TrainConfig
 def optimizer_config(cfg: TrainConfig):
     from megatron.core.optimizer import OptimizerConfig
 
+    from megatron_longsky.runtime.device import dtype_from_name
+
     o = cfg.optimizer
     dtype = cfg.model.params_dtype
     return OptimizerConfig(
@@ -22,7 +24,7 @@ def optimizer_config(cfg: TrainConfig):
         clip_grad=o.clip_grad,
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
-        params_dtype=getattr(__import__("torch"), dtype),
+        params_dtype=dtype_from_name(dtype, "model.params_dtype"),
         use_distributed_optimizer=o.use_distributed_optimizer,
         # fp16 needs loss scaling; bf16 and fp32 do not.
         initial_loss_scale=2.0**16 if dtype == "float16" else None,

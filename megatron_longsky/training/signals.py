@@ -62,9 +62,9 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank received a signal."""
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
-        if torch.cuda.is_available():
-            flag = flag.cuda()
+        from megatron_longsky.runtime.device import current_device
+
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=current_device())
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())

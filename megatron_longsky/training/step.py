@@ -75,7 +75,9 @@ def reduce_loss(loss_reports: list[dict]) -> tuple[float, float]:
 
 
 def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from megatron_longsky.runtime.device import current_device
+
+    return current_device()
 
 
 class TimedIterator:
