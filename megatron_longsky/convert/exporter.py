@@ -54,15 +54,12 @@ def _load_tokenizer(tok_dir: Optional[Path], conf: dict, where: str):
         raise ConversionError(f"{where if tok_dir is None else tok_dir}: tokenizer {entry} cannot be loaded ({exc})") from exc
 
 
-def _padded_vocab(conf: dict, cfg, tok_vocab: Optional[int], where: str) -> int:
-    from megatron_longsky.tokenizer import pad_vocab_size
-
+def _padded_vocab(cfg, tok_vocab: Optional[int], where: str) -> int:
     if cfg.vocab_size:
         return int(cfg.vocab_size)
     if tok_vocab is None:
         raise ConversionError(f"{where}: model.vocab_size is unset and no tokenizer is available to size it")
-    saved_tp = int((conf.get("parallel") or {}).get("tensor_model_parallel_size", 1))
-    return pad_vocab_size(tok_vocab, cfg.make_vocab_size_divisible_by, saved_tp)
+    return cfg.padded_vocab_size(tok_vocab)
 
 
 def export_checkpoint(
@@ -99,7 +96,7 @@ def export_checkpoint(
     if tok_dir is None and tokenizer is not None:
         log.warning("export: the checkpoint's %s tokenizer has no Hugging Face files to ship; "
                     "pass --tokenizer-dir to include one", tokenizer.type)
-    padded = _padded_vocab(conf, cfg, tok_vocab, where)
+    padded = _padded_vocab(cfg, tok_vocab, where)
     base_path = ckpt / "hf_config.json"
     base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
     # The real vocabulary: the imported model's, else the tokenizer's, else every row.

@@ -155,7 +155,6 @@ def import_checkpoint(
     from megatron_longsky.config import to_dict
     from megatron_longsky.model import build_model
     from megatron_longsky.runtime.distributed import ParallelConfig
-    from megatron_longsky.tokenizer import pad_vocab_size
     from megatron_longsky.convert.session import single_process_runtime
     from megatron_longsky.utils.atomic import make_temp_dir_beside
 
@@ -170,7 +169,7 @@ def import_checkpoint(
     validate_layout(cfg, tp, pp, where)
     hf_vocab = cfg.vocab_size
     check_tokenizer_fits(tokenizer_vocab_size(hf_dir), hf_vocab, str(hf_dir))
-    padded = pad_vocab_size(hf_vocab, cfg.make_vocab_size_divisible_by, tp)
+    padded = cfg.padded_vocab_size(tensor_parallel=tp)
     saved_cfg = dataclasses.replace(cfg, vocab_size=padded)
     weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
 

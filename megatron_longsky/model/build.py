@@ -56,8 +56,8 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, **extra):
         gradient_accumulation_fusion=False,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
         recompute_granularity=cfg.recompute_granularity,
-        recompute_method=cfg.recompute_method if cfg.recompute_granularity == "full" else None,
-        recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity == "full" else None,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
         calculate_per_token_loss=True,
     )
     if impl == "transformer_engine" and cfg.fp8:

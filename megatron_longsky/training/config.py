@@ -50,6 +50,10 @@ class DataConfig:
     eod_mask_loss: bool = False
     # sft: several samples per row (needs per-document attention) or one per row.
     packed: bool = False
+    # sft: each sample is padded to a multiple of this, whatever the layout, so the rows do
+    # not depend on the CP size. 64 = 2 x 32 serves CP up to 32 (each sample splits into
+    # 2 x CP chunks) and is a multiple of 16 (FP8). CP must divide pad_to_multiple / 2.
+    pad_to_multiple: int = 64
     num_workers: int = 0
     # Refuse datasets whose <prefix>.meta.json names another tokenizer; a missing
     # sidecar is an error only when this is 'required'.
@@ -64,6 +68,15 @@ class DataConfig:
             raise ValueError("data.kind=sft takes one dataset prefix (merge SFT datasets first)")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.pad_to_multiple < 1:
+            raise ValueError(f"data.pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
+
+    def has_validation_split(self) -> bool:
+        """gpt data with a non-zero validation share in ``split`` (sft data has none)."""
+        from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+
+        return self.kind == "gpt" and len(parse_and_normalize_split(self.split)) > 1 and \
+            parse_and_normalize_split(self.split)[1] > 0
 
 
 @dataclass
@@ -125,7 +138,8 @@ class CheckpointConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
-    # Peak dense TFLOP/s of one device for MFU (None: 989 on H100 bf16, otherwise MFU not reported).
+    # Peak dense TFLOP/s of one device for MFU/HFU (None: the detected GPU's datasheet peak at
+    # the run's GEMM precision, see plan/flops.py DEVICE_PEAK_TFLOPS; unknown devices: not reported).
     peak_tflops_per_device: Optional[float] = None
     level: str = "INFO"
 
@@ -166,6 +180,33 @@ class TrainConfig:
                              f"micro_batch_size {self.micro_batch_size}")
         if self.max_consecutive_nan_steps < 1:
             raise ValueError("max_consecutive_nan_steps must be >= 1")
+        self._check_settings_take_effect()
+
+    def _check_settings_take_effect(self) -> None:
+        """Settings that would otherwise be silently ignored, or change the data with the layout."""
+        tp, cp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size
+        if self.eval_interval and not self.data.has_validation_split():
+            raise ValueError(
+                f"eval_interval={self.eval_interval} but there is no validation data "
+                + ("(data.kind=sft has no validation split)" if self.data.kind == "sft"
+                   else f"(data.split={self.data.split!r} gives the validation part 0)")
+                + "; set eval_interval=0 or use `longsky evaluate`")
+        if self.parallel.sequence_parallel and tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
+                             "(it shards activations over the TP group); set it to false")
+        if self.data.kind == "sft":
+            m = self.data.pad_to_multiple
+            if self.model.seq_length % m:
+                raise ValueError(f"model.seq_length {self.model.seq_length} is not a multiple of "
+                                 f"data.pad_to_multiple {m}")
+            if cp > 1 and m % (2 * cp):
+                raise ValueError(f"data.pad_to_multiple={m} is not a multiple of 2 x context_parallel_size "
+                                 f"= {2 * cp}: each packed sample must split into 2*CP chunks")
+        num_layers = self.model.recompute_num_layers
+        per_stage = self.model.num_layers // self.parallel.pipeline_model_parallel_size
+        if num_layers is not None and not 1 <= num_layers <= per_stage:
+            raise ValueError(f"model.recompute_num_layers={num_layers} must be between 1 and the layers per "
+                             f"pipeline stage ({per_stage})")
 
     @property
     def seq_length(self) -> int:
@@ -199,7 +240,10 @@ def train_config_from_dict(data: dict, where: str = "config") -> TrainConfig:
     else:
         raise ConfigError(f"{where}.model: expected a mapping, got {model!r}")
     cfg = from_dict(TrainConfig, data, where)
-    return dataclasses.replace(cfg, model=model_cfg)
+    try:
+        return dataclasses.replace(cfg, model=model_cfg)
+    except ValueError as exc:  # checks across sections (model x data x parallel)
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
