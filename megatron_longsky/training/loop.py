@@ -97,7 +97,7 @@ def resolve_vocab_size(cfg: TrainConfig, tokenizer, checkpoint_dir: Optional[Pat
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} pads to {cfg.model.padded_vocab_size()} "
                               f"rows but checkpoint {checkpoint_dir} has {vocab}")
     else:
-        vocab = cfg.model.padded_vocab_size(tokenizer.vocab_size)
+        vocab = cfg.model.padded_vocab_size(tokenizer.vocab_size, tp)
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model vocab size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
     if vocab % tp:

@@ -1,0 +1,233 @@
+"""Issue 15: the same run at any layout, settings that do what they say, one FLOP model.
+Issue 12.4: every stage of both recipes resolves its vocabulary from the chain it belongs to."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from megatron_longsky.checkpoint.layout import write_checkpoint_config
+from megatron_longsky.config import ConfigError
+from megatron_longsky.model.config import model_config_from_dict, preset
+from megatron_longsky.plan.flops import (
+    DEVICE_PEAK_TFLOPS, UnknownPeakError, device_kind, device_peak_tflops, step_flops,
+)
+from megatron_longsky.testing.multiprocess import run_distributed
+from megatron_longsky.tokenizer import ByteTokenizer
+from megatron_longsky.training.config import load_train_config, train_config_from_dict
+from megatron_longsky.training.loop import resolve_vocab_size
+
+from _training_fixtures import tiny_config_dict, write_sft_dataset, write_token_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- 15.1: the padded vocabulary is a property of the model, not of the layout ---------------
+
+def _cfg(tmp_path, **top):
+    return train_config_from_dict(tiny_config_dict(tmp_path, str(tmp_path / "ds"), **top))
+
+
+def test_padded_vocabulary_is_the_same_at_any_tp(tmp_path):
+    tok = ByteTokenizer()  # 259 ids
+    sizes = {tp: resolve_vocab_size(_cfg(tmp_path, model={"vocab_size": None},
+                                         parallel={"tensor_model_parallel_size": tp}), tok, None)
+             for tp in (1, 2, 4, 8)}
+    assert set(sizes.values()) == {384}
+    # A TP size that does not divide the padded vocabulary is refused, naming the setting.
+    with pytest.raises(ConfigError, match="make_vocab_size_divisible_by"):
+        resolve_vocab_size(_cfg(tmp_path, model={"vocab_size": None},
+                                parallel={"tensor_model_parallel_size": 5}), tok, None)
+    assert resolve_vocab_size(_cfg(tmp_path, model={"vocab_size": None, "make_vocab_size_divisible_by": 80},
+                                   parallel={"tensor_model_parallel_size": 5}), tok, None) == 320
+
+
+def _first_loss(tmp, prefix, tp):
+    import torch
+
+    from megatron_longsky.training.loop import train
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method="env://")
+    cfg = tiny_config_dict(tmp, prefix, train_iters=1, model={"vocab_size": None},
+                           parallel={"tensor_model_parallel_size": tp},
+                           checkpoint={"save": f"{tmp}/tp{tp}", "save_at_end": False}, output_dir=f"{tmp}/tp{tp}")
+    return train(train_config_from_dict(cfg)).losses[0]
+
+
+@pytest.mark.slow
+def test_from_scratch_run_starts_from_the_same_model_at_tp1_and_tp2(tmp_path):
+    prefix = write_token_dataset(tmp_path / "ds")
+    tp1 = run_distributed(_first_loss, 1, str(tmp_path), prefix, 1)[0]
+    tp2 = run_distributed(_first_loss, 2, str(tmp_path), prefix, 2)
+    # The loss of step 1 is computed by the initial weights: the same model at both layouts.
+    assert tp2[0] == tp2[1] == pytest.approx(tp1, rel=1e-5)
+
+
+# --- 12.4: the vocabulary of every recipe stage comes from its chain ------------------------
+
+RECIPES = {"skywork13b_200k": "skywork-13b", "llama3_8b_128k": "llama3-8b"}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_every_recipe_stage_resolves_its_vocabulary_from_the_chain(recipe, tmp_path):
+    from megatron_longsky.eval.megatron_backend import padded_vocab_for_checkpoint
+
+    hf_vocab = preset(RECIPES[recipe])["vocab_size"]
+    tokenizer = SimpleNamespace(vocab_size=hf_vocab)
+    stages = ["cpt", "sft", "long_sft"]
+    cfgs = {s: load_train_config(REPO / "examples" / "configs" / "recipes" / recipe / f"{s}.yaml") for s in stages}
+    # `longsky convert import` records the HF vocabulary padded by the model config.
+    previous = model_config_from_dict({"preset": RECIPES[recipe]}).padded_vocab_size(
+        tensor_parallel=cfgs["cpt"].parallel.tensor_model_parallel_size)
+    for stage in stages:
+        ckpt = tmp_path / f"before_{stage}"
+        write_checkpoint_config(ckpt, {"model": {"vocab_size": previous}})
+        vocab = resolve_vocab_size(cfgs[stage], tokenizer, ckpt)
+        assert vocab == previous and vocab >= hf_vocab, stage
+        previous = vocab
+    # the needle sweep (and export) read the last stage's checkpoint
+    final = {"model": {**preset(RECIPES[recipe]), "vocab_size": previous}}
+    assert padded_vocab_for_checkpoint(final, model_config_from_dict(final["model"])) == previous
+    # a stage whose model.vocab_size cannot be the checkpoint's is still refused
+    write_checkpoint_config(tmp_path / "other", {"model": {"vocab_size": previous + 128}})
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        resolve_vocab_size(cfgs["sft"], tokenizer, tmp_path / "other")
+
+
+# --- 15.2: packed SFT rows are a property of the data config ----------------------------------
+
+@pytest.fixture(scope="module")
+def sft_prefix(tmp_path_factory):
+    return write_sft_dataset(tmp_path_factory.mktemp("sft"), num_samples=40)
+
+
+def _sft_rows(tmp_path, prefix, cp):
+    from megatron_longsky.training.data import build_sft_splits
+
+    cfg = _cfg(tmp_path, model={"seq_length": 256}, parallel={"context_parallel_size": cp},
+               data={"kind": "sft", "prefixes": [prefix], "packed": True})
+    dataset = build_sft_splits(cfg, train_samples=1).train.dataset
+    return dataset, [dataset[i] for i in range(len(dataset))]
+
+
+def test_cp1_and_cp2_pack_the_same_rows(tmp_path, sft_prefix):
+    one, rows1 = _sft_rows(tmp_path, sft_prefix, 1)
+    two, rows2 = _sft_rows(tmp_path, sft_prefix, 2)
+    assert one.pad_to_multiple == two.pad_to_multiple == 64
+    assert np.array_equal(one.plan.sample_ids, two.plan.sample_ids)
+    assert np.array_equal(one.plan.row_offsets, two.plan.row_offsets)
+    assert len(rows1) == len(rows2) > 1
+    for a, b in zip(rows1, rows2):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+
+
+def test_context_parallel_size_is_checked_against_pad_to_multiple(tmp_path, sft_prefix):
+    data = {"kind": "sft", "prefixes": [sft_prefix], "packed": True}
+    for cp in (2, 4, 8, 16, 32):  # the default serves CP up to 32
+        _cfg(tmp_path, model={"seq_length": 256}, parallel={"context_parallel_size": cp}, data=data)
+    with pytest.raises(ConfigError, match="data.pad_to_multiple=64 is not a multiple of 2 x context_parallel_size"):
+        _cfg(tmp_path, model={"seq_length": 256}, parallel={"context_parallel_size": 64}, data=data)
+    with pytest.raises(ConfigError, match="data.pad_to_multiple=8"):
+        _cfg(tmp_path, model={"seq_length": 256}, parallel={"context_parallel_size": 8},
+             data={**data, "pad_to_multiple": 8})
+    with pytest.raises(ConfigError, match="not a multiple of data.pad_to_multiple"):
+        _cfg(tmp_path, model={"seq_length": 96}, data=data)
+
+
+# --- 15.4: settings that would be silently ignored are config errors naming the key ---------
+
+@pytest.mark.parametrize("top,key", [
+    ({"eval_interval": 2, "data": {"kind": "sft", "prefixes": ["x"]}, "model": {"seq_length": 64}}, "eval_interval"),
+    ({"eval_interval": 2, "data": {"split": "100,0,0"}}, "eval_interval"),
+    ({"parallel": {"sequence_parallel": True}}, "parallel.sequence_parallel"),
+    ({"model": {"recompute_granularity": "selective", "recompute_method": "uniform"}}, "model.recompute_method"),
+    ({"model": {"recompute_num_layers": 1}}, "model.recompute_num_layers"),
+    ({"model": {"recompute_granularity": "full"}}, "model.recompute_method"),
+    ({"model": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2},
+      "parallel": {"pipeline_model_parallel_size": 2}}, "model.recompute_num_layers"),
+])
+def test_ignored_settings_are_config_errors(tmp_path, top, key):
+    with pytest.raises(ConfigError, match=key):
+        _cfg(tmp_path, **top)
+
+
+def test_settings_that_take_effect_are_accepted(tmp_path):
+    _cfg(tmp_path, eval_interval=2, data={"split": "90,10,0"})
+    _cfg(tmp_path, parallel={"tensor_model_parallel_size": 2, "sequence_parallel": True})
+    _cfg(tmp_path, model={"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
+         parallel={"pipeline_model_parallel_size": 2})
+
+
+# --- 15.5: one FLOP model and one table of device peaks ---------------------------------------
+
+def test_device_peak_table():
+    assert set(DEVICE_PEAK_TFLOPS) == {"h100", "h200", "a100", "b200"}
+    assert device_peak_tflops("h100", "bf16") == 989.0 and device_peak_tflops("h100", "fp8") == 1979.0
+    assert device_peak_tflops("NVIDIA H200", "fp8") == 1979.0
+    assert device_peak_tflops("NVIDIA B200", "bf16") == 2250.0 and device_peak_tflops("b200", "fp8") == 4500.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert device_kind("NVIDIA H100 80GB HBM3") == "h100" and device_kind("NVIDIA H100 PCIe") is None
+    for device, precision in [("NVIDIA L40S", "bf16"), ("a100", "fp8"), ("cpu", "bf16")]:
+        with pytest.raises(UnknownPeakError, match="unknown peak"):
+            device_peak_tflops(device, precision)
+
+
+def test_training_peak_follows_the_gpu_and_the_gemm_precision(monkeypatch):
+    import torch
+
+    from megatron_longsky.training.metrics import format_record, resolve_peak_tflops
+
+    bf16 = model_config_from_dict({"preset": "tiny"})
+    fp8 = model_config_from_dict({"preset": "tiny", "fp8": "hybrid"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert resolve_peak_tflops(None, bf16)[0] == 989.0
+    assert resolve_peak_tflops(None, fp8)[0] == 1979.0  # FP8 runs use the FP8 peak
+    assert resolve_peak_tflops(500.0, fp8)[0] == 500.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA RTX 6000 Ada Generation")
+    peak, why = resolve_peak_tflops(None, bf16)
+    assert peak is None and "unknown peak" in why and "RTX 6000" in why
+    record = {"iteration": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": None, "tokens_per_s": 1.0,
+              "tflops_per_device": 1.0, "mfu": None, "hfu": None, "peak_memory_gib": 0.0,
+              "data_wait_fraction": 0.0}
+    assert "unknown peak" in format_record(record)
+
+
+def test_training_and_plan_report_mfu_and_hfu_from_the_same_flops(tmp_path, capsys):
+    from megatron_longsky.plan.cli import main as plan_main
+    from megatron_longsky.training.loop import train
+    from megatron_longsky.training.metrics import read_metrics
+
+    prefix = write_token_dataset(tmp_path / "ds", num_docs=16)
+    model = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    cfg = train_config_from_dict(tiny_config_dict(tmp_path, prefix, train_iters=2, model=model,
+                                                  logging={"log_interval": 1, "tensorboard": False,
+                                                           "peak_tflops_per_device": 1e-3},
+                                                  checkpoint={"save_at_end": False}))
+    train(cfg)
+    flops = step_flops(cfg.model, 384, cfg.global_batch_size)
+    assert flops.hardware_flops > flops.model_flops
+    for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl"):
+        assert r["tflops_per_device"] == pytest.approx(flops.model_flops / r["step_time_s"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] / 1e-3)
+        assert r["hfu"] / r["mfu"] == pytest.approx(flops.hardware_flops / flops.model_flops)
+    # the planner: the same FLOPs, and FP8 runs divided by the FP8 peak of the chosen device
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"model": {"preset": "llama3-8b", "seq_length": 8192, "fp8": "hybrid", **model},
+                               "global_batch_size": 8}))
+    for device in ("h100", "b200"):
+        assert plan_main(["--config", str(job), "--nodes", "1", "--json", "--device", device,
+                          "--efficiency", "0.5"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["time"]["hfu"] == pytest.approx(0.5)
+        expected = step_flops(load_train_config(job).model, 128256, 8)
+        assert report["flops"]["hardware_flops"] == pytest.approx(expected.hardware_flops)
+        seconds = expected.hardware_flops / (8 * DEVICE_PEAK_TFLOPS[device]["fp8"] * 1e12 * 0.5)
+        assert report["time"]["step_seconds"] == pytest.approx(seconds)
