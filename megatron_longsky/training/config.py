@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from megatron_longsky.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from megatron_longsky.config import ConfigError, from_dict, merge_config_sources, to_dict
 from megatron_longsky.model.config import ModelConfig, model_config_from_dict
 from megatron_longsky.runtime.distributed import ParallelConfig
 from megatron_longsky.tokenizer.base import TokenizerConfig
@@ -248,8 +248,7 @@ def train_config_from_dict(data: dict, where: str = "config") -> TrainConfig:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Load a job YAML (optional) and apply ``key=value`` overrides (``model.num_layers=4``)."""
-    data = load_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides))
+    data = merge_config_sources(path, overrides=list(overrides))
     return train_config_from_dict(data, where=str(path) if path else "config")
 
 
