@@ -270,3 +270,116 @@ def test_every_command_merges_yaml_flags_and_overrides_the_same_way(tmp_path):
                if p.name != "config.py" or p.parent != package
                if "apply_overrides(" in p.read_text() or "load_yaml(args" in p.read_text()]
     assert by_hand == []
+
+
+# --- 15.3: TP larger than the KV groups wherever megatron-core 0.16.1 allows it ---------------
+
+def test_tp_larger_than_kv_groups_is_accepted_where_megatron_core_accepts_it(tmp_path):
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_longsky.convert.hf_config import ConversionError
+    from megatron_longsky.convert.importer import validate_layout
+    from megatron_longsky.plan.memory import PlanInput, estimate_memory
+
+    for groups, tp in [(1, 2), (1, 4), (2, 4), (4, 2)]:
+        model = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": groups,
+                 "ffn_hidden_size": 64}
+        m = model_config_from_dict(model)
+        TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=groups,
+                          tensor_model_parallel_size=tp)  # megatron-core's own rule
+        assert m.tensor_parallel_error(tp) is None
+        validate_layout(m, tp, 1)  # importer
+        _cfg(tmp_path, model=model, parallel={"tensor_model_parallel_size": tp})  # train
+        plan = estimate_memory(PlanInput(model=m, tensor_parallel=tp, vocab_size=128))  # planner
+        assert plan.peak > 0
+    m = model_config_from_dict({"num_layers": 2, "hidden_size": 96, "num_attention_heads": 6,
+                                "num_query_groups": 2, "ffn_hidden_size": 96})
+    with pytest.raises(ValueError):  # megatron-core refuses 2 groups over TP=3 ...
+        TransformerConfig(num_layers=2, hidden_size=96, num_attention_heads=6, num_query_groups=2,
+                          tensor_model_parallel_size=3)
+    with pytest.raises(ConversionError, match="neither a divisor nor a multiple"):  # ... and so do we
+        validate_layout(m, 3, 1)
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size"):
+        _cfg(tmp_path, model={"num_layers": 2, "hidden_size": 96, "num_attention_heads": 6,
+                              "num_query_groups": 2, "ffn_hidden_size": 96},
+             parallel={"tensor_model_parallel_size": 3})
+
+
+# --- 15.9: imports go downwards; overwrites are crash-safe ------------------------------------
+
+def test_model_package_does_not_import_the_converter():
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_longsky.model, megatron_longsky.model.init; "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron_longsky.convert')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_production_modules_do_not_import_the_testing_package():
+    import ast
+
+    offenders = []
+    for path in (REPO / "megatron_longsky").rglob("*.py"):
+        if "testing" in path.relative_to(REPO / "megatron_longsky").parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}:{node.lineno}" for n in names if n.startswith("megatron_longsky.testing")]
+    assert offenders == []
+
+
+def test_converter_overwrite_keeps_the_old_tree_when_the_swap_fails(tmp_path, monkeypatch):
+    import os
+
+    from megatron_longsky.convert import importer
+    from megatron_longsky.utils.atomic import atomic_directory
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def failing_swap(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".ckpt.tmp-"):
+            raise OSError("disk went away")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_swap)
+    with pytest.raises(OSError, match="disk went away"):
+        with atomic_directory(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (out / "old.txt").read_text() == "old" and not (out / "new.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary trees left
+    monkeypatch.setattr(os, "replace", real_replace)
+    with atomic_directory(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # the importer and the exporter share this code rather than each swapping by hand
+    from megatron_longsky.convert import exporter
+
+    for module in (importer, exporter):
+        source = Path(module.__file__).read_text()
+        assert "atomic_directory(" in source and "rmtree(out" not in source
+
+
+# --- 15.10: dead code is gone; TrainingSetup is typed -----------------------------------------
+
+def test_dead_code_is_gone_and_training_setup_is_typed():
+    import dataclasses
+
+    import megatron_longsky.config as config_core
+    import megatron_longsky.model.config as model_config
+    from megatron_longsky.data import indexed
+    from megatron_longsky.runtime import cpu_compat, distributed
+    from megatron_longsky.training.loop import TrainingSetup
+
+    assert not hasattr(config_core, "dump_config") and not hasattr(cpu_compat, "cpu_safe")
+    assert not hasattr(distributed.Runtime, "is_cpu") and not hasattr(indexed, "dataset_info")
+    assert not hasattr(model_config, "replace")
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainingSetup)}
+    assert "object" not in types.values(), types
+    assert types["optimizer"] == "Optional[MegatronOptimizer]" and types["runtime"] == "Runtime"

@@ -34,6 +34,8 @@ CASES = {
         dict(num_key_value_heads=2, tie_word_embeddings=False, rope_theta=500000.0,
              rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": ORIGINAL_CTX}), 2),
+    # MQA imported at TP=2 > 1 KV group: megatron-core all-gathers QKV and each rank keeps its group.
+    "mqa_untied_tp2": (dict(num_key_value_heads=1, tie_word_embeddings=False, rope_theta=10000.0), 2),
     "gqa_tied_yarn": (
         dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=20000.0,
              rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL_CTX}), 1),
@@ -206,7 +208,7 @@ def test_imported_config_vocab_padding_and_tokenizer(converted):
     it = converted["ckpt"]["gqa_untied_llama3"] / "iter_0000000"
     conf = yaml.safe_load((it / "config.yaml").read_text())
     assert conf["parallel"]["tensor_model_parallel_size"] == 2
-    assert conf["model"]["vocab_size"] == 256  # 100 padded to a multiple of 128 * TP
+    assert conf["model"]["vocab_size"] == 128  # 100 padded to a multiple of 128, at any TP
     assert conf["model"]["num_query_groups"] == 2 and conf["model"]["tie_embeddings"] is False
     assert conf["model"]["rope"]["scaling"] == "llama3" and conf["model"]["rope"]["base"] == 500000.0
     assert (converted["root"] / "ckpt_gqa_untied_llama3" / "latest").read_text().strip() == "iter_0000000"
@@ -226,14 +228,14 @@ def test_export_ships_tokenizer(converted, tmp_path):
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
 
 
-def test_cli_import_refuses_tp_not_dividing_kv_groups(converted, tmp_path, capsys):
+def test_cli_import_refuses_tp_megatron_cannot_split(converted, tmp_path, capsys):
     from megatron_longsky.cli import main
 
     hf_dir = converted["root"] / "hf_gqa_tied_linear"
-    rc = main(["convert", "import", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "c"), "--tp", "4"])
+    rc = main(["convert", "import", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "c"), "--tp", "8"])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "TP=4 does not divide the 2 KV groups" in err
+    assert "TP=8 does not divide the 4 attention heads" in err
     assert not (tmp_path / "c").exists()
 
 

@@ -77,7 +77,7 @@ def export_checkpoint(
     from megatron_longsky.model import build_model, model_config_from_dict
     from megatron_longsky.runtime.distributed import ParallelConfig
     from megatron_longsky.convert.session import single_process_runtime
-    from megatron_longsky.utils.atomic import make_temp_dir_beside
+    from megatron_longsky.utils.atomic import atomic_directory
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -106,8 +106,7 @@ def export_checkpoint(
     check_tokenizer_fits(tok_vocab, vocab, str(tok_dir))
     out_dtype = _DTYPES[dtype] if dtype else _DTYPES[cfg.params_dtype]
 
-    tmp = make_temp_dir_beside(out_dir)
-    try:
+    with atomic_directory(out_dir) as tmp:
         with single_process_runtime():
             build_cfg = dataclasses.replace(cfg, transformer_impl="local", fp8=None)
             model = build_model(build_cfg, ParallelConfig(), padded, pre_process=True, post_process=True,
@@ -145,11 +144,5 @@ def export_checkpoint(
         if tok_dir is not None:
             for f in tokenizer_files(tok_dir):
                 shutil.copy2(f, tmp / f.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("export: %s -> %s (vocab %d of %d rows, %s)", ckpt, out_dir, vocab, padded, _DTYPE_NAMES[out_dtype])
     return out_dir

@@ -103,6 +103,27 @@ class ModelConfig:
                 f"a multiple of {tensor_parallel}")
         return padded
 
+    def tensor_parallel_error(self, tp: int) -> Optional[str]:
+        """Why megatron-core 0.16.1 cannot split this model over ``tp`` ranks (None: it can).
+
+        TP larger than the KV groups is allowed when it is a multiple of them (MQA/GQA): each
+        rank all-gathers the QKV projection and keeps its group, as megatron-core does."""
+        g, d = self.kv_groups, self.head_dim
+        if self.num_attention_heads % tp:
+            return f"TP={tp} does not divide the {self.num_attention_heads} attention heads"
+        if g % tp and tp % g:
+            return (f"TP={tp} is neither a divisor nor a multiple of the {g} KV groups (num_query_groups); "
+                    f"choose TP from {[t for t in range(1, self.num_attention_heads + 1) if self.num_attention_heads % t == 0 and (g % t == 0 or t % g == 0)]}")
+        if (self.num_attention_heads + 2 * g) * d % tp:
+            return f"TP={tp} does not divide the {(self.num_attention_heads + 2 * g) * d} QKV projection rows"
+        if self.ffn_hidden_size % tp:
+            return f"TP={tp} does not divide ffn_hidden_size {self.ffn_hidden_size}"
+        return None
+
+    def kv_groups_per_rank(self, tp: int) -> int:
+        """KV groups a TP rank attends with: its share, or one when TP exceeds the groups."""
+        return max(1, self.kv_groups // tp)
+
     @property
     def kv_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads

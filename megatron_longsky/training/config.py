@@ -191,6 +191,9 @@ class TrainConfig:
                 + ("(data.kind=sft has no validation split)" if self.data.kind == "sft"
                    else f"(data.split={self.data.split!r} gives the validation part 0)")
                 + "; set eval_interval=0 or use `longsky evaluate`")
+        problem = self.model.tensor_parallel_error(tp)
+        if problem:
+            raise ValueError(f"parallel.tensor_model_parallel_size: {problem}")
         if self.parallel.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
                              "(it shards activations over the TP group); set it to false")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -36,6 +36,14 @@ from megatron_longsky.plan.flops import step_flops, utilization
 from megatron_longsky.training.metrics import MetricsLogger, peak_memory_gib, resolve_peak_tflops
 from megatron_longsky.training.optimizer import build_optimizer, current_lr
 from megatron_longsky.training.signals import PreemptionHandler
+
+if TYPE_CHECKING:  # megatron-core is imported lazily at run time
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_longsky.runtime.distributed import Runtime
+    from megatron_longsky.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +73,19 @@ class TrainResult:
 
 @dataclass
 class TrainingSetup:
-    """Everything built for a run (also used by the overhead benchmark)."""
+    """Everything built for a run (also used by the overhead benchmark). Teardown after a
+    failed setup, and evaluation, hold only some of it (no optimizer, maybe no model)."""
 
     cfg: TrainConfig
-    runtime: object
-    model: list
-    optimizer: object
-    scheduler: object
-    vocab_size: int
-    tokenizer: object
-    config_dict: dict
+    runtime: Runtime
     owns_process_group: bool
+    model: list[DistributedDataParallel] = field(default_factory=list)  # one chunk per virtual stage
+    optimizer: Optional[MegatronOptimizer] = None
+    scheduler: Optional[OptimizerParamScheduler] = None
+    vocab_size: int = 0
+    tokenizer: Optional[Tokenizer] = None
+    # The resolved job config written into every checkpoint as config.yaml.
+    config_dict: dict = field(default_factory=dict)
 
 
 def _device():
@@ -142,7 +152,7 @@ def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optio
         return _setup_after_initialize(cfg, runtime, owns_pg)
     except BaseException:
         # Leave no parallel state behind: a later run in this process may use another layout.
-        teardown(TrainingSetup(cfg, runtime, [], None, None, 0, None, {}, owns_pg), barrier=False)
+        teardown(TrainingSetup(cfg, runtime, owns_pg), barrier=False)
         raise
 
 
@@ -182,7 +192,8 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
         load_model_weights(model, init_dir)
         optimizer.reload_model_params()
         log.info("initialised weights from %s (fresh optimizer, schedule and data)", init_dir)
-    setup = TrainingSetup(cfg, runtime, model, optimizer, scheduler, vocab_size, tokenizer, config_dict, owns_pg)
+    setup = TrainingSetup(cfg, runtime, owns_pg, model=model, optimizer=optimizer, scheduler=scheduler,
+                          vocab_size=vocab_size, tokenizer=tokenizer, config_dict=config_dict)
     return setup, state, resume_dir
 
 
@@ -421,7 +432,7 @@ def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_
 
     owns_pg = not torch.distributed.is_initialized()
     runtime = initialize(cfg.parallel, cfg.seed)
-    setup = TrainingSetup(cfg, runtime, [], None, None, 0, None, {}, owns_pg)
+    setup = TrainingSetup(cfg, runtime, owns_pg)
     try:
         ckpt_dir = resolve_checkpoint(checkpoint)
         tokenizer = build_tokenizer(cfg.tokenizer)
@@ -429,7 +440,7 @@ def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_
         check_dataset_tokenizers(eval_cfg.data, tokenizer)
         vocab_size = resolve_vocab_size(cfg, tokenizer, ckpt_dir)
         model = build_training_model(cfg, vocab_size, initialize=False)
-        setup = TrainingSetup(cfg, runtime, model, None, None, vocab_size, tokenizer, {}, owns_pg)
+        setup = TrainingSetup(cfg, runtime, owns_pg, model=model, vocab_size=vocab_size, tokenizer=tokenizer)
         load_model_weights(model, ckpt_dir)
         num_batches = num_batches or cfg.eval_iters
         if cfg.data.kind == "sft":
