@@ -160,6 +160,7 @@ def measured():
     return run_distributed(_measure_cases, 2)
 
 
+@pytest.mark.slow
 def test_estimates_agree_with_measured_cpu_memory(measured):
     # The planner reports the worst GPU: compare with the largest figure over the ranks
     # (under CP the ranks' attention blocks differ; see plan/memory.py).
