@@ -383,3 +383,29 @@ def test_dead_code_is_gone_and_training_setup_is_typed():
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainingSetup)}
     assert "object" not in types.values(), types
     assert types["optimizer"] == "Optional[MegatronOptimizer]" and types["runtime"] == "Runtime"
+
+
+# --- 15.12: benchmark verdicts come from medians first and name the measured commit -----------
+
+def test_benchmark_results_lead_with_verdict_and_commit():
+    import re
+    import subprocess
+
+    text = (REPO / "benchmarks" / "RESULTS.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    assert sections
+    for section in sections:
+        title, body = section.split("\n", 1)
+        opening = body.strip().split("\n\n")[0]
+        found = re.match(r"\*\*Measured:\*\* commit `([0-9a-f]{7,40})` \((\d{4}-\d{2}-\d{2})", opening)
+        assert found, f"{title}: does not open with the commit it measured"
+        assert "**Verdict" in opening, f"{title}: no verdict up front"
+        if "median" in body and "best" in body:  # both reported: the verdict is the medians'
+            verdict = opening[opening.index("**Verdict"):]
+            best_at = verdict.find("best")
+            assert "median" in verdict and (best_at < 0 or verdict.index("median") < best_at), title
+        known = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{found.group(1)}^{{commit}}"],
+                               capture_output=True)
+        if (REPO / ".git").exists() and subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"],
+                                                       capture_output=True, text=True).stdout.strip() == "false":
+            assert known.returncode == 0, f"{title}: commit {found.group(1)} is not in this repository"
