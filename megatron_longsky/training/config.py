@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -72,11 +73,10 @@ class DataConfig:
             raise ValueError(f"data.pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
 
     def has_validation_split(self) -> bool:
-        """gpt data with a non-zero validation share in ``split`` (sft data has none)."""
-        from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
-
-        return self.kind == "gpt" and len(parse_and_normalize_split(self.split)) > 1 and \
-            parse_and_normalize_split(self.split)[1] > 0
+        """gpt data with a non-zero validation share in ``split`` (sft data has none). The
+        split is read as megatron-core's ``parse_and_normalize_split`` reads it."""
+        shares = [float(x) for x in re.findall(r"[.0-9]+", self.split)]
+        return self.kind == "gpt" and len(shares) > 1 and shares[1] > 0
 
 
 @dataclass
