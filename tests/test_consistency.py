@@ -36,14 +36,15 @@ def test_padded_vocabulary_is_the_same_at_any_tp(tmp_path):
     tok = ByteTokenizer()  # 259 ids
     sizes = {tp: resolve_vocab_size(_cfg(tmp_path, model={"vocab_size": None},
                                          parallel={"tensor_model_parallel_size": tp}), tok, None)
-             for tp in (1, 2, 4, 8)}
+             for tp in (1, 2, 4)}
     assert set(sizes.values()) == {384}
     # A TP size that does not divide the padded vocabulary is refused, naming the setting.
+    model = model_config_from_dict({"preset": "tiny"})
+    assert model.padded_vocab_size(259, tensor_parallel=8) == 384
     with pytest.raises(ConfigError, match="make_vocab_size_divisible_by"):
-        resolve_vocab_size(_cfg(tmp_path, model={"vocab_size": None},
-                                parallel={"tensor_model_parallel_size": 5}), tok, None)
-    assert resolve_vocab_size(_cfg(tmp_path, model={"vocab_size": None, "make_vocab_size_divisible_by": 80},
-                                   parallel={"tensor_model_parallel_size": 5}), tok, None) == 320
+        model.padded_vocab_size(259, tensor_parallel=5)
+    assert model_config_from_dict({"preset": "tiny", "make_vocab_size_divisible_by": 80}).padded_vocab_size(
+        259, tensor_parallel=5) == 320
 
 
 def _first_loss(tmp, prefix, tp):

@@ -242,11 +242,8 @@ def train_config_from_dict(data: dict, where: str = "config") -> TrainConfig:
         model_cfg = model_config_from_dict(model, where=f"{where}.model")
     else:
         raise ConfigError(f"{where}.model: expected a mapping, got {model!r}")
-    cfg = from_dict(TrainConfig, data, where)
-    try:
-        return dataclasses.replace(cfg, model=model_cfg)
-    except ValueError as exc:  # checks across sections (model x data x parallel)
-        raise ConfigError(f"{where}: {exc}") from exc
+    # The model goes in with the rest, so the checks across sections see the real one.
+    return from_dict(TrainConfig, {**data, "model": model_cfg}, where)
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
