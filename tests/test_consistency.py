@@ -201,11 +201,13 @@ def test_training_peak_follows_the_gpu_and_the_gemm_precision(monkeypatch):
     assert "unknown peak" in format_record(record)
 
 
-def test_training_and_plan_report_mfu_and_hfu_from_the_same_flops(tmp_path, capsys):
+def test_training_and_plan_report_mfu_and_hfu_from_the_same_flops(tmp_path, capsys, monkeypatch):
     from megatron_longsky.plan.cli import main as plan_main
+    from megatron_longsky.runtime.distributed import free_port
     from megatron_longsky.training.loop import train
     from megatron_longsky.training.metrics import read_metrics
 
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))  # a single-process run on a shared machine
     prefix = write_token_dataset(tmp_path / "ds", num_docs=16)
     model = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     cfg = train_config_from_dict(tiny_config_dict(tmp_path, prefix, train_iters=2, model=model,

@@ -48,15 +48,17 @@ def test_cli_runs_one_stage_with_overrides_and_nodes(capsys):
     out = capsys.readouterr().out
     assert "gpus=64" in out and "DP=8" in out and "validated by megatron-core" in out
     # key=value overrides as for longsky train
-    assert plan_main(["--dry-run", "--config", str(cpt), "--nodes", "4", "model.recompute_granularity=selective"]) == 0
+    assert plan_main(["--dry-run", "--config", str(cpt), "--nodes", "4", "model.recompute_granularity=selective",
+                      "model.recompute_method=null", "model.recompute_num_layers=null"]) == 0
     assert "recompute=None" in capsys.readouterr().out  # TE's fused attention: not re-run
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    # megatron-core's own TransformerConfig validation
-    (["model.recompute_method=null"], "stage cpt: ValueError: Using recompute_granularity: full"),
+    # our config checks (issue 15.4: no setting silently ignored), before megatron-core's own
+    (["model.recompute_method=null"], "model.recompute_granularity='full' needs model.recompute_method"),
+    (["parallel.tensor_model_parallel_size=3"], "TP=3 does not divide the 32 attention heads"),
     # the cluster shape from --nodes
-    (["parallel.tensor_model_parallel_size=3"], "stage cpt: ConfigError: 32 GPUs are not divisible"),
+    (["parallel.pipeline_model_parallel_size=8"], "stage cpt: ConfigError: 32 GPUs are not divisible"),
     # megatron-core's shape checks while building the model on the meta device
     (["model.ffn_hidden_size=14337"], "stage cpt"),
 ])
