@@ -1,13 +1,14 @@
 # The two commands of the README:
 #   make quickstart   set up .venv and run the whole recipe on a tiny model (CPU)
-#   make test         set up .venv and run the test suite
+#   make test         set up .venv and run the whole test suite (CI)
+#   make test-fast    the suite without the multi-process / end-to-end tests (day-to-day)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/quickstart
 
-.PHONY: venv quickstart test clean
+.PHONY: venv quickstart test test-fast clean
 
 venv: $(STAMP)
 
@@ -23,6 +24,9 @@ quickstart: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info megatron_longsky/_ext_*.so

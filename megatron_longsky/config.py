@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -155,14 +154,35 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Load ``cls`` from a YAML file (optional) plus ``key=value`` overrides."""
+def _split_swallowed_overrides(flags: dict, overrides: list[str], keys: set[str]) -> tuple[dict, list[str]]:
+    """argparse lets a multi-valued flag (``--input-prefix a b seed=3``) swallow the
+    ``key=value`` overrides after it: items naming a config key go back to the overrides."""
+    flags, overrides = dict(flags), list(overrides)
+    for name, value in flags.items():
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            moved = [v for v in value if "=" in v and v.split("=", 1)[0].split(".")[0] in keys]
+            if moved:
+                overrides = moved + overrides
+                flags[name] = [v for v in value if v not in moved] or None
+    return flags, overrides
+
+
+def merge_config_sources(path: str | Path | None = None, flags: dict | None = None,
+                         overrides: list[str] = (), keys: set[str] | None = None) -> dict:
+    """The one way every command builds its config data: the YAML file (optional), then the
+    command-line flags that were given (``None`` means not given), then ``key=value``
+    overrides. ``keys``: the config's top-level keys, to recover overrides that a
+    multi-valued flag swallowed."""
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides))
-    return from_dict(cls, data, where=str(path) if path else "config")
+    flags, overrides = _split_swallowed_overrides(flags or {}, list(overrides), keys or set())
+    data.update({k: v for k, v in flags.items() if v is not None})
+    return apply_overrides(data, overrides)
 
 
-def dump_config(obj, path: str | Path) -> None:
-    from megatron_longsky.utils.atomic import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = (),
+                flags: dict | None = None, where: str | None = None) -> T:
+    """Build ``cls`` from a YAML file (optional), given command-line flags and ``key=value``
+    overrides (later sources win); errors name the file, else ``where``."""
+    keys = {f.name for f in dataclasses.fields(cls)}
+    data = merge_config_sources(path, flags, overrides, keys)
+    return from_dict(cls, data, where=str(path) if path else (where or "config"))

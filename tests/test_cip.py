@@ -13,7 +13,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 
 from megatron_longsky._ext_cip_index import build_cip_index as cpp_build
 from megatron_longsky._ext_cip_index import gather_tokens
-from megatron_longsky.config import ConfigError, load_config
+from megatron_longsky.config import ConfigError, from_dict, load_config
 from megatron_longsky.data import cip
 from megatron_longsky.data.cip import CIPConfig, CIPInputError, build_cip, plan_cip
 from megatron_longsky.data.cip_reference import build_cip_index as ref_build
@@ -365,7 +365,7 @@ def test_bad_inputs_give_clear_errors(corpus, tmp_path):
     with pytest.raises(ValueError, match="less than one chunk"):
         CIPConfig(seq_length=100, docs_per_seq=4, chunking="fixed", chunk_size=30)
     with pytest.raises(ConfigError, match="docs_per_seq_max"):
-        cip.from_dict(CIPConfig, {"docs_per_seq": 5, "docs_per_seq_max": 3})
+        from_dict(CIPConfig, {"docs_per_seq": 5, "docs_per_seq_max": 3})
 
     empty = make_dataset(tmp_path / "empty", [0, 0], 1)
     with pytest.raises(CIPInputError, match="no non-empty documents"):

@@ -13,6 +13,9 @@ import torch
 
 from megatron_longsky.testing.multiprocess import run_distributed
 
+# Multi-process / end-to-end: run by `make test`, not by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 SEQ = 32
 VOCAB = 128
 ROWS = 2

@@ -16,14 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "configs" / "recipes"
 
 
-@pytest.mark.parametrize("recipe", [
-    "llama3_8b_128k",
-    # issue 12 item 4 (owned by the 'consistency' work): the importer records the padded
-    # 65536 while the Skywork preset says 65519, and the trainer's vocabulary rule refuses
-    # the CPT stage; the dry-run reports exactly that. Remove the mark with that fix.
-    pytest.param("skywork13b_200k", marks=pytest.mark.xfail(
-        strict=True, raises=DryRunError, reason="Skywork vocabulary 65519 vs the import's 65536 (issue 12 item 4)")),
-])
+@pytest.mark.parametrize("recipe", ["llama3_8b_128k", "skywork13b_200k"])
 def test_every_stage_of_the_recipe_passes_and_chains(recipe):
     from megatron_longsky.plan.cli import plan_input
     from megatron_longsky.plan.memory import params_on_rank
@@ -55,15 +48,17 @@ def test_cli_runs_one_stage_with_overrides_and_nodes(capsys):
     out = capsys.readouterr().out
     assert "gpus=64" in out and "DP=8" in out and "validated by megatron-core" in out
     # key=value overrides as for longsky train
-    assert plan_main(["--dry-run", "--config", str(cpt), "--nodes", "4", "model.recompute_granularity=selective"]) == 0
+    assert plan_main(["--dry-run", "--config", str(cpt), "--nodes", "4", "model.recompute_granularity=selective",
+                      "model.recompute_method=null", "model.recompute_num_layers=null"]) == 0
     assert "recompute=None" in capsys.readouterr().out  # TE's fused attention: not re-run
 
 
 @pytest.mark.parametrize("overrides, reason", [
-    # megatron-core's own TransformerConfig validation
-    (["model.recompute_method=null"], "stage cpt: ValueError: Using recompute_granularity: full"),
+    # our config checks (issue 15.4: no setting silently ignored), before megatron-core's own
+    (["model.recompute_method=null"], "model.recompute_granularity='full' needs model.recompute_method"),
+    (["parallel.tensor_model_parallel_size=3"], "TP=3 does not divide the 32 attention heads"),
     # the cluster shape from --nodes
-    (["parallel.tensor_model_parallel_size=3"], "stage cpt: ConfigError: 32 GPUs are not divisible"),
+    (["parallel.pipeline_model_parallel_size=8"], "stage cpt: ConfigError: 32 GPUs are not divisible"),
     # megatron-core's shape checks while building the model on the meta device
     (["model.ffn_hidden_size=14337"], "stage cpt"),
 ])

@@ -12,6 +12,9 @@ import torch
 
 from megatron_longsky.testing.multiprocess import run_distributed
 
+# Multi-process / end-to-end: run by `make test`, not by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # (TP, PP, CP, sequence parallel). Sequence parallelism needs TE or apex norms (GPU):
 # megatron-core's torch LayerNorm refuses it, so it is not tested here.
 LAYOUTS = [(1, 1, 1, 0), (2, 1, 1, 0), (1, 2, 1, 0), (1, 1, 2, 0)]

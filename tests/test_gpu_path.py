@@ -317,11 +317,13 @@ def test_fp8_shard_rule_is_checked_at_config_time():
     # 72 / CP=2 = 36 tokens per rank: not a multiple of 16
     with pytest.raises(ConfigError, match="FP8 needs each shard divisible by 16"):
         _train_config(**{"model.fp8": "hybrid", "model.seq_length": 72, "parallel.context_parallel_size": 2})
-    cfg = _train_config(**{"model.fp8": "hybrid", "model.seq_length": 64, "parallel.context_parallel_size": 2})
-    # packed SFT documents are padded so that every CP rank's part divides by 16
-    assert cfg.sft_pad_multiple == 32
-    assert _train_config(**{"parallel.context_parallel_size": 2}).sft_pad_multiple == 4
-    assert _train_config(**{"model.fp8": "e4m3"}).sft_pad_multiple == 16
+    sft = {"data.kind": "sft", "data.prefixes": "[x]", "model.seq_length": 128}
+    # SFT samples are padded to data.pad_to_multiple: every CP rank's part must divide by 16
+    _train_config(**sft, **{"model.fp8": "hybrid", "parallel.context_parallel_size": 2})  # 64 = 2 x 16 x 2
+    with pytest.raises(ConfigError, match="data.pad_to_multiple=16 is not a multiple of 32"):
+        _train_config(**sft, **{"model.fp8": "hybrid", "parallel.context_parallel_size": 2,
+                                "data.pad_to_multiple": 16})
+    _train_config(**sft, **{"parallel.context_parallel_size": 2, "data.pad_to_multiple": 4})  # BF16: 2 x CP
 
 
 def test_packed_document_padding_rule():
@@ -352,7 +354,8 @@ def test_sft_dataset_gets_the_fp8_padding(monkeypatch):
     cfg = _train_config(**{"model.fp8": "hybrid", "model.seq_length": 128, "parallel.context_parallel_size": 2,
                            "data.kind": "sft", "data.packed": "true", "data.prefixes": "[x]"})
     data_lib.build_sft_splits(cfg, 8)
-    assert seen["pad"] == 32
+    # data.pad_to_multiple (64, whatever the layout) keeps each CP rank's part of a sample a multiple of 16
+    assert seen["pad"] == cfg.data.pad_to_multiple == 64 and seen["pad"] % (16 * 2) == 0
 
 
 # ------------------------------------------------------------------------- FP8 attention

@@ -82,6 +82,7 @@ def _init_at_layouts(jobs):
     return out
 
 
+@pytest.mark.slow
 def test_same_seed_same_full_weights_and_logits_at_any_layout():
     layouts = [(1, 1), (2, 1), (1, 2)]
     jobs = [(tp, pp, tied, 7) for tp, pp in layouts for tied in (False, True)]

@@ -183,6 +183,7 @@ def test_exception_mid_write_leaves_no_finished_or_temporary_file(tmp_path, monk
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_killed_run_leaves_no_file_that_looks_finished(tmp_path, sig):
     fifo = tmp_path / "stream.jsonl"

@@ -8,6 +8,9 @@ import pytest
 from megatron_longsky.quickstart import run
 from megatron_longsky.quickstart.config import QuickstartConfig
 
+# Multi-process / end-to-end: run by `make test`, not by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 SMALL = dict(
     corpus_bytes=400_000, heldout_bytes=120_000, workers=1,
     num_layers=2, hidden_size=64, ffn_hidden_size=176,

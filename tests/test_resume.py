@@ -22,6 +22,9 @@ from megatron_longsky.training.metrics import read_metrics
 
 from _training_fixtures import tiny_config_dict, write_token_dataset
 
+# Multi-process / end-to-end: run by `make test`, not by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ITERS = 30
 
 

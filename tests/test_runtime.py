@@ -126,6 +126,7 @@ def _tiny_gpt_step(tp, pp):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_gpt_forward_backward_and_step_on_cpu(tp, pp):
     results = run_distributed(_tiny_gpt_step, 2, tp, pp)

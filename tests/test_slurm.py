@@ -75,6 +75,7 @@ def _wait_for(predicate, timeout: float, what: str, on_timeout=lambda: ""):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_cpu_sbatch_trains_on_two_tasks_and_resumes_after_preemption(tmp_path):
     missing = missing_binaries()

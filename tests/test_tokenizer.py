@@ -71,15 +71,15 @@ def test_byte_roundtrip_property(text):
 
 
 @pytest.mark.parametrize(
-    "vocab,divisible,tp,expected",
-    [(32000, 128, 1, 32000), (32001, 128, 1, 32128), (259, 128, 2, 512), (128256, 128, 8, 129024),
-     (50257, 128, 1, 50304), (7, 1, 1, 7)],
+    "vocab,divisible,expected",
+    [(32000, 128, 32000), (32001, 128, 32128), (259, 128, 384), (128256, 128, 128256),
+     (50257, 128, 50304), (65519, 128, 65536), (7, 1, 7)],
 )
-def test_padded_vocab_size_like_megatron(vocab, divisible, tp, expected):
-    # Megatron-LM: round up to a multiple of make_vocab_size_divisible_by * TP.
-    assert pad_vocab_size(vocab, divisible, tp) == expected
+def test_padded_vocab_size_is_fixed_by_the_model_config(vocab, divisible, expected):
+    # A multiple of make_vocab_size_divisible_by only: never of the TP size (issue 15.1).
+    assert pad_vocab_size(vocab, divisible) == expected
     with pytest.raises(ValueError):
-        pad_vocab_size(vocab, 0, 1)
+        pad_vocab_size(vocab, 0)
 
 
 def test_bpe_training_and_hf_tokenizer(bpe_dir):
@@ -138,7 +138,7 @@ def test_sentencepiece_tokenizer(sp_model):
     assert tok.decode(ids) == text
     assert tok.encode_batch([text, "lazy dog"]) == [ids, tok.encode("lazy dog")]
     assert tok.token_to_id("</s>") == tok.eod_id and tok.token_to_id("zzzzqqq") is None
-    assert tok.padded_vocab_size(64, 2) == 128
+    assert tok.padded_vocab_size(64) == 128
     assert tok.fingerprint.startswith("sentencepiece-")
     with pytest.raises(ValueError, match="not a sentencepiece model"):
         bad = sp_model.parent / "bad.model"

@@ -11,6 +11,9 @@ from megatron_longsky.testing.multiprocess import run_distributed
 
 from _training_fixtures import tiny_config_dict, write_token_dataset
 
+# Multi-process / end-to-end: run by `make test`, not by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def _init_process_group():
     import torch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from megatron_longsky.training.batch import prepare_batch
 from megatron_longsky.training.cli import main as cli_main
 from megatron_longsky.training.config import load_train_config, train_config_from_dict, train_config_to_dict
 from megatron_longsky.training.data import GlobalBatchSampler
-from megatron_longsky.training.metrics import flops_per_token, read_metrics
+from megatron_longsky.training.metrics import read_metrics
 from megatron_longsky.training.step import masked_token_loss
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -113,14 +114,20 @@ def test_prepare_batch_defaults_positions_and_checks_shapes():
 
 def test_flops_formula_matches_a_hand_count():
     from megatron_longsky.model.config import model_config_from_dict
+    from megatron_longsky.plan.flops import step_flops
 
     m = model_config_from_dict({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                                "num_query_groups": 2, "ffn_hidden_size": 176})
+                                "num_query_groups": 2, "ffn_hidden_size": 176, "seq_length": 256})
     h, f, s, v, kv = 64, 176, 256, 384, 2 * 16
     qkv, proj, attn, mlp = 2 * h * (h + 2 * kv), 2 * h * h, 2 * 2 * (s // 2) * h, 2 * 3 * h * f
-    forward = 2 * (qkv + proj + attn + mlp) + 2 * h * v
-    assert flops_per_token(m, s, v) == 3 * forward
-    assert flops_per_token(m, s, v, recompute=True) == 4 * forward
+    layers = 2 * (qkv + proj + attn + mlp)
+    forward = layers + 2 * h * v
+    flops = step_flops(m, v, global_batch_size=1)
+    assert flops.model_flops == flops.hardware_flops == 3 * forward * s
+    # Full recomputation re-runs the layers' forward (not the output layer): hardware FLOPs only.
+    full = step_flops(model_config_from_dict({**dataclasses.asdict(m), "recompute_granularity": "full",
+                                              "recompute_method": "uniform", "recompute_num_layers": 1}), v, 1)
+    assert full.model_flops == 3 * forward * s and full.hardware_flops == (3 * forward + layers) * s
 
 
 def test_metrics_reader_keeps_the_last_record_per_iteration_and_plot(tmp_path):

@@ -11,6 +11,9 @@ from megatron_longsky.testing.multiprocess import run_distributed
 
 from _training_fixtures import tiny_config_dict, write_sft_dataset, write_token_dataset
 
+# Multi-process / end-to-end: run by `make test`, not by `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ITERS = 2
 SFT_SEQ = 256
 
@@ -116,7 +119,11 @@ def runs(tmp_path_factory):
     sft_prefix = write_sft_dataset(tmp)
     from megatron_longsky.sft.dataset import PackedSFTDataset
 
-    rows = (len(PackedSFTDataset(sft_prefix, SFT_SEQ, unpacked=True)), len(PackedSFTDataset(sft_prefix, SFT_SEQ)))
+    from megatron_longsky.training.config import DataConfig
+
+    pad = DataConfig().pad_to_multiple  # as the trainer pads each sample
+    rows = (len(PackedSFTDataset(sft_prefix, SFT_SEQ, unpacked=True, pad_to_multiple=pad)),
+            len(PackedSFTDataset(sft_prefix, SFT_SEQ, pad_to_multiple=pad)))
     assert rows[1] < rows[0]  # several samples share a packed row
     reference = run_distributed(_reference, 1, str(tmp), prefix, sft_prefix, rows)[0]
     layouts = run_distributed(_layouts, 2, str(tmp), prefix)

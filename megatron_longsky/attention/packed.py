@@ -37,7 +37,7 @@ def validate_cu_seqlens(cu_seqlens: Tensor, total: int, cp_size: int = 1, where:
             raise SequenceLengthError(
                 f"{where}: document {i} has length {b - a}, not divisible by 2 x context_parallel_size = "
                 f"{2 * cp_size}; pad each document to a multiple of {2 * cp_size} "
-                f"(PackedSFTDataset(pad_to_multiple={2 * cp_size}))")
+                f"(data.pad_to_multiple, a multiple of {2 * cp_size})")
 
 
 def local_token_index(cu_seqlens: Tensor, cp_size: int, cp_rank: int) -> Tensor:

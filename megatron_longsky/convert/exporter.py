@@ -53,15 +53,12 @@ def _load_tokenizer(tok_dir: Optional[Path], conf: dict, where: str):
         raise ConversionError(f"{where if tok_dir is None else tok_dir}: tokenizer {entry} cannot be loaded ({exc})") from exc
 
 
-def _padded_vocab(conf: dict, cfg, tok_vocab: Optional[int], where: str) -> int:
-    from megatron_longsky.tokenizer import pad_vocab_size
-
+def _padded_vocab(cfg, tok_vocab: Optional[int], where: str) -> int:
     if cfg.vocab_size:
         return int(cfg.vocab_size)
     if tok_vocab is None:
         raise ConversionError(f"{where}: model.vocab_size is unset and no tokenizer is available to size it")
-    saved_tp = int((conf.get("parallel") or {}).get("tensor_model_parallel_size", 1))
-    return pad_vocab_size(tok_vocab, cfg.make_vocab_size_divisible_by, saved_tp)
+    return cfg.padded_vocab_size(tok_vocab)
 
 
 def export_checkpoint(
@@ -79,7 +76,7 @@ def export_checkpoint(
     from megatron_longsky.model import build_model, model_config_from_dict
     from megatron_longsky.runtime.distributed import ParallelConfig
     from megatron_longsky.convert.session import single_process_runtime
-    from megatron_longsky.utils.atomic import make_temp_dir_beside
+    from megatron_longsky.utils.atomic import atomic_directory
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -98,7 +95,7 @@ def export_checkpoint(
     if tok_dir is None and tokenizer is not None:
         log.warning("export: the checkpoint's %s tokenizer has no Hugging Face files to ship; "
                     "pass --tokenizer-dir to include one", tokenizer.type)
-    padded = _padded_vocab(conf, cfg, tok_vocab, where)
+    padded = _padded_vocab(cfg, tok_vocab, where)
     base_path = ckpt / "hf_config.json"
     base = json.loads(base_path.read_text(encoding="utf-8")) if base_path.exists() else None
     # The real vocabulary: the imported model's, else the tokenizer's, else every row.
@@ -108,8 +105,7 @@ def export_checkpoint(
     check_tokenizer_fits(tok_vocab, vocab, str(tok_dir))
     out_dtype = dtype_from_name(dtype or cfg.params_dtype, "dtype")
 
-    tmp = make_temp_dir_beside(out_dir)
-    try:
+    with atomic_directory(out_dir) as tmp:
         with single_process_runtime():
             build_cfg = dataclasses.replace(cfg, transformer_impl="local", fp8=None)
             model = build_model(build_cfg, ParallelConfig(), padded, pre_process=True, post_process=True,
@@ -147,11 +143,5 @@ def export_checkpoint(
         if tok_dir is not None:
             for f in tokenizer_files(tok_dir):
                 shutil.copy2(f, tmp / f.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("export: %s -> %s (vocab %d of %d rows, %s)", ckpt, out_dir, vocab, padded, dtype_name(out_dtype))
     return out_dir

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -47,16 +46,13 @@ TOKENIZER_FILES = (
 
 
 def validate_layout(cfg: ModelConfig, tp: int, pp: int, where: str = "layout") -> None:
-    """TP must divide the KV groups (whole groups per rank) and PP the layers."""
+    """TP must split the model the way megatron-core can (TP may exceed the KV groups when
+    it is a multiple of them) and PP must divide the layers."""
     if tp < 1 or pp < 1:
         raise ConversionError(f"{where}: tp ({tp}) and pp ({pp}) must be >= 1")
-    if cfg.kv_groups % tp:
-        raise ConversionError(
-            f"{where}: TP={tp} does not divide the {cfg.kv_groups} KV groups (num_key_value_heads); "
-            f"choose TP from {[d for d in range(1, cfg.kv_groups + 1) if cfg.kv_groups % d == 0]}"
-        )
-    if cfg.ffn_hidden_size % tp:
-        raise ConversionError(f"{where}: TP={tp} does not divide intermediate_size {cfg.ffn_hidden_size}")
+    problem = cfg.tensor_parallel_error(tp)
+    if problem:
+        raise ConversionError(f"{where}: {problem}")
     if cfg.num_layers % pp:
         raise ConversionError(f"{where}: PP={pp} does not divide num_hidden_layers {cfg.num_layers}")
 
@@ -155,9 +151,8 @@ def import_checkpoint(
     from megatron_longsky.model import build_model
     from megatron_longsky.runtime.device import DTYPES
     from megatron_longsky.runtime.distributed import ParallelConfig
-    from megatron_longsky.tokenizer import pad_vocab_size
     from megatron_longsky.convert.session import single_process_runtime
-    from megatron_longsky.utils.atomic import make_temp_dir_beside
+    from megatron_longsky.utils.atomic import atomic_directory
 
     hf_dir, out_root = Path(hf_dir), Path(out_root)
     if dtype not in DTYPES:
@@ -170,12 +165,11 @@ def import_checkpoint(
     validate_layout(cfg, tp, pp, where)
     hf_vocab = cfg.vocab_size
     check_tokenizer_fits(tokenizer_vocab_size(hf_dir), hf_vocab, str(hf_dir))
-    padded = pad_vocab_size(hf_vocab, cfg.make_vocab_size_divisible_by, tp)
+    padded = cfg.padded_vocab_size(tensor_parallel=tp)
     saved_cfg = dataclasses.replace(cfg, vocab_size=padded)
     weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
 
-    tmp_root = make_temp_dir_beside(out_root)
-    try:
+    with atomic_directory(out_root) as tmp_root:
         final_iter = iteration_dir(out_root, 0).resolve()
         tmp_iter = iteration_dir(tmp_root, 0)
         with single_process_runtime():
@@ -204,11 +198,5 @@ def import_checkpoint(
         write_checkpoint_config(tmp_iter, config)
         (tmp_iter / "hf_config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
         write_latest(tmp_root, 0)
-        if out_root.exists():
-            shutil.rmtree(out_root)
-        os.replace(tmp_root, out_root)
-    finally:
-        if tmp_root.exists():
-            shutil.rmtree(tmp_root, ignore_errors=True)
     log.info("import: %s -> %s (vocab %d padded to %d, TP=%d PP=%d)", hf_dir, out_root, hf_vocab, padded, tp, pp)
     return out_root

@@ -5,8 +5,9 @@ Names are relative to one decoder layer (``model.layers.{i}.`` in HF,
 the layout megatron-core's ``dist_checkpointing`` stores (the TP=1 layout):
 
 - ``linear_qkv``: rows grouped per KV head, ``[q x heads_per_group, k, v]`` for each
-  group in turn. Tensor parallelism hands whole groups to each rank, so a contiguous
-  dim-0 split of the full tensor is each rank's shard (TP must divide the KV groups).
+  group in turn. Each TP rank's shard is a contiguous dim-0 split of the full tensor:
+  whole groups when TP divides the KV groups; when TP is a multiple of them (MQA/GQA with
+  a large TP) megatron-core all-gathers the projection and each rank keeps its group.
 - ``linear_fc1``: ``[gate; up]``. Each TP rank holds ``[gate_r; up_r]``, which is
   NOT a contiguous slice of the full tensor: see :func:`tp_shard`.
 - column-parallel weights (qkv, fc1, embeddings, output layer) split on dim 0,
@@ -17,12 +18,13 @@ No RoPE permutation is needed: both sides use the rotate-half convention.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:  # the model package imports this module (layout-invariant init)
-    from megatron_longsky.model.config import ModelConfig
+from megatron_longsky.model.config import ModelConfig
+# Megatron-side names and TP sharding live with the model (the init uses them too).
+from megatron_longsky.model.parameters import (  # noqa: F401 - re-exported for the converter
+    MEGATRON_GLOBAL, MEGATRON_LAYER_KEYS, canonical_layer_name, is_gated_fc1, tp_shard,
+)
 
 # HF name -> megatron name, for tensors that map one to one.
 _DIRECT = {
@@ -42,30 +44,7 @@ HF_LAYER_KEYS = (
     "mlp.up_proj.weight",
     "mlp.down_proj.weight",
 )
-MEGATRON_LAYER_KEYS = (
-    "input_layernorm.weight",
-    "self_attention.linear_qkv.weight",
-    "self_attention.linear_proj.weight",
-    "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.weight",
-    "mlp.linear_fc2.weight",
-)
-# Transformer Engine fuses the norms into the following linear layer.
-_TE_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
 HF_GLOBAL = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
-MEGATRON_GLOBAL = {
-    "embed": "embedding.word_embeddings.weight",
-    "norm": "decoder.final_layernorm.weight",
-    "head": "output_layer.weight",
-}
-
-
-def canonical_layer_name(name: str) -> str:
-    """Local-spec name for a layer-relative parameter name (TE names mapped)."""
-    return _TE_ALIASES.get(name, name)
 
 
 def hf_layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -141,19 +120,3 @@ def pad_vocab_rows(weight: torch.Tensor, padded_rows: int) -> torch.Tensor:
         return weight
     pad = torch.zeros(padded_rows - weight.shape[0], *weight.shape[1:], dtype=weight.dtype)
     return torch.cat([weight, pad], dim=0)
-
-
-def is_gated_fc1(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
-
-
-def tp_shard(name: str, full: torch.Tensor, partition_dim: int, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's shard of a full megatron tensor (``partition_dim`` -1: replicated)."""
-    if tp_size == 1 or partition_dim < 0:
-        return full
-    if is_gated_fc1(name):
-        gate, up = torch.chunk(full, 2, dim=0)
-        return torch.cat([torch.chunk(gate, tp_size, 0)[tp_rank], torch.chunk(up, tp_size, 0)[tp_rank]], 0)
-    if full.shape[partition_dim] % tp_size:
-        raise ValueError(f"{name}: dim {partition_dim} of {tuple(full.shape)} does not split over TP={tp_size}")
-    return torch.chunk(full, tp_size, dim=partition_dim)[tp_rank]

@@ -24,8 +24,7 @@ def single_process_runtime():
     from megatron.core import parallel_state
 
     from megatron_longsky.runtime import cpu_compat
-    from megatron_longsky.runtime.distributed import LaunchEnv, ParallelConfig, initialize, shutdown
-    from megatron_longsky.testing.multiprocess import free_port
+    from megatron_longsky.runtime.distributed import LaunchEnv, ParallelConfig, free_port, initialize, shutdown
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:

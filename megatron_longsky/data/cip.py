@@ -22,7 +22,6 @@ exactly ``seq_length`` tokens (``seq_length + 1`` with ``add_extra_token``), the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ from typing import Literal, Optional
 
 import numpy as np
 
-from megatron_longsky.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from megatron_longsky.config import ConfigError, load_config, to_dict
 from megatron_longsky.data.metadata import TokenizerMismatchError, meta_path, read_meta
 from megatron_longsky.utils.atomic import atomic_paths
 from megatron_longsky.utils.logging import setup_logging
@@ -585,22 +584,12 @@ def parse_args(argv: list[str]) -> CIPConfig:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="CIPConfig field overrides")
     args = p.parse_args(argv)
 
-    data = load_yaml(args.config) if args.config else {}
-    fields = {f.name for f in dataclasses.fields(CIPConfig)}
-    for name in ("input_prefixes", "natural_prefixes", "short_prefixes"):
-        # `--input-prefix a b seed=3` puts the override into the list: move it back
-        values = getattr(args, name) or []
-        keep = [v for v in values if v.split("=", 1)[0] not in fields]
-        args.overrides += [v for v in values if v not in keep]
-        setattr(args, name, keep or None)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
     for name in ("docs_per_seq", "chunks_per_doc"):
         if name in flags:
             lo, hi = flags.pop(name)
             flags[name], flags[f"{name}_max"] = lo, (hi if hi != lo else None)
-    data.update(flags)
-    data = apply_overrides(data, args.overrides)
-    return from_dict(CIPConfig, data, where=args.config or "command line")
+    return load_config(CIPConfig, args.config, args.overrides, flags=flags, where="command line")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
-from megatron_longsky.data.metadata import meta_path, read_meta
+from megatron_longsky.data.metadata import meta_path
 from megatron_longsky.utils.atomic import temp_path_for
 
 
@@ -159,16 +159,3 @@ def commit_datasets(writers: Sequence[IndexedDatasetWriter]) -> None:
             os.replace(tmp, final)
     for w in writers:
         os.replace(w.temp_paths[2], w.final_paths[2])
-
-
-def dataset_info(prefix: str | Path) -> dict:
-    """Counts and metadata of a finished dataset (for reports and checks)."""
-    dataset = open_indexed(prefix)
-    return {
-        "prefix": str(prefix),
-        "documents": len(dataset.document_indices) - 1,
-        "sequences": len(dataset),
-        "tokens": int(dataset.sequence_lengths.sum(dtype=np.int64)),
-        "dtype": np.dtype(index_dtype(prefix)).name,
-        "meta": read_meta(prefix),
-    }

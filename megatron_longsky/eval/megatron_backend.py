@@ -48,16 +48,13 @@ log = logging.getLogger(__name__)
 def padded_vocab_for_checkpoint(ckpt_config: dict, model_cfg, tokenizer_vocab: Optional[int] = None) -> int:
     """The (padded) vocabulary size the checkpoint's embedding was saved with: the
     recorded ``model.vocab_size`` (our trainer and converter write it), else the
-    tokenizer's size padded the way training did (at the saved TP size)."""
-    from megatron_longsky.tokenizer import pad_vocab_size
-
+    tokenizer's size padded the way training did (by the model config, whatever the layout)."""
     if model_cfg.vocab_size:
         return int(model_cfg.vocab_size)
     vocab = tokenizer_vocab or (ckpt_config.get("tokenizer") or {}).get("vocab_size")
     if not vocab:
         raise ValueError("checkpoint config records no model.vocab_size and no tokenizer vocabulary size is known")
-    saved_tp = int((ckpt_config.get("parallel") or {}).get("tensor_model_parallel_size", 1))
-    return pad_vocab_size(int(vocab), model_cfg.make_vocab_size_divisible_by, saved_tp)
+    return model_cfg.padded_vocab_size(int(vocab))
 
 
 def evaluation_model_config(ckpt_config: dict, where: str, fp8: Optional[str] = None):

@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from megatron_longsky.config import ConfigError, apply_overrides, from_dict, load_yaml
+from megatron_longsky.config import ConfigError, load_config
 from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
 from megatron_longsky.utils.logging import setup_logging
 
@@ -51,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 def needle_config_from_args(args: argparse.Namespace):
     from megatron_longsky.eval.needle import NeedleConfig
 
-    data = load_yaml(args.config) if args.config else {}
     flags = {
         "lengths": parse_int_list(args.lengths, "--lengths") if args.lengths else None,
         "depth_spacing": args.depth_spacing, "samples": args.samples, "seed": args.seed, "mode": args.mode,
@@ -65,9 +64,7 @@ def needle_config_from_args(args: argparse.Namespace):
             flags["depths"] = depths
         else:
             flags["num_depths"] = count
-    data.update({k: v for k, v in flags.items() if v is not None})
-    data = apply_overrides(data, args.overrides)
-    return from_dict(NeedleConfig, data, where=args.config or "needle config")
+    return load_config(NeedleConfig, args.config, args.overrides, flags=flags, where="needle config")
 
 
 def main(argv: list[str] | None = None) -> int:

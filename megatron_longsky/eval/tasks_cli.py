@@ -16,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from megatron_longsky.config import ConfigError, apply_overrides, from_dict, load_yaml
+from megatron_longsky.config import ConfigError, load_config
 from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
 from megatron_longsky.utils.logging import setup_logging
 
@@ -61,7 +61,6 @@ def task_config(args: argparse.Namespace):
     from megatron_longsky.eval.ruler import RulerConfig
 
     cls = {"passkey": NeedleConfig, "ruler": RulerConfig, "ppl": PerplexityConfig}[args.task]
-    data = load_yaml(args.config) if args.config else {}
     flags: dict = {}
     if args.task in ("passkey", "ruler"):
         flags.update(seed=args.seed, samples=args.samples, mode=args.mode, chat_template=args.chat_template)
@@ -75,8 +74,7 @@ def task_config(args: argparse.Namespace):
     if args.task == "ppl":
         flags = {"data": args.data, "length": args.length, "max_documents": args.max_documents,
                  "buckets": args.buckets, "num_buckets": args.num_buckets}
-    data.update({k: v for k, v in flags.items() if v is not None})
-    return from_dict(cls, apply_overrides(data, args.overrides), where=args.config or f"{args.task} config")
+    return load_config(cls, args.config, args.overrides, flags=flags, where=f"{args.task} config")
 
 
 def main(argv: list[str] | None = None) -> int:

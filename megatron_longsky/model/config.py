@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -45,7 +44,8 @@ class ModelConfig:
     # Number of KV heads (GQA); None means multi-head attention.
     num_query_groups: Optional[int] = None
     ffn_hidden_size: int = 176
-    # None: taken from the tokenizer (padded, see tokenizer.padded_vocab_size).
+    # The vocabulary (None: the tokenizer's). The embedding has it rounded up to a multiple
+    # of make_vocab_size_divisible_by, whatever the layout; the TP size must divide that.
     vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
     seq_length: int = 256
@@ -86,10 +86,58 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
+        if self.make_vocab_size_divisible_by < 1:
+            raise ValueError(f"make_vocab_size_divisible_by must be >= 1, got {self.make_vocab_size_divisible_by}")
+        if self.recompute_granularity != "full":
+            for key in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"model.{key}={getattr(self, key)!r} only applies to "
+                                     f"recompute_granularity='full' (it is {self.recompute_granularity!r})")
+        elif self.recompute_method is None or self.recompute_num_layers is None:
+            raise ValueError("model.recompute_granularity='full' needs model.recompute_method (uniform or block) "
+                             "and model.recompute_num_layers")
         if self.num_attention_heads % groups:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups {groups}"
             )
+
+    def padded_vocab_size(self, tokenizer_vocab: Optional[int] = None, tensor_parallel: int = 1) -> int:
+        """Embedding rows: ``vocab_size`` (else ``tokenizer_vocab``) rounded up to a multiple of
+        ``make_vocab_size_divisible_by``; a property of the model, not of the layout."""
+        from megatron_longsky.tokenizer.base import pad_vocab_size
+
+        vocab = self.vocab_size or tokenizer_vocab
+        if not vocab:
+            raise ConfigError("model.vocab_size is not set and no tokenizer vocabulary is known")
+        padded = pad_vocab_size(int(vocab), self.make_vocab_size_divisible_by)
+        if padded % tensor_parallel:
+            raise ConfigError(
+                f"the model's vocabulary of {padded} rows ({vocab} padded to a multiple of "
+                f"model.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by}) is not divisible by "
+                f"tensor_model_parallel_size {tensor_parallel}; make model.make_vocab_size_divisible_by "
+                f"a multiple of {tensor_parallel}")
+        return padded
+
+    def tensor_parallel_error(self, tp: int) -> Optional[str]:
+        """Why megatron-core 0.16.1 cannot split this model over ``tp`` ranks (None: it can).
+
+        TP larger than the KV groups is allowed when it is a multiple of them (MQA/GQA): each
+        rank all-gathers the QKV projection and keeps its group, as megatron-core does."""
+        g, d = self.kv_groups, self.head_dim
+        if self.num_attention_heads % tp:
+            return f"TP={tp} does not divide the {self.num_attention_heads} attention heads"
+        if g % tp and tp % g:
+            return (f"TP={tp} is neither a divisor nor a multiple of the {g} KV groups (num_query_groups); "
+                    f"choose TP from {[t for t in range(1, self.num_attention_heads + 1) if self.num_attention_heads % t == 0 and (g % t == 0 or t % g == 0)]}")
+        if (self.num_attention_heads + 2 * g) * d % tp:
+            return f"TP={tp} does not divide the {(self.num_attention_heads + 2 * g) * d} QKV projection rows"
+        if self.ffn_hidden_size % tp:
+            return f"TP={tp} does not divide ffn_hidden_size {self.ffn_hidden_size}"
+        return None
+
+    def kv_groups_per_rank(self, tp: int) -> int:
+        """KV groups a TP rank attends with: its share, or one when TP exceeds the groups."""
+        return max(1, self.kv_groups // tp)
 
     @property
     def kv_groups(self) -> int:
@@ -148,6 +196,3 @@ def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
         merged["fp8_attention"] = "off"
     return from_dict(ModelConfig, merged, where)
 
-
-def replace(cfg: ModelConfig, **changes) -> ModelConfig:
-    return dataclasses.replace(cfg, **changes)

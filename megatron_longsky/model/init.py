@@ -19,7 +19,7 @@ import zlib
 
 import torch
 
-from megatron_longsky.convert.mapping import MEGATRON_GLOBAL, canonical_layer_name, tp_shard
+from megatron_longsky.model.parameters import MEGATRON_GLOBAL, canonical_layer_name, tp_shard
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")

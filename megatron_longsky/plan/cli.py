@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 
 from megatron_longsky.config import ConfigError
-from megatron_longsky.plan.flops import PEAK_TFLOPS, attention_peak, estimate_step_time, step_flops
+from megatron_longsky.plan.flops import (
+    DEVICE_PEAK_TFLOPS, attention_peak, device_peak_tflops, estimate_step_time, gemm_precision, step_flops,
+)
 from megatron_longsky.plan.memory import GiB, PlanInput, checkpoint_memory, estimate_memory
 
 
@@ -41,9 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory, GiB (default 80)")
     parser.add_argument("--reserved-gb", type=float, default=4.0,
                         help="set aside for the CUDA context, NCCL buffers and allocator fragmentation (default 4)")
+    parser.add_argument("--device", choices=sorted(DEVICE_PEAK_TFLOPS), default="h100",
+                        help="GPU whose datasheet peak is used (default h100; FP8 peak when model.fp8 is set)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help=f"dense peak TFLOP/s per device (default: H100 {PEAK_TFLOPS['h100-bf16']:.0f} bf16, "
-                             f"{PEAK_TFLOPS['h100-fp8']:.0f} when model.fp8 is set)")
+                        help="dense peak TFLOP/s per device (overrides --device)")
     parser.add_argument("--efficiency", type=float, default=0.4,
                         help="assumed fraction of the peak sustained over a step (default 0.4)")
     parser.add_argument("--attention", choices=["te", "longsky"], default="te",
@@ -61,9 +64,7 @@ def _vocab_size(cfg, explicit: int | None) -> int:
         return explicit
     tp = cfg.parallel.tensor_model_parallel_size
     if cfg.model.vocab_size:
-        from megatron_longsky.tokenizer.base import pad_vocab_size
-
-        return pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+        return cfg.model.padded_vocab_size(tensor_parallel=tp)
     from megatron_longsky.tokenizer import build_tokenizer
 
     try:
@@ -71,7 +72,7 @@ def _vocab_size(cfg, explicit: int | None) -> int:
     except Exception as exc:  # noqa: BLE001 - any tokenizer failure: ask for the size instead
         raise ConfigError(f"model.vocab_size is not set and the tokenizer could not be loaded ({exc}); "
                           "pass --vocab-size N") from exc
-    return tokenizer.padded_vocab_size(cfg.model.make_vocab_size_divisible_by, tp)
+    return cfg.model.padded_vocab_size(tokenizer.vocab_size, tp)
 
 
 def perf_choices(cfg, attention: str):
@@ -160,7 +161,7 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
         f"{_flop(flops.hardware_flops)} with recomputation",
         f"  assuming {efficiency:.0%} of {peak:g} TFLOP/s per GPU (core attention in "
         f"{'FP8' if m.fp8 and m.fp8_attention != 'off' else 'BF16'}): {timing.step_seconds:.3g} s/step, "
-        f"{timing.tokens_per_second_per_device:.0f} tokens/s/GPU, MFU {timing.mfu:.1%}",
+        f"{timing.tokens_per_second_per_device:.0f} tokens/s/GPU, MFU {timing.mfu:.1%}, HFU {timing.hfu:.1%}",
     ]
     if ckpt is not None:
         lines += [
@@ -231,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"longsky plan: {exc}", file=sys.stderr)
         return 2
-    peak = args.peak_tflops or PEAK_TFLOPS["h100-fp8" if cfg.model.fp8 else "h100-bf16"]
+    try:
+        peak = args.peak_tflops or device_peak_tflops(args.device, gemm_precision(cfg.model))
+    except ValueError as exc:
+        print(f"longsky plan: {exc} (--peak-tflops)", file=sys.stderr)
+        return 2
     mem = estimate_memory(p)
-    flops = step_flops(cfg.model, vocab, cfg.global_batch_size)
+    flops = step_flops(cfg.model, vocab, cfg.global_batch_size,
+                       pipeline_parallel=cfg.parallel.pipeline_model_parallel_size)
     timing = estimate_step_time(flops, world, peak, args.efficiency, attention_peak(cfg.model, peak))
     perf = perf_choices(cfg, args.attention)
     ckpt = checkpoint_memory(p, world, args.gpus_per_node, cfg.checkpoint.optimizer_format,

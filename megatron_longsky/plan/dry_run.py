@@ -112,10 +112,10 @@ class _Tokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
-    def padded_vocab_size(self, divisible_by: int, tp: int) -> int:
+    def padded_vocab_size(self, divisible_by: int) -> int:
         from megatron_longsky.tokenizer import pad_vocab_size
 
-        return pad_vocab_size(self.vocab_size, divisible_by, tp)
+        return pad_vocab_size(self.vocab_size, divisible_by)
 
 
 def _stage_error(stage: str, exc: BaseException) -> DryRunError:
@@ -233,7 +233,6 @@ def dry_run_recipe(recipe_dir: str | Path, overrides: list[str] = (), nodes: Opt
     from megatron_longsky.convert.hf_config import hf_config_from_model
     from megatron_longsky.eval.needle import NeedleConfig
     from megatron_longsky.model.config import preset
-    from megatron_longsky.tokenizer import pad_vocab_size
     from megatron_longsky.training.config import load_train_config
     from megatron_longsky.training.loop import resolve_vocab_size
 
@@ -250,15 +249,15 @@ def dry_run_recipe(recipe_dir: str | Path, overrides: list[str] = (), nodes: Opt
             raise _stage_error(stage, exc) from exc
     with tempfile.TemporaryDirectory(prefix="longsky-dry-run-") as tmp:
         tmp = Path(tmp)
-        # import: the HF model's own vocabulary (the preset's), padded for the CPT layout.
+        # import: the HF model's own vocabulary (the preset's), padded by the model config.
         cpt = cfgs["cpt"]
         raw_model = load_config_model_preset(recipe_dir / "cpt.yaml")
         hf_vocab = preset(raw_model)["vocab_size"] if raw_model else cpt.model.vocab_size
         if not hf_vocab:
             raise DryRunError("stage import: the model's vocabulary size is unknown (no preset vocab_size)")
         tokenizer = _Tokenizer(hf_vocab)
-        import_vocab = pad_vocab_size(hf_vocab, cpt.model.make_vocab_size_divisible_by,
-                                      cpt.parallel.tensor_model_parallel_size)
+        import_vocab = dataclasses.replace(cpt.model, vocab_size=hf_vocab).padded_vocab_size(
+            tensor_parallel=cpt.parallel.tensor_model_parallel_size)
         previous = _record(tmp / "import", cpt.model, import_vocab)
         results.append(StageResult("import", {"vocab": f"{hf_vocab} padded to {import_vocab}",
                                               "output": cpt.checkpoint.init_from}))

@@ -14,6 +14,11 @@ activation recomputation runs the layers' forward once more and selective recomp
 re-runs core attention: these count as hardware FLOPs (they take time) but not as model
 FLOPs.
 
+MFU = model FLOPs / (time x devices x peak); HFU = hardware FLOPs / (same). The peak is
+the device's dense datasheet figure for the precision of the GEMMs (FP8 when
+``model.fp8`` is set, else BF16), from :data:`DEVICE_PEAK_TFLOPS`. Training metrics and
+``longsky plan`` both use this module.
+
 The step time is an *estimate*: hardware FLOPs / (devices x peak x efficiency), where
 ``efficiency`` is an assumption the user states (what fraction of the datasheet peak the
 kernels reach, communication and pipeline bubbles included). MFU follows from it. With
@@ -24,18 +29,56 @@ BF16 unless ``model.fp8_attention`` is on: those FLOPs are timed at the attentio
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from megatron_longsky.model.config import ModelConfig
 
-# Dense (no sparsity) datasheet peaks, TFLOP/s per device.
-PEAK_TFLOPS = {"h100-bf16": 989.0, "h100-fp8": 1979.0, "a100-bf16": 312.0}
+# Dense (no sparsity) datasheet peaks, TFLOP/s per device, SXM parts. A100 has no FP8.
+DEVICE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "h100": {"bf16": 989.0, "fp8": 1979.0},
+    "h200": {"bf16": 989.0, "fp8": 1979.0},
+    "a100": {"bf16": 312.0},
+    "b200": {"bf16": 2250.0, "fp8": 4500.0},
+}
+
+
+class UnknownPeakError(ValueError):
+    """No datasheet peak is known for this device and precision."""
+
+
+def gemm_precision(model: ModelConfig) -> str:
+    return "fp8" if model.fp8 else "bf16"
+
+
+def device_kind(device_name: str) -> Optional[str]:
+    """``'NVIDIA H100 80GB HBM3'`` -> ``'h100'``; None for devices not in the table (the
+    PCIe/NVL H100 parts have lower peaks than the SXM figures listed)."""
+    name = device_name.upper()
+    if "H100" in name and ("PCIE" in name or "NVL" in name):
+        return None
+    for kind in DEVICE_PEAK_TFLOPS:
+        if kind.upper() in name:
+            return kind
+    return None
+
+
+def device_peak_tflops(device: str, precision: str) -> float:
+    """Dense peak of ``device`` (a table key or a CUDA device name) at ``precision``."""
+    kind = device if device in DEVICE_PEAK_TFLOPS else device_kind(device)
+    peak = DEVICE_PEAK_TFLOPS.get(kind or "", {}).get(precision)
+    if peak is None:
+        known = ", ".join(f"{k} {'/'.join(v)}" for k, v in DEVICE_PEAK_TFLOPS.items())
+        raise UnknownPeakError(f"unknown peak TFLOP/s for {device!r} at {precision} (known: {known}); "
+                               "give the peak explicitly")
+    return peak
 
 
 def attention_peak(model: ModelConfig, peak_tflops: float) -> float:
     """The peak core attention runs at: FP8 only with ``fp8_attention``, else BF16's share of
     ``peak_tflops`` (half of an FP8 peak)."""
     if model.fp8 and model.fp8_attention == "off":
-        return peak_tflops * PEAK_TFLOPS["h100-bf16"] / PEAK_TFLOPS["h100-fp8"]
+        h100 = DEVICE_PEAK_TFLOPS["h100"]
+        return peak_tflops * h100["bf16"] / h100["fp8"]
     return peak_tflops
 
 
@@ -61,8 +104,10 @@ class StepFlops:
         return asdict(self)
 
 
-def step_flops(model: ModelConfig, vocab_size: int, global_batch_size: int, causal: bool = True) -> StepFlops:
-    """FLOPs of one optimizer step over ``global_batch_size`` sequences of ``model.seq_length``."""
+def step_flops(model: ModelConfig, vocab_size: int, global_batch_size: int, causal: bool = True,
+               pipeline_parallel: int = 1) -> StepFlops:
+    """FLOPs of one optimizer step over ``global_batch_size`` sequences of ``model.seq_length``.
+    ``recompute_method: block`` recomputes the first ``recompute_num_layers`` of each pipeline stage."""
     s = model.seq_length
     parts = layer_forward_flops_per_token(model, s, causal)
     layer = sum(parts.values())
@@ -72,7 +117,8 @@ def step_flops(model: ModelConfig, vocab_size: int, global_batch_size: int, caus
     if model.recompute_granularity == "full":
         layers = model.num_layers
         if model.recompute_method == "block" and model.recompute_num_layers is not None:
-            layers = min(model.recompute_num_layers, model.num_layers)
+            per_stage = model.num_layers // pipeline_parallel
+            layers = min(model.recompute_num_layers, per_stage) * pipeline_parallel
         extra = layers * layer * tokens
     elif model.recompute_granularity == "selective":
         extra = model.num_layers * parts["attention"] * tokens
@@ -85,11 +131,21 @@ def step_flops(model: ModelConfig, vocab_size: int, global_batch_size: int, caus
                      attention_flops=attention)
 
 
+def utilization(flops: StepFlops, step_seconds: float, devices: int, peak: Optional[float]) -> dict:
+    """Achieved model TFLOP/s per device, MFU and HFU (None without a peak) of one step."""
+    model_tflops = flops.model_flops / step_seconds / devices / 1e12
+    hardware_tflops = flops.hardware_flops / step_seconds / devices / 1e12
+    return {"tflops_per_device": model_tflops,
+            "mfu": model_tflops / peak if peak else None,
+            "hfu": hardware_tflops / peak if peak else None}
+
+
 @dataclass
 class StepTimeEstimate:
     step_seconds: float
     tokens_per_second_per_device: float
     mfu: float  # model FLOPs / (time x devices x peak)
+    hfu: float  # hardware FLOPs (recomputation included) / (time x devices x peak)
     model_tflops_per_device: float  # achieved model TFLOP/s per device
 
     def to_dict(self) -> dict:
@@ -106,10 +162,11 @@ def estimate_step_time(flops: StepFlops, devices: int, peak_tflops: float, effic
     attention_peak = attention_peak_tflops or peak_tflops
     seconds = ((flops.hardware_flops - flops.attention_flops) / peak_tflops
                + flops.attention_flops / attention_peak) / (devices * 1e12 * efficiency)
-    achieved = flops.model_flops / seconds / devices
+    used = utilization(flops, seconds, devices, peak_tflops)
     return StepTimeEstimate(
         step_seconds=seconds,
         tokens_per_second_per_device=flops.tokens / seconds / devices,
-        mfu=achieved / (peak_tflops * 1e12),
-        model_tflops_per_device=achieved / 1e12,
+        mfu=used["mfu"],
+        hfu=used["hfu"],
+        model_tflops_per_device=used["tflops_per_device"],
     )

@@ -103,9 +103,9 @@ class PlanInput:
         if m.num_layers % self.pipeline_parallel:
             raise ValueError(f"num_layers {m.num_layers} is not divisible by pipeline parallel size "
                              f"{self.pipeline_parallel}")
-        if m.kv_groups % self.tensor_parallel or m.num_attention_heads % self.tensor_parallel:
-            raise ValueError(f"tensor parallel size {self.tensor_parallel} must divide the number of KV groups "
-                             f"({m.kv_groups}) and of attention heads ({m.num_attention_heads})")
+        problem = m.tensor_parallel_error(self.tensor_parallel)
+        if problem:
+            raise ValueError(problem)
         if m.seq_length % (2 * self.context_parallel) and self.context_parallel > 1:
             raise ValueError(f"seq_length {m.seq_length} is not divisible by 2*CP = {2 * self.context_parallel}")
 
@@ -227,7 +227,7 @@ def layer_activations(p: PlanInput) -> LayerActivations:
     b = p.micro_batch_size
     tokens = b * s // CP
     B = p.activation_bytes
-    hq, hkv = h / T, g * d / T  # query and key/value widths on a rank
+    hq, hkv = h / T, m.kv_groups_per_rank(T) * d  # query and key/value widths on a rank (TP > g: one group)
     per_token = (
         2 * 3 * h / S  # each RMSNorm: its input, the normalised input, the weighted output (linear input)
         + 5 * f / T  # SwiGLU: fc1 output (2f); the gate's SiLU input and output, the up half, fc2 input (f each)
@@ -328,7 +328,7 @@ def backward_working_set(p: PlanInput) -> tuple[int, int]:
     m = p.model
     T, CP = p.tensor_parallel, p.context_parallel
     tokens = p.micro_batch_size * m.seq_length // CP
-    hq, hkv = m.hidden_size / T, m.kv_groups * m.head_dim / T
+    hq, hkv = m.hidden_size / T, m.kv_groups_per_rank(T) * m.head_dim
     # Gradients of q, k, v (fp32 accumulators, k/v over the gathered sequence) and of the
     # hidden state flowing back through the layer.
     grads = tokens * 4 * (2 * hq + 2 * hkv * CP + 2 * m.hidden_size / p.sp_divisor)

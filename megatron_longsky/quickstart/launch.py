@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_longsky.testing.multiprocess import free_port
+from megatron_longsky.runtime.distributed import free_port
 from megatron_longsky.utils.atomic import atomic_write_text
 
 

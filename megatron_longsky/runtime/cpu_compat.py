@@ -12,7 +12,6 @@ here can hide a GPU bug.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -141,14 +140,3 @@ def disable() -> None:
     for obj, name, original in _PATCHED.values():
         setattr(obj, name, original)
     _PATCHED.clear()
-
-
-def cpu_safe(fn):
-    """Decorator: run ``fn`` with the layer enabled when there is no GPU."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        enable()
-        return fn(*args, **kwargs)
-
-    return wrapper

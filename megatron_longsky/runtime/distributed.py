@@ -84,6 +84,15 @@ class LaunchEnv:
     launcher: Literal["torchrun", "slurm", "single"]
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (for single-process and local multi-process runs)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def first_host(nodelist: str) -> str:
     """First host of a Slurm node list: ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
     nodelist = nodelist.strip()
@@ -145,10 +154,6 @@ class Runtime:
     backend: str
     device: torch.device
     parallel: ParallelConfig
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.device.type == "cpu"
 
     @property
     def rank(self) -> int:

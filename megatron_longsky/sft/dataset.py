@@ -16,8 +16,9 @@ and packs samples into rows of ``seq_length`` tokens by best-fit-decreasing
   the end of the row is **its own segment** (so ``cu_seqlens[-1] == seq_length`` and no
   sample attends to it); ``num_samples`` says how many segments are real samples.
 
-``pad_to_multiple`` = 2 x context-parallel size makes every segment splittable into the
-2*CP load-balanced chunks. ``unpacked=True`` gives one sample per row (same fields), for
+``pad_to_multiple`` (the trainer passes ``data.pad_to_multiple``, default 64) must be a
+multiple of 2 x context-parallel size so every segment splits into the 2*CP
+load-balanced chunks; it is fixed by the data config, so the rows do not depend on CP. ``unpacked=True`` gives one sample per row (same fields), for
 packed-vs-unpacked equality tests. Samples longer than ``seq_length`` are truncated
 (counted in ``truncated_samples``). The packing plan is computed once and cached beside
 the dataset in ``<prefix>_tokens_document.packing-bfd-s<S>-m<M>-<fingerprint>.npz``
@@ -94,7 +95,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
             raise ValueError(f"seq_length must be >= 2, got {seq_length}")
         if pad_to_multiple < 1 or seq_length % pad_to_multiple:
             raise ValueError(f"seq_length {seq_length} must be a multiple of pad_to_multiple {pad_to_multiple} "
-                             "(with context parallelism: of 2 x CP)")
+                             "(data.pad_to_multiple)")
         self.tokens_prefix, self.mask_prefix = resolve_prefixes(prefix)
         self.seq_length = seq_length
         self.pad_to_multiple = pad_to_multiple

@@ -287,12 +287,10 @@ CONFIG_FLAGS = ("num_samples", "min_tokens", "max_tokens", "format", "seed", "le
 
 
 def config_from_args(args: argparse.Namespace) -> SynLConfig:
-    from megatron_longsky.config import apply_overrides, from_dict, load_yaml
+    from megatron_longsky.config import load_config
 
-    data = load_yaml(args.config) if args.config else {}
-    data.update({k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None})
-    data = apply_overrides(data, args.overrides)
-    return from_dict(SynLConfig, data, where=args.config or "command line")
+    flags = {k: getattr(args, k) for k in CONFIG_FLAGS}
+    return load_config(SynLConfig, args.config, args.overrides, flags=flags, where="command line")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

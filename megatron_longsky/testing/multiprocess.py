@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_longsky.runtime.distributed import free_port  # noqa: F401 - re-exported for tests
 
 
 def _worker(local_rank, fn, args, world_size, port, out_dir, threads):

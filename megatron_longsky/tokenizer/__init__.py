@@ -2,7 +2,7 @@
 
     tok = build_tokenizer(TokenizerConfig(type="hf", model="path/to/tokenizer_dir"))
     ids = tok.encode("text")            # never adds BOS/EOD: add tok.eod_id yourself
-    tok.padded_vocab_size(128, tensor_parallel=2)
+    tok.padded_vocab_size(128)          # a multiple of 128, whatever the TP size
     tok.metadata()                      # recorded in <prefix>.meta.json beside datasets
 """
 

@@ -51,12 +51,13 @@ def specials_blob(eod_id: int, bos_id: Optional[int], pad_id: int) -> str:
     return json.dumps({"eod": eod_id, "bos": bos_id, "pad": pad_id}, sort_keys=True)
 
 
-def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
-    """Megatron's padding: round up to a multiple of ``divisible_by * tensor_parallel``."""
-    if divisible_by < 1 or tensor_parallel < 1:
-        raise ValueError(f"divisible_by ({divisible_by}) and tensor_parallel ({tensor_parallel}) must be >= 1")
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
+def pad_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
+    """Round up to a multiple of ``divisible_by``. Unlike Megatron-LM (a multiple of
+    ``divisible_by x TP``) the result does not depend on the layout, so a run starts from
+    the same model at any TP; the TP size must divide it (see model.config.padded_vocab_size)."""
+    if divisible_by < 1:
+        raise ValueError(f"divisible_by ({divisible_by}) must be >= 1")
+    return -(-vocab_size // divisible_by) * divisible_by
 
 
 class Tokenizer:
@@ -88,8 +89,8 @@ class Tokenizer:
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
 
-    def padded_vocab_size(self, divisible_by: int = 128, tensor_parallel: int = 1) -> int:
-        return pad_vocab_size(self.vocab_size, divisible_by, tensor_parallel)
+    def padded_vocab_size(self, divisible_by: int = 128) -> int:
+        return pad_vocab_size(self.vocab_size, divisible_by)
 
     def metadata(self) -> dict:
         """What ``<prefix>.meta.json`` records under ``"tokenizer"``."""

@@ -18,14 +18,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from megatron_longsky.attention.context_parallel import (
-    packed_pad_multiple, validate_context_parallel, validate_pad_multiple,
-)
-from megatron_longsky.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from megatron_longsky.attention.context_parallel import validate_context_parallel, validate_pad_multiple
+from megatron_longsky.config import ConfigError, from_dict, merge_config_sources, to_dict
 from megatron_longsky.model.config import ModelConfig, model_config_from_dict
 from megatron_longsky.runtime.distributed import ParallelConfig
 from megatron_longsky.tokenizer.base import TokenizerConfig
@@ -52,6 +51,11 @@ class DataConfig:
     eod_mask_loss: bool = False
     # sft: several samples per row (needs per-document attention) or one per row.
     packed: bool = False
+    # sft: each sample is padded to a multiple of this, whatever the layout, so the rows do
+    # not depend on the CP size. It must be a multiple of 2 x CP (each sample splits into
+    # 2 x CP chunks) and, with FP8, of 16 x CP (each rank's part a multiple of 16): 64 serves
+    # BF16 up to CP=32 and FP8 up to CP=4.
+    pad_to_multiple: int = 64
     num_workers: int = 0
     # Refuse datasets whose <prefix>.meta.json names another tokenizer; a missing
     # sidecar is an error only when this is 'required'.
@@ -66,6 +70,14 @@ class DataConfig:
             raise ValueError("data.kind=sft takes one dataset prefix (merge SFT datasets first)")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
+        if self.pad_to_multiple < 1:
+            raise ValueError(f"data.pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
+
+    def has_validation_split(self) -> bool:
+        """gpt data with a non-zero validation share in ``split`` (sft data has none). The
+        split is read as megatron-core's ``parse_and_normalize_split`` reads it."""
+        shares = [float(x) for x in re.findall(r"[.0-9]+", self.split)]
+        return self.kind == "gpt" and len(shares) > 1 and shares[1] > 0
 
 
 @dataclass
@@ -132,7 +144,8 @@ class CheckpointConfig:
 class LoggingConfig:
     log_interval: int = 10
     tensorboard: bool = True
-    # Peak dense TFLOP/s of one device for MFU (None: 989 on H100 bf16, otherwise MFU not reported).
+    # Peak dense TFLOP/s of one device for MFU/HFU (None: the detected GPU's datasheet peak at
+    # the run's GEMM precision, see plan/flops.py DEVICE_PEAK_TFLOPS; unknown devices: not reported).
     peak_tflops_per_device: Optional[float] = None
     level: str = "INFO"
 
@@ -174,16 +187,36 @@ class TrainConfig:
         if self.max_consecutive_nan_steps < 1:
             raise ValueError("max_consecutive_nan_steps must be >= 1")
         # CP communication, FP8 shard and FP8-attention rules, before anything is built.
-        packed = self.data.kind == "sft" and self.data.packed
-        validate_context_parallel(self.model, self.parallel, packed)
-        if packed:
-            validate_pad_multiple(self.sft_pad_multiple, self.parallel.context_parallel_size, self.model.fp8,
-                                  where="packed SFT document padding")
+        validate_context_parallel(self.model, self.parallel, self.data.kind == "sft" and self.data.packed)
+        self._check_settings_take_effect()
 
-    @property
-    def sft_pad_multiple(self) -> int:
-        """What each SFT sample is padded to (CP chunking, FP8 shards)."""
-        return packed_pad_multiple(self.parallel.context_parallel_size, self.model.fp8)
+    def _check_settings_take_effect(self) -> None:
+        """Settings that would otherwise be silently ignored, or change the data with the layout."""
+        tp, cp = self.parallel.tensor_model_parallel_size, self.parallel.context_parallel_size
+        if self.eval_interval and not self.data.has_validation_split():
+            raise ValueError(
+                f"eval_interval={self.eval_interval} but there is no validation data "
+                + ("(data.kind=sft has no validation split)" if self.data.kind == "sft"
+                   else f"(data.split={self.data.split!r} gives the validation part 0)")
+                + "; set eval_interval=0 or use `longsky evaluate`")
+        problem = self.model.tensor_parallel_error(tp)
+        if problem:
+            raise ValueError(f"parallel.tensor_model_parallel_size: {problem}")
+        if self.parallel.sequence_parallel and tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
+                             "(it shards activations over the TP group); set it to false")
+        if self.data.kind == "sft":
+            m = self.data.pad_to_multiple
+            if self.model.seq_length % m:
+                raise ValueError(f"model.seq_length {self.model.seq_length} is not a multiple of "
+                                 f"data.pad_to_multiple {m}")
+            # Each sample splits into 2*CP chunks, and with FP8 each rank's part is a multiple of 16.
+            validate_pad_multiple(m, cp, self.model.fp8, where="data.pad_to_multiple")
+        num_layers = self.model.recompute_num_layers
+        per_stage = self.model.num_layers // self.parallel.pipeline_model_parallel_size
+        if num_layers is not None and not 1 <= num_layers <= per_stage:
+            raise ValueError(f"model.recompute_num_layers={num_layers} must be between 1 and the layers per "
+                             f"pipeline stage ({per_stage})")
 
     @property
     def seq_length(self) -> int:
@@ -216,14 +249,13 @@ def train_config_from_dict(data: dict, where: str = "config") -> TrainConfig:
         model_cfg = model_config_from_dict(model, where=f"{where}.model")
     else:
         raise ConfigError(f"{where}.model: expected a mapping, got {model!r}")
-    # The model goes in with the rest: TrainConfig's checks need the real one.
+    # The model goes in with the rest, so the checks across sections see the real one.
     return from_dict(TrainConfig, {**data, "model": model_cfg}, where)
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Load a job YAML (optional) and apply ``key=value`` overrides (``model.num_layers=4``)."""
-    data = load_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides))
+    data = merge_config_sources(path, overrides=list(overrides))
     return train_config_from_dict(data, where=str(path) if path else "config")
 
 

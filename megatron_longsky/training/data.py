@@ -107,7 +107,7 @@ def build_sft_splits(cfg: TrainConfig, train_samples: int) -> Splits:
         raise ValueError("data.packed=true with pipeline parallelism needs micro_batch_size=1 (a packed "
                          "micro-batch travels between stages as one [1, b*s] sequence)")
     dataset = PackedSFTDataset(cfg.data.prefixes[0], cfg.seq_length,
-                               pad_to_multiple=cfg.sft_pad_multiple,
+                               pad_to_multiple=cfg.data.pad_to_multiple,
                                seed=cfg.seed, unpacked=not cfg.data.packed)
     return Splits(train=EpochCycle(dataset, train_samples), valid=None)
 

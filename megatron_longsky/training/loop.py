@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -32,9 +32,18 @@ from megatron_longsky.training.config import TrainConfig, train_config_to_dict
 from megatron_longsky.training.data import (
     build_gpt_splits, build_sft_splits, check_dataset_tokenizers, micro_batch_loader,
 )
-from megatron_longsky.training.metrics import MetricsLogger, default_peak_tflops, flops_per_token, peak_memory_gib
+from megatron_longsky.plan.flops import step_flops, utilization
+from megatron_longsky.training.metrics import MetricsLogger, peak_memory_gib, resolve_peak_tflops
 from megatron_longsky.training.optimizer import build_optimizer, current_lr, ddp_config
 from megatron_longsky.training.signals import PreemptionHandler
+
+if TYPE_CHECKING:  # megatron-core is imported lazily at run time
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_longsky.runtime.distributed import Runtime
+    from megatron_longsky.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +73,19 @@ class TrainResult:
 
 @dataclass
 class TrainingSetup:
-    """Everything built for a run (also used by the overhead benchmark)."""
+    """Everything built for a run (also used by the overhead benchmark). Teardown after a
+    failed setup, and evaluation, hold only some of it (no optimizer, maybe no model)."""
 
     cfg: TrainConfig
-    runtime: object
-    model: list
-    optimizer: object
-    scheduler: object
-    vocab_size: int
-    tokenizer: object
-    config_dict: dict
+    runtime: Runtime
     owns_process_group: bool
+    model: list[DistributedDataParallel] = field(default_factory=list)  # one chunk per virtual stage
+    optimizer: Optional[MegatronOptimizer] = None
+    scheduler: Optional[OptimizerParamScheduler] = None
+    vocab_size: int = 0
+    tokenizer: Optional[Tokenizer] = None
+    # The resolved job config written into every checkpoint as config.yaml.
+    config_dict: dict = field(default_factory=dict)
 
 
 def _device():
@@ -84,18 +95,21 @@ def _device():
 
 
 def resolve_vocab_size(cfg: TrainConfig, tokenizer, checkpoint_dir: Optional[Path]) -> int:
-    """The model's (padded) vocabulary: a checkpoint's wins, then model.vocab_size, then the
-    tokenizer's padded size. Kept fixed across layouts so checkpoints reshard."""
+    """The model's padded vocabulary. A checkpoint's wins (the stage inherits it from the
+    chain it belongs to: import, CPT, SFT, ...); model.vocab_size, when set, must pad to the
+    same size; otherwise the tokenizer's size padded by the model config. Never depends on
+    the layout, so checkpoints reshard and a run starts from the same model at any TP."""
     tp = cfg.parallel.tensor_model_parallel_size
-    vocab = cfg.model.vocab_size
+    saved = None
     if checkpoint_dir is not None:
         saved = (read_checkpoint_config(checkpoint_dir).get("model") or {}).get("vocab_size")
-        if saved:
-            if vocab and vocab != saved:
-                raise ConfigError(f"model.vocab_size={vocab} but checkpoint {checkpoint_dir} has {saved}")
-            vocab = int(saved)
-    if not vocab:
-        vocab = tokenizer.padded_vocab_size(cfg.model.make_vocab_size_divisible_by, tp)
+    if saved:
+        vocab = int(saved)
+        if cfg.model.vocab_size and cfg.model.padded_vocab_size() != vocab:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} pads to {cfg.model.padded_vocab_size()} "
+                              f"rows but checkpoint {checkpoint_dir} has {vocab}")
+    else:
+        vocab = cfg.model.padded_vocab_size(tokenizer.vocab_size, tp)
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model vocab size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
     if vocab % tp:
@@ -137,7 +151,7 @@ def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optio
         return _setup_after_initialize(cfg, runtime, owns_pg)
     except BaseException:
         # Leave no parallel state behind: a later run in this process may use another layout.
-        teardown(TrainingSetup(cfg, runtime, [], None, None, 0, None, {}, owns_pg), barrier=False)
+        teardown(TrainingSetup(cfg, runtime, owns_pg), barrier=False)
         raise
 
 
@@ -177,7 +191,8 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
         load_model_weights(model, init_dir)
         optimizer.reload_model_params()
         log.info("initialised weights from %s (fresh optimizer, schedule and data)", init_dir)
-    setup = TrainingSetup(cfg, runtime, model, optimizer, scheduler, vocab_size, tokenizer, config_dict, owns_pg)
+    setup = TrainingSetup(cfg, runtime, owns_pg, model=model, optimizer=optimizer, scheduler=scheduler,
+                          vocab_size=vocab_size, tokenizer=tokenizer, config_dict=config_dict)
     return setup, state, resume_dir
 
 
@@ -306,9 +321,11 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
     metrics = MetricsLogger(cfg.output_dir, cfg.logging.log_interval, cfg.logging.tensorboard,
                             enabled=rank == 0, resume_iteration=state.iteration)
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
-    flops_per_step = tokens_per_step * flops_per_token(
-        cfg.model, cfg.seq_length, setup.vocab_size, recompute=cfg.model.recompute_granularity == "full")
-    peak = cfg.logging.peak_tflops_per_device or default_peak_tflops()
+    flops = step_flops(cfg.model, setup.vocab_size, cfg.global_batch_size,
+                       pipeline_parallel=cfg.parallel.pipeline_model_parallel_size)
+    peak, peak_source = resolve_peak_tflops(cfg.logging.peak_tflops_per_device, cfg.model)
+    if rank == 0:
+        log.info("MFU/HFU: %s", peak_source)
     result = TrainResult(metrics_path=metrics.path, resumed_from=resume_dir)
     step_times, waits = [], []
     last_saved = None
@@ -359,8 +376,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
                     "iteration": state.iteration, "loss": loss, "loss_tokens": loss_tokens,
                     "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                     "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed,
-                    "tflops_per_device": flops_per_step / elapsed / world / 1e12,
-                    "mfu": (flops_per_step / elapsed / world / 1e12 / peak) if peak else None,
+                    **utilization(flops, elapsed, world, peak),
                     "peak_memory_gib": peak_memory_gib(), "data_wait_s": wait,
                     "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
                     "consumed_samples": state.consumed_samples,
@@ -400,7 +416,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
         mean = sum(timed) / len(timed)
         result.steps_per_s = 1.0 / mean
         result.tokens_per_s = tokens_per_step / mean
-        result.tflops_per_device = flops_per_step / mean / world / 1e12
+        result.tflops_per_device = utilization(flops, mean, world, peak)["tflops_per_device"]
         result.data_wait_fraction = sum(timed_waits) / sum(timed)
     result.skipped_steps = state.skipped_steps
     result.final_iteration = state.iteration
@@ -422,7 +438,7 @@ def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_
 
     owns_pg = not torch.distributed.is_initialized()
     runtime = initialize(cfg.parallel, cfg.seed)
-    setup = TrainingSetup(cfg, runtime, [], None, None, 0, None, {}, owns_pg)
+    setup = TrainingSetup(cfg, runtime, owns_pg)
     try:
         ckpt_dir = resolve_checkpoint(checkpoint)
         tokenizer = build_tokenizer(cfg.tokenizer)
@@ -430,7 +446,7 @@ def evaluate(cfg: TrainConfig, checkpoint: str | Path, prefixes: list[str], num_
         check_dataset_tokenizers(eval_cfg.data, tokenizer)
         vocab_size = resolve_vocab_size(cfg, tokenizer, ckpt_dir)
         model = build_training_model(cfg, vocab_size, initialize=False)
-        setup = TrainingSetup(cfg, runtime, model, None, None, vocab_size, tokenizer, {}, owns_pg)
+        setup = TrainingSetup(cfg, runtime, owns_pg, model=model, vocab_size=vocab_size, tokenizer=tokenizer)
         load_model_weights(model, ckpt_dir)
         num_batches = num_batches or cfg.eval_iters
         if cfg.data.kind == "sft":

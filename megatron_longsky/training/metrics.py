@@ -1,19 +1,11 @@
 """Training metrics: console, ``metrics.jsonl`` and TensorBoard.
 
-FLOPs (:func:`flops_per_token`), a Llama-style decoder with GQA, SwiGLU and causal
-attention; h hidden size, L layers, s sequence length, f FFN size, V vocabulary,
-d head size, g KV heads (query groups). Per token and layer, a forward pass costs::
-
-    QKV projections     2 h (h + 2 g d)
-    attention output    2 h h
-    scores + weighted V 2 * 2 * (s/2) * h   (causal: on average s/2 keys per query)
-    SwiGLU MLP          2 * 3 * h f          (gate, up, down)
-
-plus the output layer ``2 h V`` once per token. Training = 3 x forward (backward
-costs twice the forward); full activation recomputation adds one more forward.
-TFLOP/s per device = FLOPs of the global batch / step time / number of processes;
-MFU = that / the device's peak dense TFLOP/s (``logging.peak_tflops_per_device``;
-989 for H100 SXM bf16 when detected; not reported on CPU).
+FLOPs and device peaks come from :mod:`megatron_longsky.plan.flops` (the one FLOP model,
+shared with ``longsky plan``). Each step records ``tflops_per_device`` (model FLOPs per
+second per process), ``mfu`` (model FLOPs / peak) and ``hfu`` (hardware FLOPs, i.e. with
+activation recomputation, / peak). The peak is ``logging.peak_tflops_per_device`` or the
+datasheet figure of the detected GPU at the run's GEMM precision (FP8 when ``model.fp8``);
+when neither is known, MFU and HFU are shown as "unknown peak".
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS
 (``ru_maxrss``) on CPU.
@@ -34,28 +26,27 @@ from megatron_longsky.runtime.device import use_cuda
 
 log = logging.getLogger(__name__)
 
-H100_BF16_DENSE_TFLOPS = 989.0
-
-
-def flops_per_token(model: ModelConfig, seq_length: int, vocab_size: int, recompute: bool = False) -> float:
-    """Training FLOPs per token (forward + backward), formula in the module docstring."""
-    h, f, d, g = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.kv_groups
-    per_layer = 2 * h * (h + 2 * g * d) + 2 * h * h + 2 * seq_length * h + 6 * h * f
-    forward = model.num_layers * per_layer + 2 * h * vocab_size
-    passes = 4 if recompute else 3
-    return float(passes * forward)
-
-
 def peak_memory_gib() -> float:
     if use_cuda():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def default_peak_tflops() -> Optional[float]:
-    if use_cuda() and "H100" in torch.cuda.get_device_name():
-        return H100_BF16_DENSE_TFLOPS
-    return None
+def resolve_peak_tflops(explicit: Optional[float], model: ModelConfig) -> tuple[Optional[float], str]:
+    """(peak TFLOP/s per device or None, what it is): the configured peak, else the detected
+    GPU's datasheet peak at this run's GEMM precision."""
+    from megatron_longsky.plan.flops import UnknownPeakError, device_peak_tflops, gemm_precision
+
+    precision = gemm_precision(model)
+    if explicit:
+        return explicit, f"logging.peak_tflops_per_device={explicit:g}"
+    device = torch.cuda.get_device_name() if use_cuda() else "cpu"
+    try:
+        peak = device_peak_tflops(device, precision)
+    except UnknownPeakError:
+        return None, (f"unknown peak for {device} at {precision}: MFU/HFU not computed "
+                      "(set logging.peak_tflops_per_device)")
+    return peak, f"{device} {precision} peak {peak:g} TFLOP/s"
 
 
 class MetricsLogger:
@@ -134,7 +125,9 @@ def format_record(r: dict) -> str:
              f"grad_norm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "grad_norm -",
              f"{r['tokens_per_s']:.0f} tok/s", f"{r['tflops_per_device']:.3f} TFLOP/s/dev"]
     if r.get("mfu") is not None:
-        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+        parts.append(f"MFU {100 * r['mfu']:.1f}% HFU {100 * r['hfu']:.1f}%")
+    else:
+        parts.append("MFU/HFU unknown peak")
     parts += [f"mem {r['peak_memory_gib']:.2f} GiB", f"data wait {100 * r['data_wait_fraction']:.1f}%"]
     if r.get("skipped"):
         parts.append("SKIPPED (non-finite loss)")

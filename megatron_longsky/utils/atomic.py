@@ -82,3 +82,33 @@ def make_temp_dir_beside(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path):
+    """Yield a fresh temporary directory beside ``path``; when the block succeeds, swap it in.
+
+    An existing ``path`` is renamed aside first and deleted only once the new tree is in
+    place, so ``path`` never holds a partial tree: a failure during the swap puts the old
+    tree back, and a hard kill between the two renames leaves it under ``.<name>.old-*``.
+    On failure the temporary tree is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = make_temp_dir_beside(path)
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rmdir(old)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
