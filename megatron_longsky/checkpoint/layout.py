@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_longsky.errors import UserError
+
 from megatron_longsky.utils.atomic import atomic_write_text
 
 ITERATION_PREFIX = "iter_"
@@ -29,7 +31,7 @@ MODEL = "model"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint path that does not hold what it should."""
 
 

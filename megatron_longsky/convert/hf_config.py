@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_longsky.model.config import ModelConfig, RopeConfig
+from megatron_longsky.errors import UserError
 
 # Architectures with the LlamaForCausalLM tensor layout (Skywork-13B ships custom code
 # with the same layout and names).
@@ -22,7 +23,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "SkyworkForCausalLM")
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Input that cannot be converted; the message names the file and the field."""
 
 

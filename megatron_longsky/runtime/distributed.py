@@ -39,6 +39,8 @@ class ParallelConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_minutes < 1:
+            raise ValueError(f"parallel.timeout_minutes must be >= 1, got {self.timeout_minutes}")
 
     @property
     def model_parallel_size(self) -> int:

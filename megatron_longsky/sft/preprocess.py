@@ -235,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    tokenizer_cfg=tokenizer_cfg)
     except (SFTFormatError, ChatTemplateError, CorpusError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     tokens_prefix, mask_prefix = sft_prefixes(args.output_prefix)
     print(f"wrote {tokens_prefix} and {mask_prefix}: {summary.text()}", file=sys.stderr)
     return 0

@@ -316,7 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"wrote SFT datasets {args.sft_output_prefix}_*: {summary.text()}", file=sys.stderr)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     table_tokens = counts.pop("table_tokens", 0)
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     print(f"wrote {args.output}: {cfg.num_samples} samples, {table_tokens} table tokens ({kinds})", file=sys.stderr)
