@@ -231,9 +231,9 @@ def test_cli_import_refuses_tp_not_dividing_kv_groups(converted, tmp_path, capsy
 
     hf_dir = converted["root"] / "hf_gqa_tied_linear"
     rc = main(["convert", "import", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "c"), "--tp", "4"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
-    assert "TP=4 does not divide the 2 KV groups" in err
+    assert "tensor_model_parallel_size 4 must divide" in err and "KV groups (2)" in err
     assert not (tmp_path / "c").exists()
 
 

@@ -102,8 +102,13 @@ def check_parallel_layout(model: ModelConfig, tensor_parallel: int = 1, pipeline
     """The one rule for which TP/PP/CP sizes a model can be split into (``train``, ``plan``,
     the importer and evaluation all ask here); raises :class:`ConfigError` naming the sizes."""
     if model.num_attention_heads % tensor_parallel or model.kv_groups % tensor_parallel:
+        choices = [d for d in range(1, model.kv_groups + 1) if model.kv_groups % d == 0]
         raise ConfigError(f"tensor_model_parallel_size {tensor_parallel} must divide the number of attention "
-                          f"heads ({model.num_attention_heads}) and of KV groups ({model.kv_groups})")
+                          f"heads ({model.num_attention_heads}) and of KV groups ({model.kv_groups}); "
+                          f"choose it from {choices}")
+    if model.ffn_hidden_size % tensor_parallel:
+        raise ConfigError(f"tensor_model_parallel_size {tensor_parallel} does not divide model.ffn_hidden_size "
+                          f"{model.ffn_hidden_size}")
     if model.num_layers % pipeline_parallel:
         raise ConfigError(f"model.num_layers {model.num_layers} is not divisible by "
                           f"pipeline_model_parallel_size {pipeline_parallel}")

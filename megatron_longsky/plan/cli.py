@@ -134,13 +134,27 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
     return "\n".join(lines)
 
 
+def check_plan_args(args: argparse.Namespace) -> None:
+    """Cluster-shape flags that make no sense are usage errors (exit 2), before any work."""
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--peak-tflops", args.peak_tflops)):
+        if value is not None and not value > 0:  # also refuses NaN
+            raise ConfigError(f"{flag} must be > 0, got {value:g}")
+    if not args.reserved_gb >= 0 or not args.reserved_gb < args.gpu_memory_gb:
+        raise ConfigError(f"--reserved-gb must be >= 0 and below --gpu-memory-gb, got {args.reserved_gb:g}")
+    if not 0 < args.efficiency <= 1:
+        raise ConfigError(f"--efficiency must be in (0, 1], got {args.efficiency:g}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be >= 1, got {args.vocab_size}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_longsky.training.config import load_train_config
 
     try:
-        if args.nodes < 1 or args.gpus_per_node < 1:
-            raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+        check_plan_args(args)
         cfg = load_train_config(args.config, args.overrides)
         vocab = _vocab_size(cfg, args.vocab_size)
         world = args.nodes * args.gpus_per_node

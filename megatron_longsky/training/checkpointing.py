@@ -14,7 +14,9 @@ Layout (see :mod:`megatron_longsky.checkpoint.layout`)::
 A save goes to ``<root>/.iter_0000100.partial`` and is renamed into place by rank 0
 after every rank has finished writing; only then is ``latest`` rewritten and old
 iterations pruned. A crash at any point leaves ``latest`` on the previous complete
-checkpoint (a left-over ``.partial`` directory is removed by the next save).
+checkpoint; what it leaves (``.partial``/``.old`` directories, ``latest`` temporaries, an
+iteration half deleted by pruning) is removed when the next run starts
+(:func:`~megatron_longsky.checkpoint.layout.clean_checkpoint_root`).
 """
 
 from __future__ import annotations
@@ -96,11 +98,16 @@ def _rng_file(ckpt_dir: Path, rank: int) -> Path:
 _WRITER_MANAGER = None
 
 
-def _ignore_preemption_signals() -> None:
+def _writer_server_init(parent_pid: int) -> None:
+    """In the queue server: deaf to preemption signals, killed with the trainer, off its stdout."""
     import signal
+
+    from megatron_longsky.utils.process import detach_from_output, die_with_parent
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+    detach_from_output()
 
 
 def prepare_checkpoint_writer() -> None:
@@ -109,7 +116,9 @@ def prepare_checkpoint_writer() -> None:
     megatron-core's file writer reports through a ``multiprocessing`` Manager process it
     starts on the first save. Slurm signals every process of a task on preemption; that
     server would die and the save we are asked to make would fail. We start it ourselves
-    (before the signal can arrive) with those signals ignored; it ends with this process.
+    (before the signal can arrive) with those signals ignored; it ends with this process,
+    however this process ends (the kernel kills it when its parent dies, see
+    :mod:`megatron_longsky.utils.process`), and never holds our stdout/stderr.
     """
     global _WRITER_MANAGER
     import multiprocessing
@@ -120,7 +129,7 @@ def prepare_checkpoint_writer() -> None:
     if _WRITER_MANAGER is not None or filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_ignore_preemption_signals)
+    manager.start(initializer=_writer_server_init, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()
     _WRITER_MANAGER = manager
 

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -220,11 +219,8 @@ def train_config_from_dict(data: dict, where: str = "config") -> TrainConfig:
         model_cfg = model_config_from_dict(model, where=f"{where}.model")
     else:
         raise ConfigError(f"{where}.model: expected a mapping, got {model!r}")
-    cfg = from_dict(TrainConfig, data, where)
-    try:
-        return dataclasses.replace(cfg, model=model_cfg)
-    except ValueError as exc:  # checks across sections (model x data x parallel)
-        raise ConfigError(f"{where}: {exc}") from exc
+    # Built with its real model: TrainConfig's checks span sections (model x data x parallel).
+    return from_dict(TrainConfig, {**data, "model": model_cfg}, where)
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
