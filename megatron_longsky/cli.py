@@ -85,7 +85,12 @@ def run_command(prog: str, fn: Callable[[list[str]], int | None], argv: list[str
         return int(fn(argv) or 0)
     except SystemExit as exc:  # argparse usage errors exit 2 themselves; --help exits 0
         code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else EXIT_USER_ERROR)
+        if code is None or isinstance(code, int):
+            return code or 0
+        if is_rank_zero():  # SystemExit("error: ...") from a command's own checks
+            text = " ".join(str(code).split())
+            print(text if text.startswith(f"{prog}:") else f"{prog}: {text}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if is_rank_zero():
             print(f"{prog}: interrupted", file=sys.stderr)

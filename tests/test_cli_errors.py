@@ -296,14 +296,13 @@ def test_killed_trainer_leaves_no_helper_process_and_no_open_stdout(tmp_path, da
     proc = subprocess.Popen([sys.executable, "-m", "megatron_longsky.cli", "train", "--config", job],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 300
-        helpers = []
-        while not helpers and proc.poll() is None and time.monotonic() < deadline:
-            helpers = _children(proc.pid)  # the checkpoint writer's queue server starts at set-up
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                metrics.exists() and metrics.stat().st_size):  # training steps: every helper is up
             time.sleep(0.2)
-        assert helpers, "the trainer started no helper process"
-        time.sleep(1.0)  # let it finish starting
-        helpers = _children(proc.pid)
+        helpers = _children(proc.pid)  # the checkpoint writer's queue server, multiprocessing's tracker
+        assert helpers, f"the trainer started no helper process: {proc.poll()}, {proc.stdout.read() if proc.poll() is not None else ''}"
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=120)  # reaches end-of-file only when no process holds the pipe
         deadline = time.monotonic() + 60

@@ -100,6 +100,17 @@ def _rope_from_hf(hf: dict, where: str) -> RopeConfig:
 
 def model_config_from_hf(hf: dict, where: str = "config.json", **overrides: Any) -> ModelConfig:
     """Our ModelConfig for a Llama-family ``config.json`` (vocab_size is the HF one, unpadded)."""
+    try:
+        return _model_config_from_hf(hf, where, **overrides)
+    except ConversionError:
+        raise
+    except KeyError as exc:
+        raise ConversionError(f"{where}: missing key {exc}") from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
+        raise ConversionError(f"{where}: {exc}") from None
+
+
+def _model_config_from_hf(hf: dict, where: str, **overrides: Any) -> ModelConfig:
     archs = hf.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ConversionError(

@@ -138,7 +138,8 @@ class SFTWriter:
         s = self.summary
         if s.samples == 0:
             self.abort()
-            raise ValueError(f"no usable samples for {self.cfg.output_prefix} ({s.text()})")
+            inputs = ", ".join(map(str, (extra_meta or {}).get("inputs", []))) or "the input"
+            raise ValueError(f"no usable samples in {inputs} for {self.cfg.output_prefix} ({s.text()})")
         s.bad_lines = dict(self._bad)
         s.seconds = time.perf_counter() - self._start
         meta = {

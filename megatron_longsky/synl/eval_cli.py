@@ -34,8 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_records(path: str | Path, limit: Optional[int] = None) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SystemExit(f"error: {path}:{number}: invalid UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -61,8 +61,8 @@ class SynLConfig:
     system_prompt: Optional[str] = None
 
     def __post_init__(self):
-        if self.num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if not 1 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"need 1 <= min_tokens ({self.min_tokens}) <= max_tokens ({self.max_tokens})")
         unknown = [f for f in self.families if f not in Q.FAMILIES]

@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from megatron_longsky.errors import UserError
 from megatron_longsky.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -140,14 +141,29 @@ def format_record(r: dict) -> str:
     return " | ".join(parts)
 
 
+class MetricsFileError(UserError, ValueError):
+    """A metrics.jsonl that is not what ``longsky train`` writes; names the file and line."""
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """Training records of a metrics.jsonl (the last record of each iteration wins)."""
+    """Training records of a metrics.jsonl (the last record of each iteration wins). A line
+    torn by a killed run is skipped; anything else that is not a record is an error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MetricsFileError(f"{path}: not a metrics.jsonl (not UTF-8 text at byte {exc.start})") from None
     by_iter: dict[int, dict] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
+        iteration = record.get("iteration") if isinstance(record, dict) else None
+        if not isinstance(iteration, int) or isinstance(iteration, bool):
+            raise MetricsFileError(f"{path}:{number}: not a training metrics record (needs an integer 'iteration')")
         if "loss" in record:
-            by_iter[record["iteration"]] = record
+            loss = record["loss"]
+            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+                raise MetricsFileError(f"{path}:{number}: 'loss' must be a number, got {loss!r}")
+            by_iter[iteration] = record
     return [by_iter[k] for k in sorted(by_iter)]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_longsky.training.metrics import read_metrics
+from megatron_longsky.training.metrics import MetricsFileError, read_metrics
 from megatron_longsky.utils.atomic import atomic_path
 
 
@@ -33,7 +33,7 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str | None 
     metrics_path = Path(metrics_path)
     records = [r for r in read_metrics(metrics_path) if not r.get("skipped")]
     if not records:
-        raise ValueError(f"{metrics_path} holds no training records")
+        raise MetricsFileError(f"{metrics_path} holds no training records")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["iteration"] for r in records], [r["loss"] for r in records], label="train loss")
     valid = _valid_points(metrics_path)

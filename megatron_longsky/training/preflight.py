@@ -81,9 +81,21 @@ def check_dataset_files(key: str, prefix: str) -> None:
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{key}: {path} is not readable")
     try:
-        index_dtype(prefix)
-    except (ValueError, OSError) as exc:
+        dtype = np.dtype(index_dtype(prefix))
+    except (ValueError, OSError, KeyError) as exc:
         raise ConfigError(f"{key}: {exc}") from exc
+    # The .idx header: magic (9), version (8), dtype code (1), sequence count (8), document
+    # count (8), then one int32 length per sequence; the .bin holds exactly their tokens.
+    header = np.fromfile(idx_path(prefix), dtype=np.uint8, count=34)
+    sequences = int(header[18:26].view(np.int64)[0]) if header.size == 34 else -1
+    lengths = np.fromfile(idx_path(prefix), dtype=np.int32, count=max(sequences, 0), offset=34)
+    if sequences < 0 or lengths.size != sequences:
+        raise ConfigError(f"{key}: {idx_path(prefix)} is truncated")
+    expected = int(lengths.sum(dtype=np.int64)) * dtype.itemsize
+    actual = bin_path(prefix).stat().st_size
+    if actual != expected:
+        raise ConfigError(f"{key}: {bin_path(prefix)} holds {actual} bytes but {idx_path(prefix)} describes "
+                          f"{expected} (a truncated or mismatched .bin/.idx pair)")
 
 
 def dataset_vocab_bound(prefix: str) -> Optional[int]:
