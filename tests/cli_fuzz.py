@@ -414,6 +414,11 @@ def run_inprocess(case: Case) -> Outcome:
         except SystemExit as exc:  # the wrapper lets nothing through; count it if it does
             rc = exc.code if isinstance(exc.code, int) else 1
             err.write(f"uncaught SystemExit({exc.code!r})\n")
+        except Exception:  # noqa: BLE001 - an escaped exception is a traceback
+            import traceback
+
+            traceback.print_exc(file=err)
+            rc = 1
     deadline = time.monotonic() + 10
     left = [p for p in _descendants(os.getpid()) if p not in children]
     while left and time.monotonic() < deadline:
@@ -422,9 +427,10 @@ def run_inprocess(case: Case) -> Outcome:
     return judge(case, rc, err.getvalue(), before, left)
 
 
-def run_subprocess(case: Case, timeout: float = 600) -> Outcome:
+def run_subprocess(case: Case, timeout: float = 600, repo: Optional[str] = None) -> Outcome:
     before = {p: _sha(p) for p in case.unchanged}
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    repo = repo or str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_longsky.cli", *case.argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, start_new_session=True, text=True, errors="replace")
     try:
@@ -447,12 +453,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--in-process", action="store_true", help="run in this process (fast) instead of subprocesses")
     parser.add_argument("-k", default="", help="only cases whose name contains this")
+    parser.add_argument("--repo", default=None, help="checkout whose longsky the subprocesses run (default: this one)")
     args = parser.parse_args()
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         cases = [c for c in build_corpus(tmp) if args.k in c.name]
         for case in cases:
-            outcome = (run_inprocess if args.in_process else run_subprocess)(case)
+            outcome = run_inprocess(case) if args.in_process else run_subprocess(case, repo=args.repo)
             counts[outcome.verdict] = counts.get(outcome.verdict, 0) + 1
             flag = "" if outcome.verdict == "clean" or (outcome.verdict == "accepted" and case.may_succeed) else " <--"
             pending = f" [pending: {case.pending}]" if case.pending else ""

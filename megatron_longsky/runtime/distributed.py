@@ -17,6 +17,7 @@ from typing import Literal, Mapping
 
 import torch
 
+from megatron_longsky.config import ConfigError
 from megatron_longsky.runtime import cpu_compat
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ class ParallelConfig:
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.timeout_minutes < 1:
-            raise ValueError(f"parallel.timeout_minutes must be >= 1, got {self.timeout_minutes}")
+            raise ConfigError(f"parallel.timeout_minutes must be >= 1, got {self.timeout_minutes}")
 
     @property
     def model_parallel_size(self) -> int:

@@ -28,7 +28,7 @@ from megatron_longsky.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 # Datasets without a tokenizer sidecar are scanned for their largest token id up to this size.
-MAX_SCAN_BYTES = 1 << 30
+MAX_SCAN_BYTES = 256 << 20
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:
