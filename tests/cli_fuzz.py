@@ -344,7 +344,7 @@ def _build_corpus(root: Path) -> list[Case]:
 def judge(case: Case, rc: int, err: str, before: dict[str, str], left_processes: list[int]) -> Outcome:
     lines = [line for line in err.splitlines()
              if line.strip() and not _LOG_LINE.match(line) and "it/s]" not in line and "\r" not in line]
-    if "Traceback (most recent call last)" in err or rc == 1:
+    if "Traceback (most recent call last)" in err:
         return Outcome("traceback", rc, err.strip().splitlines()[-1] if err.strip() else "")
     problems = []
     if left_processes:

@@ -126,6 +126,12 @@ def test_bad_values_are_config_errors(tmp_path, dataset, capsys, nothing_built, 
     assert expected in _train_error(tmp_path, dataset, capsys, override)
 
 
+def test_config_combination_refused_before_building(tmp_path, dataset, capsys, nothing_built):
+    line = _train_error(tmp_path, dataset, capsys, "data.kind=sft", "data.packed=true", "micro_batch_size=2",
+                        "parallel.pipeline_model_parallel_size=2")
+    assert "data.packed=true with pipeline parallelism needs micro_batch_size=1" in line
+
+
 @pytest.mark.xfail(strict=True, reason="issue 15 item 4 (consistency): eval_interval without a validation "
                                       "split is a config error (TrainConfig._check_settings_take_effect)")
 def test_evaluation_without_a_validation_split(tmp_path, dataset, capsys, nothing_built):

@@ -185,6 +185,10 @@ class TrainConfig:
         if not self.output_dir:
             raise ValueError("output_dir is empty")
         par = self.parallel
+        if (self.data.kind == "sft" and self.data.packed and par.pipeline_model_parallel_size > 1
+                and self.micro_batch_size > 1):
+            raise ValueError("data.packed=true with pipeline parallelism needs micro_batch_size=1 (a packed "
+                             "micro-batch travels between stages as one [1, b*s] sequence)")
         check_parallel_layout(self.model, par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                               par.context_parallel_size)
 
