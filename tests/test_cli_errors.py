@@ -163,7 +163,7 @@ def test_world_size_that_does_not_factor(tmp_path, dataset, capsys, nothing_buil
 def test_unwritable_output_dir(tmp_path, dataset, capsys, nothing_built):
     (tmp_path / "file").write_text("")
     line = _train_error(tmp_path, dataset, capsys, f"output_dir={tmp_path / 'file' / 'run'}")
-    assert f"output_dir={tmp_path / 'file' / 'run'} cannot be written" in line
+    assert f"output_dir={tmp_path / 'file' / 'run'} cannot be written" in line and "not a directory" in line
 
 
 def test_tp_beyond_kv_groups_refused_the_same_way_by_train_and_plan(tmp_path, dataset, capsys, nothing_built):
@@ -323,3 +323,16 @@ def test_killed_trainer_leaves_no_helper_process_and_no_open_stdout(tmp_path, da
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("command", [["needle"], ["eval", "passkey"], ["synl-eval", "--data", "x.jsonl"]])
+def test_eval_commands_check_their_output_before_loading_a_model(tmp_path, capsys, nothing_built, command):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "report"
+    argv = [*command[:2], "--checkpoint", str(tmp_path / "ckpt"), "--output", str(out), *command[2:]]
+    if command[0] == "synl-eval":
+        (tmp_path / "x.jsonl").write_text('{"messages": [], "meta": {}}\n')
+        argv = [command[0], "--checkpoint", str(tmp_path / "ckpt"), "--output", str(out), "--data",
+                str(tmp_path / "x.jsonl")]
+    assert longsky(argv) == 2
+    assert f"--output={out} cannot be written" in _one_error_line(capsys)

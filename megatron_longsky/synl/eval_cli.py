@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_longsky.utils.atomic import atomic_write_json, atomic_write_text
+from megatron_longsky.utils.paths import ensure_writable_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     records = read_records(args.data, args.max_samples)
+    ensure_writable_dir("--output", args.output)  # before the model is loaded
     model = load_model(args)
     try:
         result = synl_accuracy(records, model.backend.generate_greedy, model.tokenizer,

@@ -24,6 +24,7 @@ from megatron_longsky.config import ConfigError
 from megatron_longsky.data.indexed import bin_path, idx_path, index_dtype
 from megatron_longsky.data.metadata import read_meta
 from megatron_longsky.training.config import TrainConfig
+from megatron_longsky.utils.paths import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +145,6 @@ def resolve_start(cfg: TrainConfig) -> tuple[Optional[Path], Optional[Path]]:
     return resume, init
 
 
-def check_writable(key: str, directory: Path) -> None:
-    """Create ``directory`` if needed and make sure files can be written in it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{key}={directory} cannot be written: {exc.strerror or exc}") from exc
-
-
 def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, rank: Optional[int] = None) -> None:
     """Everything about ``cfg`` that can be known before building: raises ConfigError naming the key.
 
@@ -166,8 +156,8 @@ def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, ra
 
     launch = detect_launch_env()
     check_world_size(cfg, launch.world_size if world_size is None else world_size)
-    check_writable("output_dir", Path(cfg.output_dir))
-    check_writable("checkpoint.save", cfg.checkpoint_root)
+    ensure_writable_dir("output_dir", cfg.output_dir)
+    ensure_writable_dir("checkpoint.save", cfg.checkpoint_root)
     if (launch.rank if rank is None else rank) == 0:
         removed = clean_checkpoint_root(cfg.checkpoint_root)
         if removed:
