@@ -453,11 +453,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--in-process", action="store_true", help="run in this process (fast) instead of subprocesses")
     parser.add_argument("-k", default="", help="only cases whose name contains this")
+    parser.add_argument("--skip", action="append", default=[], help="leave out cases whose name contains this")
     parser.add_argument("--repo", default=None, help="checkout whose longsky the subprocesses run (default: this one)")
     args = parser.parse_args()
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [c for c in build_corpus(tmp) if args.k in c.name]
+        cases = [c for c in build_corpus(tmp) if args.k in c.name and not any(s in c.name for s in args.skip)]
         for case in cases:
             outcome = run_inprocess(case) if args.in_process else run_subprocess(case, repo=args.repo)
             counts[outcome.verdict] = counts.get(outcome.verdict, 0) + 1
