@@ -138,6 +138,15 @@ def test_evaluation_without_a_validation_split(tmp_path, dataset, capsys, nothin
     assert "eval_interval=2" in _train_error(tmp_path, dataset, capsys, "eval_interval=2", "data.split=100,0,0")
 
 
+def test_resume_with_the_other_optimizer_kind_is_refused_before_building(tmp_path, dataset, capsys, nothing_built):
+    ckpt = _fake_iteration(tmp_path / "run" / "checkpoints", 4)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": {"vocab_size": 384}}))
+    (ckpt / "trainer" / "state.json").write_text('{"distributed_optimizer": true}')
+    write_latest(tmp_path / "run" / "checkpoints", 4)
+    line = _train_error(tmp_path, dataset, capsys)
+    assert "holds distributed optimizer state" in line and "use_distributed_optimizer=True" in line
+
+
 def test_token_ids_beyond_the_model_vocabulary(tmp_path, capsys, nothing_built):
     writer = IndexedDatasetWriter(tmp_path / "wide", np.uint16)
     writer.add_document(np.array([5, 999, 3], dtype=np.uint16), [3])

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from megatron_longsky.checkpoint.layout import (
-    MODEL, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
+    MODEL, CheckpointError, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
 )
 from megatron_longsky.checkpoint.model_io import load_model_weights, model_sharded_state_dict, save_model_weights
 from megatron_longsky.utils.atomic import atomic_write_json
@@ -305,9 +305,21 @@ def _publish(root: Path, staging: Path, final: Path, iteration: int, keep_last: 
 def read_trainer_state(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / TRAINER / STATE_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is a weights-only checkpoint "
+        raise CheckpointError(f"{path} is missing: {ckpt_dir} is a weights-only checkpoint "
                                 "(start from it with checkpoint.init_from instead of resuming)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_optimizer_kind(ckpt_dir: Path, saved: dict, distributed: bool) -> None:
+    """Refuse to resume optimizer state saved by the other optimizer kind (their formats differ)."""
+    saved_distributed = saved.get("distributed_optimizer", distributed)
+    if saved_distributed != distributed:
+        raise CheckpointError(
+            f"{ckpt_dir} holds {'distributed' if saved_distributed else 'non-distributed'} optimizer state but "
+            f"this run has optimizer.use_distributed_optimizer={not saved_distributed}: their formats differ. "
+            f"Resume with use_distributed_optimizer={saved_distributed}, or start a new stage from its weights "
+            "with checkpoint.init_from"
+        )
 
 
 def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) -> TrainerState:
@@ -320,14 +332,7 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) ->
 
     ckpt_dir = Path(ckpt_dir)
     saved = read_trainer_state(ckpt_dir)
-    saved_distributed = saved.get("distributed_optimizer", _is_distributed_optimizer(optimizer))
-    if saved_distributed != _is_distributed_optimizer(optimizer):
-        raise ValueError(
-            f"{ckpt_dir} holds {'distributed' if saved_distributed else 'non-distributed'} optimizer state but "
-            f"this run has optimizer.use_distributed_optimizer={not saved_distributed}: their formats differ. "
-            f"Resume with use_distributed_optimizer={saved_distributed}, or start a new stage from its weights "
-            "with checkpoint.init_from"
-        )
+    check_optimizer_kind(ckpt_dir, saved, _is_distributed_optimizer(optimizer))
     load_model_weights(model_chunks, ckpt_dir)
     sharded = _optimizer_sharded_state_dict(optimizer, model_chunks, True)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER))

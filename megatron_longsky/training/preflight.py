@@ -169,6 +169,10 @@ def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, ra
         check_dataset_files(key, prefix)
     check_dataset_tokenizers(cfg.data, tokenizer)
     resume, init = resolve_start(cfg)
+    if resume is not None:
+        from megatron_longsky.training.checkpointing import check_optimizer_kind, read_trainer_state
+
+        check_optimizer_kind(resume, read_trainer_state(resume), cfg.optimizer.use_distributed_optimizer)
     vocab = resolve_vocab_size(cfg, tokenizer, resume or init)
     for key, prefix in prefixes:
         if cfg.data.kind == "sft" and prefix.endswith("_mask_document"):
