@@ -313,7 +313,7 @@ def _build_corpus(root: Path) -> list[Case]:
             cases.append(Case(f"{label}/{name}", [*command, "--checkpoint", str(ckpt), "--output", str(out), *extra],
                               names, [str(out)]))
     synl_corpus = _text_corpus(root, "synl", {"messages": [], "meta": {}})
-    for name in ("empty", "invalid_utf8", "non_object", "nul"):
+    for name in ("empty", "invalid_utf8", "non_object", "nul", "deep_json"):
         path = synl_corpus[name][0]
         cases.append(Case(f"synl-eval/data_{name}", ["synl-eval", "--checkpoint", str(missing), "--data", str(path),
                                                      "--output", str(root / "synl_out")],
@@ -331,7 +331,7 @@ def _build_corpus(root: Path) -> list[Case]:
                                                                                            "num-samples"],
                       [str(root / "s.jsonl")]))
     metrics = _text_corpus(root, "loss", {"iteration": 1, "loss": 2.0})
-    for name in ("empty", "invalid_utf8", "non_object", "wrong_type", "missing_key", "truncated_gzip"):
+    for name in ("empty", "invalid_utf8", "non_object", "wrong_type", "missing_key", "truncated_gzip", "deep_json"):
         path = metrics[name][0]
         cases.append(Case(f"plot-loss/{name}", ["plot-loss", str(path), "-o", str(root / f"loss_{name}.png")],
                           [path.name], [str(root / f"loss_{name}.png")]))

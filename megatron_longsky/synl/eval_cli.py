@@ -47,6 +47,8 @@ def read_records(path: str | Path, limit: Optional[int] = None) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SystemExit(f"error: {path}:{number}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise SystemExit(f"error: {path}:{number}: JSON nested too deeply") from None
             if not isinstance(record, dict) or "messages" not in record or "meta" not in record:
                 raise SystemExit(f"error: {path}:{number}: not a SynL record (needs 'messages' and 'meta')")
             records.append(record)

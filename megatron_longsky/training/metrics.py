@@ -145,25 +145,33 @@ class MetricsFileError(UserError, ValueError):
     """A metrics.jsonl that is not what ``longsky train`` writes; names the file and line."""
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Training records of a metrics.jsonl (the last record of each iteration wins). A line
-    torn by a killed run is skipped; anything else that is not a record is an error."""
+def read_metric_records(path: str | Path) -> list[dict]:
+    """Every record of a metrics.jsonl, in file order. A line torn by a killed run is
+    skipped; anything else that is not a record (or holds a non-number loss) is an error."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise MetricsFileError(f"{path}: not a metrics.jsonl (not UTF-8 text at byte {exc.start})") from None
-    by_iter: dict[int, dict] = {}
+    records = []
     for number, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except json.JSONDecodeError:
             continue
+        except RecursionError:
+            raise MetricsFileError(f"{path}:{number}: JSON nested too deeply (not a metrics record)") from None
         iteration = record.get("iteration") if isinstance(record, dict) else None
         if not isinstance(iteration, int) or isinstance(iteration, bool):
             raise MetricsFileError(f"{path}:{number}: not a training metrics record (needs an integer 'iteration')")
-        if "loss" in record:
-            loss = record["loss"]
-            if isinstance(loss, bool) or not isinstance(loss, (int, float)):
-                raise MetricsFileError(f"{path}:{number}: 'loss' must be a number, got {loss!r}")
-            by_iter[iteration] = record
+        for key in ("loss", "valid_loss"):
+            value = record.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MetricsFileError(f"{path}:{number}: {key!r} must be a number, got {value!r}")
+        records.append(record)
+    return records
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Training records of a metrics.jsonl (the last record of each iteration wins)."""
+    by_iter = {r["iteration"]: r for r in read_metric_records(path) if "loss" in r}
     return [by_iter[k] for k in sorted(by_iter)]
