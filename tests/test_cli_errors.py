@@ -312,7 +312,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_killed_trainer_leaves_no_helper_process_and_no_open_stdout(tmp_path, dataset):
     job = _job(tmp_path, dataset, train_iters=100000, checkpoint={"save_interval": 0})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    from megatron_longsky.testing.multiprocess import free_port
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_longsky.cli", "train", "--config", job],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
@@ -322,7 +324,9 @@ def test_killed_trainer_leaves_no_helper_process_and_no_open_stdout(tmp_path, da
                 metrics.exists() and metrics.stat().st_size):  # training steps: every helper is up
             time.sleep(0.2)
         helpers = _children(proc.pid)  # the checkpoint writer's queue server, multiprocessing's tracker
-        assert helpers, f"the trainer started no helper process (exit status {proc.poll()})"
+        if proc.poll() is not None:
+            pytest.fail(f"the trainer ended (status {proc.returncode}) before training:\n{proc.communicate()[0][-3000:]}")
+        assert helpers, "the trainer started no helper process"
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=120)  # reaches end-of-file only when no process holds the pipe
         deadline = time.monotonic() + 60
