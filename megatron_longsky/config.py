@@ -9,17 +9,23 @@ name the key and the file, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megatron_longsky.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema."""
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def _type_name(tp) -> str:
@@ -44,8 +50,15 @@ def _coerce(value: Any, tp, where: str):
                 errors.append(str(exc))
         raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
+        options = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/on/yes as booleans
+            spelled = [w for w in (("on", "yes", "true") if value else ("off", "no", "false")) if w in options]
+            if spelled:
+                return spelled[0]
+            raise ConfigError(f"{where}: {str(value).lower()} is not one of {list(options)} "
+                              "(YAML reads unquoted on/off/yes/no as true/false)")
+        if value not in options:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(options)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -67,13 +80,17 @@ def _coerce(value: Any, tp, where: str):
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise ConfigError(f"{where}: expected true/false (or yes/no, on/off), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
@@ -145,8 +162,13 @@ def load_yaml(path: str | Path) -> dict:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {' '.join(problem.split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -240,7 +240,7 @@ def test_cli_import_refuses_tp_megatron_cannot_split(converted, tmp_path, capsys
 
     hf_dir = converted["root"] / "hf_gqa_tied_linear"
     rc = main(["convert", "import", "--hf-dir", str(hf_dir), "--output", str(tmp_path / "c"), "--tp", "8"])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "TP=8 does not divide the 4 attention heads" in err
     assert not (tmp_path / "c").exists()

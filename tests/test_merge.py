@@ -62,7 +62,7 @@ def test_merge_refuses_mismatched_tokenizers(tmp_path, capsys):
     b = make_dataset(tmp_path, "b", ["hello"], tokenizer=TokenizerConfig("hf", str(bpe)))
     with pytest.raises(TokenizerMismatchError, match="cannot merge.*byte.*hf"):
         merge_datasets([a, b], str(tmp_path / "m"))
-    assert main(["--input", a, "--input", b, "--output-prefix", str(tmp_path / "m")]) == 1
+    assert main(["--input", a, "--input", b, "--output-prefix", str(tmp_path / "m")]) == 2
     assert "cannot merge" in capsys.readouterr().err
     assert not list(tmp_path.glob("m*")) and not list(tmp_path.glob(".m*"))
 

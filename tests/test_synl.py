@@ -194,7 +194,7 @@ def test_cli_writes_jsonl_and_sft_datasets(tmp_path):
     assert int(ds.sample_lengths.max()) <= 640
     ds.check_tokenizer(ByteTokenizer())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporaries left
-    assert main(["--output", str(tmp_path / "x.jsonl"), "--min-tokens", "500", "--max-tokens", "100"]) == 1
+    assert main(["--output", str(tmp_path / "x.jsonl"), "--min-tokens", "500", "--max-tokens", "100"]) == 2
 
 
 def test_prompt_turns_give_the_training_prefix_for_evaluation(many):
@@ -218,7 +218,7 @@ def test_cli_yaml_config_with_overrides(tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and {r["meta"]["seed"] for r in records} == {9}
     assert {r["meta"]["format"] for r in records} == {"jsonl"}
-    assert main(["--output", str(out), "--config", str(config), "bogus=1"]) == 1
+    assert main(["--output", str(out), "--config", str(config), "bogus=1"]) == 2
 
 
 def test_synl_accuracy_scores_a_generation_function(many):

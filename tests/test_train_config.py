@@ -62,8 +62,11 @@ def test_example_configs_load(name):
 def test_cli_print_config_and_bad_config_exit_status(tmp_path, capsys):
     assert cli_main(["--config", str(EXAMPLES / "tiny_pretrain.yaml"), "--print-config", "train_iters=3"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train_iters"] == 3
-    assert cli_main(["--config", str(tmp_path / "missing.yaml")]) == 1
-    assert "config file not found" in capsys.readouterr().err
+    from megatron_longsky.cli import main as longsky
+
+    assert longsky(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "config file not found" in err and len(err.strip().splitlines()) == 1
 
 
 @settings(max_examples=30, deadline=None)

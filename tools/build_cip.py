@@ -2,7 +2,7 @@
 """Chunk Interleaved Pretraining data: see docs/cip.md or `--help`."""
 import sys
 
-from megatron_longsky.data.cip import main
+from megatron_longsky.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["build-cip", *sys.argv[1:]]))

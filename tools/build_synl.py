@@ -2,7 +2,7 @@
 """Synthetic Lengthy Tables (SynL) as chat jsonl: see docs/synl.md or `--help`."""
 import sys
 
-from megatron_longsky.synl.generate import main
+from megatron_longsky.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["build-synl", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 """HF <-> megatron_longsky checkpoints; see `longsky convert --help`."""
 import sys
 
-from megatron_longsky.convert.cli import main
+from megatron_longsky.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

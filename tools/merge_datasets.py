@@ -2,7 +2,7 @@
 """Merge indexed datasets into one; see `longsky merge-datasets --help`."""
 import sys
 
-from megatron_longsky.data.merge import main
+from megatron_longsky.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["merge-datasets", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 """Needle-in-a-haystack sweep over a checkpoint or HF model; see `longsky needle --help`."""
 import sys
 
-from megatron_longsky.eval.needle_cli import main
+from megatron_longsky.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["needle", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 """Train / resume a model; see `longsky train --help` (torchrun or srun for several processes)."""
 import sys
 
-from megatron_longsky.training.cli import main
+from megatron_longsky.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,5 +1,6 @@
 from megatron_longsky.checkpoint.layout import (
     ITERATION_PREFIX,
+    clean_checkpoint_root,
     iteration_dir,
     list_iterations,
     prune_checkpoints,
@@ -12,7 +13,7 @@ from megatron_longsky.checkpoint.layout import (
 from megatron_longsky.checkpoint.model_io import load_model_weights, save_model_weights
 
 __all__ = [
-    "ITERATION_PREFIX", "iteration_dir", "list_iterations", "prune_checkpoints",
+    "ITERATION_PREFIX", "clean_checkpoint_root", "iteration_dir", "list_iterations", "prune_checkpoints",
     "read_checkpoint_config", "read_latest", "resolve_checkpoint", "write_checkpoint_config",
     "write_latest", "load_model_weights", "save_model_weights",
 ]

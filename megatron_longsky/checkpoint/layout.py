@@ -8,17 +8,26 @@
     <root>/iter_0000100/trainer/       scheduler, data position, RNG states (training only)
 
 A model-only checkpoint (e.g. made by ``convert_checkpoint.py import``) has just
-``config.yaml`` and ``model/``. Both load at any TP/PP layout: dist_checkpointing
+``config.yaml`` and ``model/``.
+
+Only complete iterations carry an ``iter_N`` name: a save is staged as
+``.iter_N.partial`` and renamed in, pruning renames ``iter_N`` to ``.iter_N.deleting``
+before deleting it, and :func:`clean_checkpoint_root` (run when training starts)
+removes what a killed process left: staging and trash directories, ``latest``
+temporaries, and any ``iter_N`` that is incomplete. Both load at any TP/PP layout: dist_checkpointing
 stores global tensors and reshards on load.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
 
 import yaml
+
+from megatron_longsky.errors import UserError
 
 from megatron_longsky.utils.atomic import atomic_write_text
 
@@ -29,7 +38,7 @@ MODEL = "model"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint path that does not hold what it should."""
 
 
@@ -54,16 +63,68 @@ def read_latest(root: str | Path) -> Path | None:
     return target
 
 
+def is_complete_iteration(ckpt_dir: str | Path) -> bool:
+    """Whether ``ckpt_dir`` holds every file a save writes last in each part (so not a
+    directory a killed prune left half deleted)."""
+    ckpt_dir = Path(ckpt_dir)
+    required = [ckpt_dir / CONFIG, ckpt_dir / MODEL / "metadata.json"]
+    if (ckpt_dir / "trainer").exists() or (ckpt_dir / "optimizer").exists():  # a training checkpoint
+        required += [ckpt_dir / "trainer" / "state.json", ckpt_dir / "optimizer" / "metadata.json"]
+    return all(path.is_file() for path in required)
+
+
 def list_iterations(root: str | Path) -> list[int]:
+    """The complete iterations under ``root``, oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _ITER_RE.match(child.name)
-        if match and child.is_dir():
+        if match and child.is_dir() and is_complete_iteration(child):
             found.append(int(match.group(1)))
     return sorted(found)
+
+
+_TRASH_SUFFIX = ".deleting"
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory so that a kill midway never leaves it under its own name."""
+    trash = path.with_name(f".{path.name.lstrip('.')}{_TRASH_SUFFIX}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def clean_checkpoint_root(root: str | Path) -> list[str]:
+    """Remove what a killed save or prune left in ``root``; returns the names removed.
+
+    Call from one process, before the run reads or writes checkpoints. A re-save of an
+    iteration killed between its two renames (``iter_N`` moved to ``.iter_N.old``, the new
+    one not yet in) gets the old one back."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for child in sorted(root.iterdir()):
+        name = child.name
+        if name.startswith(f".{LATEST}.tmp"):
+            child.unlink(missing_ok=True)
+        elif name.startswith(f".{ITERATION_PREFIX}") and name.endswith(".old"):
+            final = root / name[1:-len(".old")]
+            if not final.exists() and is_complete_iteration(child):
+                os.replace(child, final)
+                continue
+            shutil.rmtree(child, ignore_errors=True)
+        elif name.startswith(f".{ITERATION_PREFIX}") and name.endswith((".partial", _TRASH_SUFFIX)):
+            shutil.rmtree(child, ignore_errors=True)
+        elif _ITER_RE.match(name) and child.is_dir() and not is_complete_iteration(child):
+            remove_tree(child)
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -107,6 +168,6 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[int]:
         target = iteration_dir(root, it)
         if latest is not None and target.resolve() == latest.resolve():
             continue
-        shutil.rmtree(target, ignore_errors=True)
+        remove_tree(target)
         removed.append(it)
     return removed

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                                     dtype=args.dtype, overwrite=args.overwrite)
     except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"longsky convert {args.direction}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(out)
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_longsky.model.config import ModelConfig, RopeConfig
+from megatron_longsky.errors import UserError
 
 # Architectures with the LlamaForCausalLM tensor layout (Skywork-13B ships custom code
 # with the same layout and names).
@@ -22,7 +23,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "SkyworkForCausalLM")
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """Input that cannot be converted; the message names the file and the field."""
 
 
@@ -99,6 +100,17 @@ def _rope_from_hf(hf: dict, where: str) -> RopeConfig:
 
 def model_config_from_hf(hf: dict, where: str = "config.json", **overrides: Any) -> ModelConfig:
     """Our ModelConfig for a Llama-family ``config.json`` (vocab_size is the HF one, unpadded)."""
+    try:
+        return _model_config_from_hf(hf, where, **overrides)
+    except ConversionError:
+        raise
+    except KeyError as exc:
+        raise ConversionError(f"{where}: missing key {exc}") from None
+    except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
+        raise ConversionError(f"{where}: {exc}") from None
+
+
+def _model_config_from_hf(hf: dict, where: str, **overrides: Any) -> ModelConfig:
     archs = hf.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ConversionError(

@@ -35,7 +35,8 @@ from megatron_longsky.convert.mapping import (
     layer_to_megatron,
     pad_vocab_rows,
 )
-from megatron_longsky.model.config import ModelConfig
+from megatron_longsky.config import ConfigError
+from megatron_longsky.model.config import ModelConfig, check_parallel_layout
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,10 @@ def validate_layout(cfg: ModelConfig, tp: int, pp: int, where: str = "layout") -
     it is a multiple of them) and PP must divide the layers."""
     if tp < 1 or pp < 1:
         raise ConversionError(f"{where}: tp ({tp}) and pp ({pp}) must be >= 1")
-    problem = cfg.tensor_parallel_error(tp)
-    if problem:
-        raise ConversionError(f"{where}: {problem}")
-    if cfg.num_layers % pp:
-        raise ConversionError(f"{where}: PP={pp} does not divide num_hidden_layers {cfg.num_layers}")
+    try:
+        check_parallel_layout(cfg, tp, pp)  # the rule train and plan use
+    except ConfigError as exc:
+        raise ConversionError(f"{where}: {exc}") from None
 
 
 def tokenizer_files(directory: Path) -> list[Path]:
@@ -106,6 +106,10 @@ def _fill_model(model, weights: HFWeights, cfg: ModelConfig, hf_vocab: int, padd
     def copy(meg_name: str, tensor: torch.Tensor) -> None:
         target = params[meg_name]
         _check_shape(meg_name, tensor.shape, target.shape, where)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ConversionError(f"{where}: {bad} NaN/Inf values in the weights of {meg_name} "
+                                  "(a corrupt or diverged checkpoint); nothing was written")
         target.copy_(tensor.to(target.dtype))
 
     h = cfg.hidden_size

@@ -37,6 +37,7 @@ import numpy as np
 
 from megatron_longsky.config import ConfigError, load_config, to_dict
 from megatron_longsky.data.metadata import TokenizerMismatchError, meta_path, read_meta
+from megatron_longsky.errors import UserError
 from megatron_longsky.utils.atomic import atomic_paths
 from megatron_longsky.utils.logging import setup_logging
 
@@ -117,7 +118,7 @@ class CIPConfig:
         return self.seq_length + (1 if self.add_extra_token else 0)
 
 
-class CIPInputError(ValueError):
+class CIPInputError(UserError, ValueError):
     """The inputs cannot make the requested CIP data (empty or too-small pool, ...)."""
 
 

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from megatron_longsky.errors import UserError
+
 CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz")
 
 # Kinds of bad lines, in the order they are checked.
 BAD_KINDS = ("invalid_utf8", "invalid_json", "not_object", "missing_key", "non_string", "empty")
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A bad input line or file; the message names the file and line."""
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from megatron_longsky.data.metadata import TokenizerMismatchError, meta_path, read_meta
+from megatron_longsky.errors import UserError
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """Inputs that cannot be merged; the message names the offending dataset."""
 
 
@@ -98,7 +99,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         result = merge_datasets(args.input, args.output_prefix)
     except (MergeError, TokenizerMismatchError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(f"merged {len(result['inputs'])} datasets into {result['prefix']}: {result['documents']:,} documents, "
           f"{result['sequences']:,} sequences, {result['tokens']:,} tokens")
     return 0

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_longsky.errors import UserError
 from megatron_longsky.utils.atomic import atomic_write_json
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError, ValueError):
     """A dataset was made with a different tokenizer than the one in use."""
 
 

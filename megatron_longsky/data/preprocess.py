@@ -367,7 +367,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         stats = preprocess(config_from_args(args))
     except (CorpusError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

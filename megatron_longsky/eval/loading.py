@@ -73,11 +73,20 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     from megatron_longsky.eval.megatron_backend import MegatronBackend
     from megatron_longsky.runtime.distributed import ParallelConfig, initialize
 
+    from megatron_longsky.checkpoint.layout import resolve_checkpoint
+
     parallel = ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                               context_parallel_size=args.cp)
+    resolve_checkpoint(args.checkpoint)  # a wrong path is found before any process group exists
     runtime = initialize(parallel)
-    backend = MegatronBackend.from_checkpoint(args.checkpoint, parallel, vocab_size=tokenizer.vocab_size,
-                                              fp8=getattr(args, "fp8", None))
+    try:
+        backend = MegatronBackend.from_checkpoint(args.checkpoint, parallel, vocab_size=tokenizer.vocab_size,
+                                                  fp8=getattr(args, "fp8", None))
+    except BaseException:
+        from megatron_longsky.runtime.distributed import shutdown
+
+        shutdown()
+        raise
     return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True)
 
 

@@ -19,6 +19,7 @@ import sys
 from megatron_longsky.config import ConfigError, load_config
 from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
 from megatron_longsky.utils.logging import setup_logging
+from megatron_longsky.utils.paths import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    ensure_writable_dir("--output", args.output)  # before the model is loaded
     model = load_model(args)
     try:
         result = run_needle(cfg, model.backend, model.tokenizer, model_name=model.name, progress=model.is_writer)

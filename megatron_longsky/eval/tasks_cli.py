@@ -19,6 +19,7 @@ import sys
 from megatron_longsky.config import ConfigError, load_config
 from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
 from megatron_longsky.utils.logging import setup_logging
+from megatron_longsky.utils.paths import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "ppl" and not cfg.data:
         print("error: ppl needs --data (indexed:<prefix> or a .jsonl/.txt file)", file=sys.stderr)
         return 2
+    ensure_writable_dir("--output", args.output)  # before the model is loaded
     model = load_model(args)
     try:
         quiet = not model.is_writer

@@ -32,6 +32,9 @@ class RopeConfig:
     def __post_init__(self):
         if self.base <= 0:
             raise ValueError(f"rope.base must be > 0, got {self.base}")
+        if self.original_max_position_embeddings < 1:
+            raise ValueError(f"rope.original_max_position_embeddings must be >= 1, "
+                             f"got {self.original_max_position_embeddings}")
         if self.scaling != "none" and self.factor <= 0:
             raise ValueError(f"rope.factor must be > 0 for scaling={self.scaling}")
 
@@ -70,6 +73,15 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = None
 
     def __post_init__(self):
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                    "vocab_size", "make_vocab_size_divisible_by", "seq_length", "max_position_embeddings",
+                    "recompute_num_layers"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {value}")
+        if self.norm_epsilon <= 0 or self.init_method_std <= 0:
+            raise ValueError(f"model.norm_epsilon and model.init_method_std must be > 0 "
+                             f"(got {self.norm_epsilon}, {self.init_method_std})")
         if self.fp8_attention != "off":
             if not self.fp8:
                 raise ValueError(f"fp8_attention={self.fp8_attention!r} needs model.fp8 (e4m3 or hybrid): "
@@ -146,6 +158,21 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+
+def check_parallel_layout(model: ModelConfig, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                          context_parallel: int = 1) -> None:
+    """The one rule for which TP/PP/CP sizes a model can be split into (``train``, ``plan``,
+    the importer and evaluation all ask here); raises :class:`ConfigError` naming the sizes."""
+    problem = model.tensor_parallel_error(tensor_parallel)
+    if problem:
+        raise ConfigError(f"tensor_model_parallel_size: {problem}")
+    if model.num_layers % pipeline_parallel:
+        raise ConfigError(f"model.num_layers {model.num_layers} is not divisible by "
+                          f"pipeline_model_parallel_size {pipeline_parallel}")
+    if context_parallel > 1 and model.seq_length % (2 * context_parallel):
+        raise ConfigError(f"model.seq_length {model.seq_length} is not divisible by 2 x context_parallel_size "
+                          f"= {2 * context_parallel}")
 
 
 PRESETS: dict[str, dict] = {

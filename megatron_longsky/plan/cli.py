@@ -180,6 +180,27 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
     return "\n".join(lines)
 
 
+def check_plan_args(args: argparse.Namespace) -> None:
+    """Flags that make no sense are usage errors (exit 2), before any work."""
+    if args.recipe and not args.dry_run:
+        raise ConfigError("--recipe goes with --dry-run")
+    if bool(args.recipe) == bool(args.config):
+        raise ConfigError("give one of --config or --recipe")
+    if args.nodes is None and not args.recipe:
+        raise ConfigError("--nodes is required")
+    if (args.nodes is not None and args.nodes < 1) or args.gpus_per_node < 1:
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--peak-tflops", args.peak_tflops)):
+        if value is not None and not value > 0:  # also refuses NaN
+            raise ConfigError(f"{flag} must be > 0, got {value:g}")
+    if not args.reserved_gb >= 0 or not args.reserved_gb < args.gpu_memory_gb:
+        raise ConfigError(f"--reserved-gb must be >= 0 and below --gpu-memory-gb, got {args.reserved_gb:g}")
+    if not 0 < args.efficiency <= 1:
+        raise ConfigError(f"--efficiency must be in (0, 1], got {args.efficiency:g}")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be >= 1, got {args.vocab_size}")
+
+
 def dry_run_main(args) -> int:
     from megatron_longsky.plan.dry_run import DryRunError, dry_run_recipe, dry_run_train_stage
     from megatron_longsky.training.config import load_train_config
@@ -191,12 +212,12 @@ def dry_run_main(args) -> int:
             cfg = load_train_config(args.config, args.overrides)
             vocab = _vocab_size(cfg, args.vocab_size)
             results = [dry_run_train_stage(Path(args.config).stem, cfg, args.nodes * args.gpus_per_node, vocab)]
-    except DryRunError as exc:
+    except DryRunError as exc:  # megatron-core refused a stage: the check failed (like --require-fit)
         print(f"longsky plan --dry-run: {exc}", file=sys.stderr)
         return 1
     except (ConfigError, ValueError) as exc:
-        print(f"longsky plan --dry-run: {exc}", file=sys.stderr)
-        return 1
+        print(f"longsky plan --dry-run: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps([{"stage": r.name, **{k: str(v) for k, v in r.facts.items()}} for r in results], indent=2))
     else:
@@ -211,14 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longsky.training.config import load_train_config
 
     try:
-        if args.recipe and not args.dry_run:
-            raise ConfigError("--recipe goes with --dry-run")
-        if bool(args.recipe) == bool(args.config):
-            raise ConfigError("give one of --config or --recipe")
-        if args.nodes is None and not args.recipe:
-            raise ConfigError("--nodes is required")
-        if (args.nodes is not None and args.nodes < 1) or args.gpus_per_node < 1:
-            raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+        check_plan_args(args)
     except ConfigError as exc:
         print(f"longsky plan: {exc}", file=sys.stderr)
         return 2

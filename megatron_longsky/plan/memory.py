@@ -68,7 +68,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
-from megatron_longsky.model.config import ModelConfig
+from megatron_longsky.model.config import ModelConfig, check_parallel_layout
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 GiB = 1024**3
@@ -100,14 +100,7 @@ class PlanInput:
                      "micro_batch_size", "num_microbatches", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if m.num_layers % self.pipeline_parallel:
-            raise ValueError(f"num_layers {m.num_layers} is not divisible by pipeline parallel size "
-                             f"{self.pipeline_parallel}")
-        problem = m.tensor_parallel_error(self.tensor_parallel)
-        if problem:
-            raise ValueError(problem)
-        if m.seq_length % (2 * self.context_parallel) and self.context_parallel > 1:
-            raise ValueError(f"seq_length {m.seq_length} is not divisible by 2*CP = {2 * self.context_parallel}")
+        check_parallel_layout(m, self.tensor_parallel, self.pipeline_parallel, self.context_parallel)
 
     @property
     def param_bytes(self) -> int:

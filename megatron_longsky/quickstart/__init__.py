@@ -87,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(QuickstartConfig, args.config, args.overrides)
     except ConfigError as exc:
         print(f"longsky quickstart: {exc}", file=sys.stderr)
-        return 1
+        return 2
     report = run(cfg, Path(args.output), fresh=args.fresh)
     print(f"report: {report}")
     return 0

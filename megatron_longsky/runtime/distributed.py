@@ -17,6 +17,7 @@ from typing import Literal, Mapping, Optional
 
 import torch
 
+from megatron_longsky.config import ConfigError
 from megatron_longsky.runtime import cpu_compat
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,22 @@ class ParallelConfig:
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.timeout_minutes < 1:
+            raise ConfigError(f"parallel.timeout_minutes must be >= 1, got {self.timeout_minutes}")
         sizes = self.hierarchical_context_parallel_sizes
         if sizes is not None and self.cp_comm_type != "a2a+p2p":
-            raise ValueError(f"parallel.hierarchical_context_parallel_sizes={sizes} is used by cp_comm_type=a2a+p2p "
+            raise ConfigError(f"parallel.hierarchical_context_parallel_sizes={sizes} is used by cp_comm_type=a2a+p2p "
                              f"only; this config has cp_comm_type={self.cp_comm_type} (remove it)")
         if self.cp_comm_type == "a2a+p2p" and self.context_parallel_size > 1:
             cp = self.context_parallel_size
             if sizes is None:
-                raise ValueError(
+                raise ConfigError(
                     "parallel.cp_comm_type=a2a+p2p needs parallel.hierarchical_context_parallel_sizes "
                     f"([a2a size, p2p size], product {cp}): without the hierarchical CP groups Transformer "
                     "Engine gets no CP group for attention")
             if len(sizes) != 2 or any(s < 1 for s in sizes) or sizes[0] * sizes[1] != cp:
-                raise ValueError(
+                raise ConfigError(
                     f"parallel.hierarchical_context_parallel_sizes={sizes}: Transformer Engine takes two levels "
                     f"[a2a size, p2p size] of sizes >= 1 whose product is context_parallel_size={cp}")
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from megatron_longsky.errors import UserError
+
 FORMATS = ("auto", "messages", "sharegpt", "alpaca")
 ChatFormat = Literal["auto", "messages", "sharegpt", "alpaca"]
 
@@ -28,7 +30,7 @@ ROLE_ALIASES = {
 }
 
 
-class SFTFormatError(ValueError):
+class SFTFormatError(UserError, ValueError):
     """A chat record that cannot be used; ``kind`` groups the counts of skipped lines."""
 
     def __init__(self, message: str, kind: str = "bad_record"):

@@ -138,7 +138,8 @@ class SFTWriter:
         s = self.summary
         if s.samples == 0:
             self.abort()
-            raise ValueError(f"no usable samples for {self.cfg.output_prefix} ({s.text()})")
+            inputs = ", ".join(map(str, (extra_meta or {}).get("inputs", []))) or "the input"
+            raise ValueError(f"no usable samples in {inputs} for {self.cfg.output_prefix} ({s.text()})")
         s.bad_lines = dict(self._bad)
         s.seconds = time.perf_counter() - self._start
         meta = {
@@ -235,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    tokenizer_cfg=tokenizer_cfg)
     except (SFTFormatError, ChatTemplateError, CorpusError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     tokens_prefix, mask_prefix = sft_prefixes(args.output_prefix)
     print(f"wrote {tokens_prefix} and {mask_prefix}: {summary.text()}", file=sys.stderr)
     return 0

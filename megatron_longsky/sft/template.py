@@ -31,12 +31,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_longsky.sft.formats import Turn, turns_to_messages
+from megatron_longsky.errors import UserError
 
 BUILTIN_NAME = "longsky-v1"
 BUILTIN_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     pass
 
 

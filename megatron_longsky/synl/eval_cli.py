@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_longsky.utils.atomic import atomic_write_json, atomic_write_text
+from megatron_longsky.utils.paths import ensure_writable_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,14 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_records(path: str | Path, limit: Optional[int] = None) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SystemExit(f"error: {path}:{number}: invalid UTF-8") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SystemExit(f"error: {path}:{number}: invalid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise SystemExit(f"error: {path}:{number}: JSON nested too deeply") from None
             if not isinstance(record, dict) or "messages" not in record or "meta" not in record:
                 raise SystemExit(f"error: {path}:{number}: not a SynL record (needs 'messages' and 'meta')")
             records.append(record)
@@ -69,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     records = read_records(args.data, args.max_samples)
+    ensure_writable_dir("--output", args.output)  # before the model is loaded
     model = load_model(args)
     try:
         result = synl_accuracy(records, model.backend.generate_greedy, model.tokenizer,

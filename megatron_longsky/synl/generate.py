@@ -61,8 +61,8 @@ class SynLConfig:
     system_prompt: Optional[str] = None
 
     def __post_init__(self):
-        if self.num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if not 1 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"need 1 <= min_tokens ({self.min_tokens}) <= max_tokens ({self.max_tokens})")
         unknown = [f for f in self.families if f not in Q.FAMILIES]
@@ -314,7 +314,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"wrote SFT datasets {args.sft_output_prefix}_*: {summary.text()}", file=sys.stderr)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     table_tokens = counts.pop("table_tokens", 0)
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
     print(f"wrote {args.output}: {cfg.num_samples} samples, {table_tokens} table tokens ({kinds})", file=sys.stderr)

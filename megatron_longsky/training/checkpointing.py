@@ -18,7 +18,9 @@ Layout (see :mod:`megatron_longsky.checkpoint.layout`)::
 A save goes to ``<root>/.iter_0000100.partial`` and is renamed into place by rank 0
 after every rank has finished writing; only then is ``latest`` rewritten and old
 iterations pruned. A crash at any point leaves ``latest`` on the previous complete
-checkpoint (a left-over ``.partial`` directory is removed by the next save).
+checkpoint; what it leaves (``.partial``/``.old`` directories, ``latest`` temporaries, an
+iteration half deleted by pruning) is removed when the next run starts
+(:func:`~megatron_longsky.checkpoint.layout.clean_checkpoint_root`).
 
 Saves and loads go through megatron-core's fully parallel strategy wrappers over the
 data-parallel group with context parallelism (the group the distributed optimizer shards
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 
 from megatron_longsky.checkpoint.layout import (
-    MODEL, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
+    MODEL, CheckpointError, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
 )
 from megatron_longsky.checkpoint.model_io import load_model_weights, model_sharded_state_dict, save_model_weights
 from megatron_longsky.runtime.device import use_cuda
@@ -114,11 +116,16 @@ def _rng_file(ckpt_dir: Path, rank: int) -> Path:
 _WRITER_MANAGER = None
 
 
-def _ignore_preemption_signals() -> None:
+def _writer_server_init(parent_pid: int) -> None:
+    """In the queue server: deaf to preemption signals, killed with the trainer, off its stdout."""
     import signal
+
+    from megatron_longsky.utils.process import detach_from_output, die_with_parent
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+    detach_from_output()
 
 
 def prepare_checkpoint_writer() -> None:
@@ -127,7 +134,9 @@ def prepare_checkpoint_writer() -> None:
     megatron-core's file writer reports through a ``multiprocessing`` Manager process it
     starts on the first save. Slurm signals every process of a task on preemption; that
     server would die and the save we are asked to make would fail. We start it ourselves
-    (before the signal can arrive) with those signals ignored; it ends with this process.
+    (before the signal can arrive) with those signals ignored; it ends with this process,
+    however this process ends (the kernel kills it when its parent dies, see
+    :mod:`megatron_longsky.utils.process`), and never holds our stdout/stderr.
     """
     global _WRITER_MANAGER
     import multiprocessing
@@ -138,7 +147,7 @@ def prepare_checkpoint_writer() -> None:
     if _WRITER_MANAGER is not None or filesystem_async._results_queue is not None:
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_ignore_preemption_signals)
+    manager.start(initializer=_writer_server_init, initargs=(os.getpid(),))
     filesystem_async._results_queue = manager.Queue()
     _WRITER_MANAGER = manager
 
@@ -213,7 +222,7 @@ def _keep_adam_step_on_reshardable_load(optimizer):
                 state["step"] = state["step"].clone()
 
 
-class CheckpointLayoutError(ValueError):
+class CheckpointLayoutError(CheckpointError):
     """A checkpoint cannot be loaded at this run's layout in the form it was written."""
 
 
@@ -400,9 +409,21 @@ def _publish(root: Path, staging: Path, final: Path, iteration: int, keep_last: 
 def read_trainer_state(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / TRAINER / STATE_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} is a weights-only checkpoint "
+        raise CheckpointError(f"{path} is missing: {ckpt_dir} is a weights-only checkpoint "
                                 "(start from it with checkpoint.init_from instead of resuming)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_optimizer_kind(ckpt_dir: Path, saved: dict, distributed: bool) -> None:
+    """Refuse to resume optimizer state saved by the other optimizer kind (their formats differ)."""
+    saved_distributed = saved.get("distributed_optimizer", distributed)
+    if saved_distributed != distributed:
+        raise CheckpointError(
+            f"{ckpt_dir} holds {'distributed' if saved_distributed else 'non-distributed'} optimizer state but "
+            f"this run has optimizer.use_distributed_optimizer={not saved_distributed}: their formats differ. "
+            f"Resume with use_distributed_optimizer={saved_distributed}, or start a new stage from its weights "
+            "with checkpoint.init_from"
+        )
 
 
 def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) -> TrainerState:
@@ -416,14 +437,7 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) ->
 
     ckpt_dir = Path(ckpt_dir)
     saved = read_trainer_state(ckpt_dir)
-    saved_distributed = saved.get("distributed_optimizer", _is_distributed_optimizer(optimizer))
-    if saved_distributed != _is_distributed_optimizer(optimizer):
-        raise ValueError(
-            f"{ckpt_dir} holds {'distributed' if saved_distributed else 'non-distributed'} optimizer state but "
-            f"this run has optimizer.use_distributed_optimizer={not saved_distributed}: their formats differ. "
-            f"Resume with use_distributed_optimizer={saved_distributed}, or start a new stage from its weights "
-            "with checkpoint.init_from"
-        )
+    check_optimizer_kind(ckpt_dir, saved, _is_distributed_optimizer(optimizer))
     fmt = load_optimizer_format(dist_checkpointing.load_content_metadata(str(ckpt_dir / OPTIMIZER)),
                                 checkpoint_layout(model_chunks, "auto"), ckpt_dir)
     load_model_weights(model_chunks, ckpt_dir, sharded_strategy=fully_parallel_load_strategy(ckpt_dir / MODEL))

@@ -1,8 +1,10 @@
 """``longsky train --config job.yaml key=value ...``: launched by torchrun, srun or directly.
 
 Exit status: 0 when training finished or was preempted (SIGTERM/SIGUSR1: a checkpoint
-was saved after the current step; rerun the same command to resume), 1 on a config or
-data error, 3 when training stopped after too many consecutive non-finite losses.
+was saved after the current step; rerun the same command to resume), 2 on a config,
+path or data error (one line from rank 0, found before the model is built; ``--debug``
+adds the traceback), 3 when training stopped after too many consecutive non-finite
+losses, 1 for anything else (a bug: the traceback is printed).
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import argparse
 import logging
 import sys
 from typing import Optional
-
-from megatron_longsky.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +32,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megatron_longsky.training.config import load_train_config, train_config_to_dict
     from megatron_longsky.utils.logging import setup_logging
 
-    try:
-        cfg = load_train_config(args.config, args.overrides)
-    except (ConfigError, ValueError) as exc:
-        print(f"longsky train: {exc}", file=sys.stderr)
-        return 1
+    cfg = load_train_config(args.config, args.overrides)  # a ConfigError is one line and exit 2 (cli.py)
     setup_logging(cfg.logging.level)
     if args.print_config:
         import yaml
@@ -50,9 +46,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         return 3
-    except (ConfigError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
     log.info("%s at iteration %d: %.1f tokens/s, %.3f steps/s, checkpoint %s, metrics %s",
              result.exit_reason, result.final_iteration, result.tokens_per_s, result.steps_per_s,
              result.checkpoint_dir, result.metrics_path)

@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 from megatron_longsky.attention.context_parallel import validate_context_parallel, validate_pad_multiple
 from megatron_longsky.config import ConfigError, from_dict, merge_config_sources, to_dict
-from megatron_longsky.model.config import ModelConfig, model_config_from_dict
+from megatron_longsky.model.config import ModelConfig, check_parallel_layout, model_config_from_dict
 from megatron_longsky.runtime.distributed import ParallelConfig
 from megatron_longsky.tokenizer.base import TokenizerConfig
 
@@ -98,6 +98,14 @@ class OptimizerSettings:
     def __post_init__(self):
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"optimizer: need 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        if self.clip_grad < 0:
+            raise ValueError(f"optimizer.clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
+        if self.weight_decay < 0 or self.adam_eps <= 0:
+            raise ValueError(f"optimizer: need weight_decay >= 0 and adam_eps > 0 "
+                             f"(weight_decay={self.weight_decay}, adam_eps={self.adam_eps})")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"optimizer.{key} must be in [0, 1), got {getattr(self, key)}")
 
 
 @dataclass
@@ -113,6 +121,10 @@ class ScheduleConfig:
     def __post_init__(self):
         if self.warmup_iters < 0:
             raise ValueError("schedule.warmup_iters must be >= 0")
+        if self.decay_iters is not None and self.decay_iters < 1:
+            raise ValueError(f"schedule.decay_iters must be >= 1, got {self.decay_iters}")
+        if self.init_lr < 0:
+            raise ValueError(f"schedule.init_lr must be >= 0, got {self.init_lr}")
 
 
 @dataclass
@@ -152,6 +164,8 @@ class LoggingConfig:
     def __post_init__(self):
         if self.log_interval < 1:
             raise ValueError("logging.log_interval must be >= 1")
+        if self.peak_tflops_per_device is not None and self.peak_tflops_per_device <= 0:
+            raise ValueError(f"logging.peak_tflops_per_device must be > 0, got {self.peak_tflops_per_device}")
 
 
 @dataclass
@@ -186,6 +200,18 @@ class TrainConfig:
                              f"micro_batch_size {self.micro_batch_size}")
         if self.max_consecutive_nan_steps < 1:
             raise ValueError("max_consecutive_nan_steps must be >= 1")
+        if self.eval_interval < 0 or self.eval_iters < 1:
+            raise ValueError(f"need eval_interval >= 0 and eval_iters >= 1 "
+                             f"(eval_interval={self.eval_interval}, eval_iters={self.eval_iters})")
+        if not self.output_dir:
+            raise ValueError("output_dir is empty")
+        par = self.parallel
+        if (self.data.kind == "sft" and self.data.packed and par.pipeline_model_parallel_size > 1
+                and self.micro_batch_size > 1):
+            raise ValueError("data.packed=true with pipeline parallelism needs micro_batch_size=1 (a packed "
+                             "micro-batch travels between stages as one [1, b*s] sequence)")
+        check_parallel_layout(self.model, par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                              par.context_parallel_size)
         # CP communication, FP8 shard and FP8-attention rules, before anything is built.
         validate_context_parallel(self.model, self.parallel, self.data.kind == "sft" and self.data.packed)
         self._check_settings_take_effect()
@@ -199,9 +225,6 @@ class TrainConfig:
                 + ("(data.kind=sft has no validation split)" if self.data.kind == "sft"
                    else f"(data.split={self.data.split!r} gives the validation part 0)")
                 + "; set eval_interval=0 or use `longsky evaluate`")
-        problem = self.model.tensor_parallel_error(tp)
-        if problem:
-            raise ValueError(f"parallel.tensor_model_parallel_size: {problem}")
         if self.parallel.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
                              "(it shards activations over the TP group); set it to false")

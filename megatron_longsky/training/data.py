@@ -103,9 +103,6 @@ def build_sft_splits(cfg: TrainConfig, train_samples: int) -> Splits:
 
     if not cfg.data.prefixes:
         raise ValueError("data.prefixes is empty: name the dataset written by longsky preprocess-sft")
-    if cfg.data.packed and cfg.parallel.pipeline_model_parallel_size > 1 and cfg.micro_batch_size > 1:
-        raise ValueError("data.packed=true with pipeline parallelism needs micro_batch_size=1 (a packed "
-                         "micro-batch travels between stages as one [1, b*s] sequence)")
     dataset = PackedSFTDataset(cfg.data.prefixes[0], cfg.seq_length,
                                pad_to_multiple=cfg.data.pad_to_multiple,
                                seed=cfg.seed, unpacked=not cfg.data.packed)

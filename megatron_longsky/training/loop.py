@@ -145,7 +145,14 @@ def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optio
     """Initialise distributed state, model, optimizer; resume or ``init_from`` if asked."""
     from megatron_longsky.runtime.distributed import initialize
 
+    from megatron_longsky.training.preflight import check_training_inputs
+    from megatron_longsky.utils.process import forked_children_die_with_this_process
+
     owns_pg = not torch.distributed.is_initialized()
+    # Inputs, config combinations and the layout are checked before anything is built.
+    check_training_inputs(cfg, *((None, None) if owns_pg else
+                                 (torch.distributed.get_world_size(), torch.distributed.get_rank())))
+    forked_children_die_with_this_process()  # data workers, async checkpoint writers
     runtime = initialize(cfg.parallel, cfg.seed)
     try:
         return _setup_after_initialize(cfg, runtime, owns_pg)

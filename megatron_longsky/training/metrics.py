@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from megatron_longsky.errors import UserError
 from megatron_longsky.model.config import ModelConfig
 from megatron_longsky.runtime.device import use_cuda
 
@@ -134,14 +135,37 @@ def format_record(r: dict) -> str:
     return " | ".join(parts)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """Training records of a metrics.jsonl (the last record of each iteration wins)."""
-    by_iter: dict[int, dict] = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+class MetricsFileError(UserError, ValueError):
+    """A metrics.jsonl that is not what ``longsky train`` writes; names the file and line."""
+
+
+def read_metric_records(path: str | Path) -> list[dict]:
+    """Every record of a metrics.jsonl, in file order. A line torn by a killed run is
+    skipped; anything else that is not a record (or holds a non-number loss) is an error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MetricsFileError(f"{path}: not a metrics.jsonl (not UTF-8 text at byte {exc.start})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "loss" in record:
-            by_iter[record["iteration"]] = record
+        except RecursionError:
+            raise MetricsFileError(f"{path}:{number}: JSON nested too deeply (not a metrics record)") from None
+        iteration = record.get("iteration") if isinstance(record, dict) else None
+        if not isinstance(iteration, int) or isinstance(iteration, bool):
+            raise MetricsFileError(f"{path}:{number}: not a training metrics record (needs an integer 'iteration')")
+        for key in ("loss", "valid_loss"):
+            value = record.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise MetricsFileError(f"{path}:{number}: {key!r} must be a number, got {value!r}")
+        records.append(record)
+    return records
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Training records of a metrics.jsonl (the last record of each iteration wins)."""
+    by_iter = {r["iteration"]: r for r in read_metric_records(path) if "loss" in r}
     return [by_iter[k] for k in sorted(by_iter)]

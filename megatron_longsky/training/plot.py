@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_longsky.training.metrics import read_metrics
+from megatron_longsky.training.metrics import MetricsFileError, read_metric_records, read_metrics
 from megatron_longsky.utils.atomic import atomic_path
 
 
 def _valid_points(path: Path) -> list[tuple[int, float]]:
-    points = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "valid_loss" in record:
-            points[record["iteration"]] = record["valid_loss"]
+    points = {r["iteration"]: r["valid_loss"] for r in read_metric_records(path) if "valid_loss" in r}
     return sorted(points.items())
 
 
@@ -33,7 +25,7 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str | None 
     metrics_path = Path(metrics_path)
     records = [r for r in read_metrics(metrics_path) if not r.get("skipped")]
     if not records:
-        raise ValueError(f"{metrics_path} holds no training records")
+        raise MetricsFileError(f"{metrics_path} holds no training records")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["iteration"] for r in records], [r["loss"] for r in records], label="train loss")
     valid = _valid_points(metrics_path)
