@@ -152,7 +152,7 @@ def test_skip_bad_lines_counts_by_kind_and_keeps_good_documents(tmp_path, capsys
     raw += [b'{"text": "lone \\ud800 surrogate"}\n', b"\n", b'{"text": "good last"}\n']
     src = write_jsonl(tmp_path / "in.jsonl", DOCS[:5], raw_lines=raw, gz=True)
     prefix = str(tmp_path / "cli")
-    assert main(["--input", str(src), "--output-prefix", prefix, "--no-progress"]) == 1
+    assert main(["--input", str(src), "--output-prefix", prefix, "--no-progress"]) == 2
     assert "in.jsonl:6:" in capsys.readouterr().err  # first bad line, named by file and line
     assert main(["--input", str(src), "--output-prefix", prefix, "--skip-bad-lines", "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -259,7 +259,7 @@ def test_command_line_has_megatron_flag_names(tmp_path):
     assert args.append_eod and args.split_sentences and args.skip_bad_lines
     with pytest.raises(ValueError, match="workers"):
         PreprocessConfig(inputs=["a"], output_prefix="p", workers=0)
-    assert main(["--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "p")]) == 1
+    assert main(["--input", str(tmp_path / "none.jsonl"), "--output-prefix", str(tmp_path / "p")]) == 2
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

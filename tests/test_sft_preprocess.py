@@ -75,7 +75,7 @@ def test_bad_lines_stop_with_file_and_line_or_are_skipped_and_counted(tmp_path, 
                        ['{"messages": [{"role": "user", "content": "x"}]}', "{not json",
                         '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]}'])
     prefix = tmp_path / "out"
-    assert main(["--input", str(src), "--output-prefix", str(prefix), "--no-progress"]) == 1
+    assert main(["--input", str(src), "--output-prefix", str(prefix), "--no-progress"]) == 2
     assert f"{src}:5:" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [src], "a failed run must leave no output (not even temporary files)"
     assert main(["--input", str(src), "--output-prefix", str(prefix), "--skip-bad-lines", "--no-progress"]) == 0
