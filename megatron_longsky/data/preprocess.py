@@ -276,7 +276,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         encoder = BatchEncoder(tokenizer, cfg.json_keys, cfg.append_eod, dtype, splitter,
                                keep_empty=cfg.empty_documents == "keep")
         bad_kinds: Counter = Counter()
-        next_log = cfg.log_interval
+        next_log, bytes_done = cfg.log_interval, 0
         with contextlib.closing(_ordered_results(batches, cfg, encoder, splitter)) as results:
             for result in results:
                 if result.bad and not cfg.skip_bad_lines:
@@ -286,12 +286,13 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
                     log.debug("skipped %s", bad)
                 stats.blank_lines += result.blank_lines
                 stats.documents += result.documents
+                bytes_done += result.nbytes
                 for key, writer in writers.items():
                     _write_batch(writer, result, key)
                 if next_log is not None and stats.documents >= next_log:
                     elapsed = time.perf_counter() - start
                     log.info("processed %d documents (%.0f docs/s, %.2f MB/s)", stats.documents,
-                             stats.documents / elapsed, bar.n / elapsed / 2**20)
+                             stats.documents / elapsed, bytes_done / elapsed / 2**20)
                     next_log = (stats.documents // cfg.log_interval + 1) * cfg.log_interval
                 if bar.n and bar.format_dict.get("elapsed"):
                     elapsed = bar.format_dict["elapsed"]

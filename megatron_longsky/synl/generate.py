@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the SFT indexed datasets (as longsky preprocess-sft would)")
     p.add_argument("--sft-max-length", type=int, default=None,
                    help="drop SFT samples longer than this many tokens (a cut sample would lose its question)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (jsonl and SFT datasets)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SynLConfig field overrides")
     add_tokenizer_args(p)
@@ -303,13 +304,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        from megatron_longsky.utils.atomic import check_outputs
+
+        outputs = [args.output]
+        if args.sft_output_prefix:
+            from megatron_longsky.data.indexed import dataset_files
+            from megatron_longsky.sft.preprocess import sft_prefixes
+
+            outputs += [f for prefix in sft_prefixes(args.sft_output_prefix) for f in dataset_files(prefix)]
+        check_outputs(outputs, (), args.overwrite)  # before generating anything
         tokenizer = build_tokenizer(tokenizer_config_from_args(args))
         counts = write_synl_jsonl(cfg, tokenizer, args.output, progress=not args.no_progress)
         if args.sft_output_prefix:
             from megatron_longsky.sft.preprocess import SFTPreprocessConfig, preprocess_records
 
             sft_cfg = SFTPreprocessConfig(output_prefix=args.sft_output_prefix, format="messages",
-                                          max_length=args.sft_max_length, overlong="drop")
+                                          max_length=args.sft_max_length, overlong="drop",
+                                          overwrite=args.overwrite)
             with open(args.output, encoding="utf-8") as f:
                 records = ((f"{args.output}:{n}", json.loads(line)) for n, line in enumerate(f, start=1))
                 summary = preprocess_records(records, tokenizer, sft_cfg, {"synl": {"source": args.output}})

@@ -92,8 +92,9 @@ class HFTokenizer(Tokenizer):
                                             specials_blob(self.eod_id, self.bos_id, self.pad_id))
 
     def _load_gpt2_bpe(self, vocab: Path, merges: Path) -> None:
-        """GPT-2's byte-level BPE from vocab.json + merges.txt (Megatron-LM's GPT2BPETokenizer):
-        the same pre-tokenisation regex and byte mapping, no special token added to the text."""
+        """GPT-2's byte-level BPE from vocab.json + merges.txt (Megatron-LM's GPT2BPETokenizer, which
+        megatron-core 0.16 loads as transformers' GPT2Tokenizer): the same pre-tokenisation regex and
+        byte mapping, ``<|endoftext|>`` in the text is the special token, nothing is added to the text."""
         from tokenizers import Tokenizer as RustTokenizer
         from tokenizers import decoders, models, pre_tokenizers
 
@@ -106,6 +107,8 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{vocab} / {merges}: not a GPT-2 vocab.json / merges.txt pair ({exc})") from exc
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
+        if tok.token_to_id("<|endoftext|>") is not None:
+            tok.add_special_tokens(["<|endoftext|>"])  # already in the vocabulary: keeps its id
         self._tok = tok
         self.model = str(vocab)
         self.merges = str(merges)
