@@ -105,7 +105,7 @@ def preprocess_throughput(corpus: Path, out_prefix: Path, tokenizer_cfg, workers
     from megatron_longsky.data.preprocess import PreprocessConfig, preprocess
 
     cfg = PreprocessConfig(inputs=[str(corpus)], output_prefix=str(out_prefix), tokenizer=tokenizer_cfg,
-                           workers=workers, progress=False)
+                           workers=workers, progress=False, overwrite=True)
     start = time.perf_counter()
     stats = preprocess(cfg)
     return stats.total_tokens, time.perf_counter() - start
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--min-mb", type=float, default=50.0)
-    parser.add_argument("--tokenizers", nargs="+", default=["hf", "byte"], choices=["hf", "byte"])
+    parser.add_argument("--tokenizers", nargs="+", action="extend", choices=["hf", "byte"],
+                        help="default: hf byte")
     parser.add_argument("--bpe-vocab", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="keep the corpus and outputs here")
@@ -179,6 +180,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.startup:
         return startup(args)
+    args.tokenizers = args.tokenizers or ["hf", "byte"]
     # The raw baseline gets the same parallelism as preprocessing: `workers` Rust threads.
     os.environ["RAYON_NUM_THREADS"] = str(args.workers)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if args.workers > 1 else "false"

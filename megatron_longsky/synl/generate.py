@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--length-distribution",
                    help="uniform (default), log-uniform, or weighted ranges like 2000-4000:0.7,4000-8000:0.3")
-    p.add_argument("--families", nargs="+", choices=list(Q.FAMILIES), help="default: all three")
+    p.add_argument("--families", nargs="+", action="extend", choices=list(Q.FAMILIES),
+                   help="default: all three (several per flag; repeatable)")
     p.add_argument("--system-prompt")
     p.add_argument("--sft-output-prefix", default=None,
                    help="also write the SFT indexed datasets (as longsky preprocess-sft would)")
