@@ -313,7 +313,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from megatron_longsky.sft.preprocess import sft_prefixes
 
             outputs += [f for prefix in sft_prefixes(args.sft_output_prefix) for f in dataset_files(prefix)]
-        check_outputs(outputs, (), args.overwrite)  # before generating anything
+        check_outputs(outputs, [args.config] if args.config else [], args.overwrite)  # before any work
         tokenizer = build_tokenizer(tokenizer_config_from_args(args))
         counts = write_synl_jsonl(cfg, tokenizer, args.output, progress=not args.no_progress)
         if args.sft_output_prefix:
