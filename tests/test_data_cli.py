@@ -415,3 +415,15 @@ def test_json_nested_100000_deep_is_a_bad_line(tmp_path, capsys):
     assert sft_main(argv) == 2
     assert f"{chats}:4: invalid JSON: nested too deeply" in capsys.readouterr().err
     assert sft_main([*argv, "--skip-bad-lines"]) == 0
+
+
+# ----------------------------------------------------------------------------- issue 16.6 (the pool)
+
+def test_worker_pool_keeps_order_raises_in_order_and_reports_a_dead_worker():
+    from megatron_longsky.data.workers import WorkerError, ordered_map
+
+    assert list(ordered_map(abs, range(-40, 0), workers=2)) == list(range(40, 0, -1))
+    with pytest.raises(ValueError, match="invalid literal"):
+        list(ordered_map(int, ["1", "2", "x", "4"], workers=2))
+    with pytest.raises(WorkerError, match="died"):  # a worker killed (here: exits) is an error, never a hang
+        list(ordered_map(os._exit, [3, 3, 3], workers=2))
