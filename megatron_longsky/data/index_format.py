@@ -164,8 +164,8 @@ class BinIdxBuilder:
             raise IndexedDatasetError(f"{prefix}.idx stores {np.dtype(index.dtype).name} tokens, "
                                       f"not {np.dtype(self.dtype).name}")
         offset = len(self.sequence_lengths)
-        self.sequence_lengths.extend(index.sequence_lengths.astype(np.int64).tolist())
-        self.document_indices.extend((offset + index.document_indices[1:]).tolist())
+        self.sequence_lengths.frombytes(index.sequence_lengths.astype(np.int64).tobytes())
+        self.document_indices.frombytes((offset + index.document_indices[1:]).astype(np.int64).tobytes())
         with open(f"{prefix}.bin", "rb") as f:
             shutil.copyfileobj(f, self.data_file, 16 << 20)
 
