@@ -111,15 +111,16 @@ def preprocess_throughput(corpus: Path, out_prefix: Path, tokenizer_cfg, workers
     return stats.total_tokens, time.perf_counter() - start
 
 
-def preprocess_command(corpus: Path, out_prefix: Path, tokenizer_cfg, workers: int) -> float:
-    """Wall time of ``longsky preprocess`` run as its own process (start-up included)."""
+def preprocess_command(corpus: Path, out_prefix: Path, tokenizer_cfg, workers: int, tree: Path = REPO) -> float:
+    """Wall time of ``longsky preprocess`` (of the checkout ``tree``) run as its own process,
+    start-up included. ``out_prefix`` must be new (older checkouts have no --overwrite)."""
     tok = ["--tokenizer-type", tokenizer_cfg.type] + (["--tokenizer-model", tokenizer_cfg.model]
                                                         if tokenizer_cfg.model else [])
     cmd = [sys.executable, "-m", "megatron_longsky.cli", "preprocess", "--input", str(corpus), "--output-prefix",
-           str(out_prefix), "--workers", str(workers), "--no-progress", "--overwrite", *tok]
+           str(out_prefix), "--workers", str(workers), "--no-progress", *tok]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
+                   env={**os.environ, "PYTHONPATH": str(tree)})
     return time.perf_counter() - start
 
 
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="keep the corpus and outputs here")
     parser.add_argument("--startup", action="store_true", help="measure the data commands' start-up instead")
-    parser.add_argument("--baseline", default=None, help="with --startup: another checkout to compare with")
+    parser.add_argument("--baseline", default=None,
+                        help="another checkout whose commands are timed side by side (start-up and command)")
     args = parser.parse_args(argv)
     if args.startup:
         return startup(args)
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
         # The machine is shared: alternate the measurements and keep each one's best.
         best = {"threads": float("inf"), "processes": float("inf"), "preprocess": float("inf"),
                 "command": float("inf")}
-        for _ in range(args.repeats):
+        for rep in range(args.repeats):
             tokens, seconds = raw_throughput(tokenizer, texts)
             best["threads"] = min(best["threads"], seconds)
             if args.workers > 1:
@@ -227,8 +229,11 @@ def main(argv=None) -> int:
             if pre_tokens != tokens:
                 raise SystemExit(f"token counts differ: raw {tokens} vs preprocess {pre_tokens}")
             best["preprocess"] = min(best["preprocess"], seconds)
-            best["command"] = min(best["command"], preprocess_command(corpus, work / f"cmd_{kind}", cfg,
+            best["command"] = min(best["command"], preprocess_command(corpus, work / f"cmd_{kind}_{rep}", cfg,
                                                                       args.workers))
+            if args.baseline:
+                best["baseline"] = min(best.get("baseline", float("inf")), preprocess_command(
+                    corpus, work / f"base_{kind}_{rep}", cfg, args.workers, Path(args.baseline).resolve()))
         rows.append((label, tokens, best))
 
     print(f"{'tokenizer':<24} {'tokens':>11} {'raw thr tok/s':>14} {'raw proc tok/s':>15} "
@@ -239,6 +244,9 @@ def main(argv=None) -> int:
         print(f"{label:<24} {tokens:>11,} {tokens / best['threads']:>14,.0f} {proc:>15} "
               f"{tokens / best['preprocess']:>17,.0f} {raw_best / best['preprocess']:>6.2f} "
               f"{tokens / best['command']:>14,.0f} {raw_best / best['command']:>6.2f}")
+        if "baseline" in best:
+            print(f"{'':<24} baseline command: {tokens / best['baseline']:,.0f} tok/s, "
+                  f"ratio {raw_best / best['baseline']:.2f} ({args.baseline})")
     print(f"best of {args.repeats} alternating runs each; raw thr = encode_batch in one process "
           f"({args.workers} Rust threads for hf), raw proc = {args.workers} processes encoding in-memory "
           "shares; ratio = preprocess tokens/s / best raw tokens/s; command = `longsky preprocess` as its own "
