@@ -254,7 +254,7 @@ def _command_configs(tmp_path, argv_tail):
     out = str(tmp_path / "out")
     common = ["--config", str(yaml_path), *argv_tail]
     return {
-        "build-cip": cip_args(["--input-prefix", "a", "--output-prefix", out, *common]).seed,
+        "build-cip": cip_args(["--input-prefix", "a", "--output-prefix", out, *common])[0].seed,
         "needle": needle_cli.needle_config_from_args(
             needle_cli.build_parser().parse_args(["--hf-model", out, "--output", out, *common])).seed,
         "eval passkey": tasks_cli.task_config(
@@ -270,7 +270,7 @@ def test_every_command_merges_yaml_flags_and_overrides_the_same_way(tmp_path):
     # an override swallowed by a multi-valued flag is recovered by the shared helper
     from megatron_longsky.data.cip import parse_args as cip_args
 
-    cfg = cip_args(["--input-prefix", "a", "b", "seed=5", "--output-prefix", str(tmp_path / "o")])
+    cfg, _ = cip_args(["--input-prefix", "a", "b", "seed=5", "--output-prefix", str(tmp_path / "o")])
     assert cfg.input_prefixes == ["a", "b"] and cfg.seed == 5
     # nothing outside the config core merges by hand
     package = REPO / "megatron_longsky"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_longsky.data.indexed import IndexedDatasetWriter, dataset_prefix, open_indexed
+from megatron_longsky.data.indexed import IndexedDatasetError, IndexedDatasetWriter, dataset_prefix, open_indexed
 from megatron_longsky.data.merge import MergeError, main, merge_datasets
 from megatron_longsky.data.metadata import TokenizerMismatchError, read_meta
 from megatron_longsky.data.preprocess import PreprocessConfig, preprocess
@@ -76,7 +76,7 @@ def test_merge_refuses_mismatched_dtypes_and_missing_inputs(tmp_path):
     writer.commit()
     with pytest.raises(MergeError, match="uint16.*int32"):
         merge_datasets([a, wide], str(tmp_path / "m"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(IndexedDatasetError, match="does not exist"):
         merge_datasets([a, str(tmp_path / "nope")], str(tmp_path / "m"))
     Path(a + ".meta.json").unlink()
     with pytest.raises(MergeError, match="meta.json is missing"):

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""jsonl corpora -> Megatron indexed datasets; see `longsky preprocess --help`."""
+"""jsonl corpora -> Megatron indexed datasets; see `longsky preprocess --help`.
+
+Accepts Megatron-LM's tools/preprocess_data.py command line unchanged (docs/data.md).
+"""
 import sys
 
 from megatron_longsky.cli import main

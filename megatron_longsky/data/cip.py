@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +36,9 @@ import numpy as np
 
 from megatron_longsky.config import ConfigError, load_config, to_dict
 from megatron_longsky.data.metadata import TokenizerMismatchError, meta_path, read_meta
+from megatron_longsky.data.workers import stop_on_signals
 from megatron_longsky.errors import UserError
-from megatron_longsky.utils.atomic import atomic_paths
+from megatron_longsky.utils.atomic import temp_path_for
 from megatron_longsky.utils.logging import setup_logging
 
 log = logging.getLogger(__name__)
@@ -134,17 +134,14 @@ class Source:
 
 
 def _read_source(prefix: str) -> Source:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_longsky.data.index_format import read_index
 
-    for suffix in (".idx", ".bin"):
-        if not Path(prefix + suffix).exists():
-            raise FileNotFoundError(f"input dataset {prefix}: {prefix + suffix} does not exist")
-    dataset = IndexedDataset(prefix, multimodal=False, mmap=False)  # only the index is read here
-    seq_cum = np.concatenate([[0], np.cumsum(dataset.sequence_lengths, dtype=np.int64)])
-    doc_idx = np.asarray(dataset.document_indices, dtype=np.int64)
+    index = read_index(prefix)  # files present, .bin size matching the .idx
+    seq_cum = np.concatenate([[0], np.cumsum(index.sequence_lengths, dtype=np.int64)])
+    doc_idx = np.asarray(index.document_indices, dtype=np.int64)
     starts, ends = seq_cum[doc_idx[:-1]], seq_cum[doc_idx[1:]]
-    dtype = np.dtype(dataset.index.dtype)
-    del dataset
+    dtype = np.dtype(index.dtype)
+    del index
     return Source(prefix, dtype, starts, ends - starts, read_meta(prefix))
 
 
@@ -396,10 +393,10 @@ def _pool_stats(plan: dict, pool: np.ndarray, empty: int, num_seqs: int) -> dict
 def write_sequences(plan: dict, table: DocTable, prefix_tmp: tuple[Path, Path], seq_tokens: int,
                     separator_token: int, workers: int, progress: bool = True) -> None:
     """Gather every sequence's tokens into ``.bin`` (streamed) and write the ``.idx``."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
     from tqdm import tqdm
 
     from megatron_longsky._ext_cip_index import gather_tokens
+    from megatron_longsky.data.index_format import BinIdxBuilder
 
     bin_tmp, idx_tmp = prefix_tmp
     dtype = table.sources[0].dtype
@@ -410,7 +407,7 @@ def write_sequences(plan: dict, table: DocTable, prefix_tmp: tuple[Path, Path], 
     batch = max(1, GATHER_BATCH_TOKENS // seq_tokens)
     # two buffers: one batch is written (the write releases the GIL) while the next is gathered
     buffers = [np.empty(min(batch, num_seqs) * seq_tokens, dtype=dtype) for _ in range(2)]
-    builder = IndexedDatasetBuilder(str(bin_tmp), dtype=dtype.type)
+    builder = BinIdxBuilder(bin_tmp, dtype.type)
     pending = None
     with ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=num_seqs * seq_tokens, unit="tok", unit_scale=True, desc="build-cip",
@@ -425,17 +422,11 @@ def write_sequences(plan: dict, table: DocTable, prefix_tmp: tuple[Path, Path], 
                 pending.result()  # the other buffer is free again (and write errors surface here)
             pending = writer.submit(builder.data_file.write,
                                     memoryview(buffer[: (last - first) * seq_tokens]).cast("B"))
-            for _ in range(first, last):  # one stored document per sequence
-                builder.sequence_lengths.append(seq_tokens)
-                builder.end_document()
+            builder.record_sequences([seq_tokens] * (last - first))  # one stored document per sequence
             bar.update((last - first) * seq_tokens)
         if pending is not None:
             pending.result()
-    builder.data_file.flush()
-    os.fsync(builder.data_file.fileno())  # on disk before the rename makes it look finished
-    builder.finalize(str(idx_tmp))
-    with open(idx_tmp, "rb") as f:
-        os.fsync(f.fileno())
+    builder.finalize(idx_tmp)  # .bin and .idx on disk before the rename makes them look finished
 
 
 def output_paths(prefix: str) -> dict[str, Path]:
@@ -445,13 +436,22 @@ def output_paths(prefix: str) -> dict[str, Path]:
 
 # ----------------------------------------------------------------------------- the build
 
-def build_cip(cfg: CIPConfig, progress: bool = False) -> dict:
-    """Build the CIP dataset described by ``cfg``; return the manifest (also written to disk)."""
+def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -> dict:
+    """Build the CIP dataset described by ``cfg``; return the manifest (also written to disk).
+    An existing output is replaced only with ``overwrite``; an input never."""
+    from megatron_longsky.data.indexed import dataset_files, remove_stale_temps, switch_files
+    from megatron_longsky.utils.atomic import check_outputs
+
     started = time.perf_counter()
     if not cfg.input_prefixes:
         raise ConfigError("input_prefixes: at least one input dataset prefix is required")
     if not cfg.output_prefix:
         raise ConfigError("output_prefix: required")
+    paths = output_paths(cfg.output_prefix)
+    named = list(cfg.input_prefixes) + list(cfg.natural_prefixes) + list(cfg.short_prefixes)
+    check_outputs(list(paths.values()), [f for p in named for f in dataset_files(p)], overwrite)
+    for stale in remove_stale_temps(list(paths.values())):
+        log.info("removed %s left by an interrupted run", stale)
     pools = {"cip": list(cfg.input_prefixes)}
     for kind in ("natural", "short"):
         prefixes, ratio = getattr(cfg, f"{kind}_prefixes"), getattr(cfg, f"{kind}_ratio")
@@ -513,9 +513,11 @@ def build_cip(cfg: CIPConfig, progress: bool = False) -> dict:
         "statistics": {"sequences": num_seqs, "tokens": num_seqs * cfg.sequence_tokens,
                        **stats},
     }
-    paths = output_paths(cfg.output_prefix)
-    with atomic_paths([paths["bin"], paths["meta"], paths["manifest"], paths["idx"]]) as tmps:
-        bin_tmp, meta_tmp, manifest_tmp, idx_tmp = tmps
+    finals = [paths["bin"], paths["meta"], paths["manifest"], paths["idx"]]  # .idx last: marks completion
+    tmps = [temp_path_for(p) for p in finals]
+    bin_tmp, meta_tmp, manifest_tmp, idx_tmp = tmps
+    paths["idx"].parent.mkdir(parents=True, exist_ok=True)
+    try:
         write_sequences(plan, table, (bin_tmp, idx_tmp), cfg.sequence_tokens,
                         eod_id if eod_id is not None else 0, cfg.workers, progress)
         meta = {"tokenizer": tokenizer_meta, "built_by": "build_cip", "mode": cfg.mode,
@@ -524,6 +526,10 @@ def build_cip(cfg: CIPConfig, progress: bool = False) -> dict:
                 "manifest": paths["manifest"].name}
         meta_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         manifest_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        switch_files([(tmps, finals)])
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
     log.info("wrote %s in %.2f s (%.2f s in all)", cfg.output_prefix, time.perf_counter() - planned,
              time.perf_counter() - started)
     return manifest
@@ -561,10 +567,10 @@ def _range_arg(text: str) -> list[int]:
     return [parts[0], parts[-1]]
 
 
-def parse_args(argv: list[str]) -> CIPConfig:
+def parse_args(argv: list[str]) -> tuple[CIPConfig, bool]:
     p = argparse.ArgumentParser(prog="longsky build-cip", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML with CIPConfig fields (examples/configs/cip/)")
-    p.add_argument("--input-prefix", nargs="+", dest="input_prefixes", metavar="P")
+    p.add_argument("--input-prefix", nargs="+", action="extend", dest="input_prefixes", metavar="P")
     p.add_argument("--output-prefix")
     p.add_argument("--seq-length", type=int)
     p.add_argument("--docs-per-seq", type=_range_arg, metavar="N|LO-HI")
@@ -575,31 +581,33 @@ def parse_args(argv: list[str]) -> CIPConfig:
     p.add_argument("--mode", choices=["cip", "concat"])
     p.add_argument("--num-sequences", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--natural-prefix", nargs="+", dest="natural_prefixes", metavar="P")
+    p.add_argument("--natural-prefix", nargs="+", action="extend", dest="natural_prefixes", metavar="P")
     p.add_argument("--natural-ratio", type=float)
-    p.add_argument("--short-prefix", nargs="+", dest="short_prefixes", metavar="P")
+    p.add_argument("--short-prefix", nargs="+", action="extend", dest="short_prefixes", metavar="P")
     p.add_argument("--short-ratio", type=float)
     p.add_argument("--cip-ratio", type=float)
     p.add_argument("--add-extra-token", action="store_true", default=None)
     p.add_argument("--workers", type=int)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="CIPConfig field overrides")
     args = p.parse_args(argv)
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides") and v is not None}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "overwrite") and v is not None}
     for name in ("docs_per_seq", "chunks_per_doc"):
         if name in flags:
             lo, hi = flags.pop(name)
             flags[name], flags[f"{name}_max"] = lo, (hi if hi != lo else None)
-    return load_config(CIPConfig, args.config, args.overrides, flags=flags, where="command line")
+    return load_config(CIPConfig, args.config, args.overrides, flags=flags, where="command line"), args.overwrite
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # its index reader logs every file
     try:
-        cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-        manifest = build_cip(cfg, progress=True)
-    except (ConfigError, CIPInputError, TokenizerMismatchError, FileNotFoundError) as exc:
+        cfg, overwrite = parse_args(list(sys.argv[1:] if argv is None else argv))
+        with stop_on_signals():  # Ctrl-C / SIGTERM unwind like an exception: temporary outputs are removed
+            manifest = build_cip(cfg, progress=True, overwrite=overwrite)
+    except (ValueError, OSError) as exc:  # user errors (ConfigError, CIPInputError, ...) name the field or file
         print(f"build-cip: error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(manifest))

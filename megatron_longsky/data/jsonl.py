@@ -141,11 +141,20 @@ def _report(progress, raw, last_pos: int) -> int:
     return pos
 
 
-def parse_batch(batch: LineBatch, keys: Sequence[str]) -> ParsedBatch:
-    """Decode and check each line; a line is kept only if every key holds a non-empty string."""
+def loads_line(text: str):
+    """``json.loads`` where nesting too deep for the parser is invalid JSON like any other."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", text, 0) from None
+
+
+def parse_batch(batch: LineBatch, keys: Sequence[str], allow_empty: bool = False) -> ParsedBatch:
+    """Decode and check each line; a line is kept only if every key holds a string, non-empty
+    unless ``allow_empty``."""
     texts: dict[str, list[str]] = {k: [] for k in keys}
     out = ParsedBatch(texts)
-    loads = json.loads
+    loads = loads_line
     for offset, raw in enumerate(batch.lines):
         if not raw.strip():
             out.blank_lines += 1
@@ -162,7 +171,7 @@ def parse_batch(batch: LineBatch, keys: Sequence[str]) -> ParsedBatch:
             except json.JSONDecodeError as exc:
                 bad = ("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}")
             else:
-                bad = _check_object(obj, keys)
+                bad = _check_object(obj, keys, allow_empty)
                 if bad is None and (b"\\ud" in raw or b"\\uD" in raw):
                     bad = _check_surrogates(obj, keys)
         if bad is not None:
@@ -184,7 +193,7 @@ def _check_surrogates(obj: dict, keys: Sequence[str]) -> Optional[tuple[str, str
     return None
 
 
-def _check_object(obj, keys: Sequence[str]) -> Optional[tuple[str, str]]:
+def _check_object(obj, keys: Sequence[str], allow_empty: bool = False) -> Optional[tuple[str, str]]:
     if not isinstance(obj, dict):
         return "not_object", f"expected a JSON object, got {type(obj).__name__}"
     for k in keys:
@@ -193,6 +202,6 @@ def _check_object(obj, keys: Sequence[str]) -> Optional[tuple[str, str]]:
         value = obj[k]
         if not isinstance(value, str):
             return "non_string", f"key {k!r} holds {type(value).__name__}, not a string"
-        if not value.strip():
+        if not allow_empty and not value.strip():
             return "empty", f"key {k!r} holds an empty document"
     return None

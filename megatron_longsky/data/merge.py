@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from megatron_longsky.data.metadata import TokenizerMismatchError, meta_path, read_meta
 from megatron_longsky.errors import UserError
+from megatron_longsky.data.workers import stop_on_signals
 
 
 class MergeError(UserError, ValueError):
@@ -21,8 +22,12 @@ class MergeError(UserError, ValueError):
 
 
 def expand_prefixes(inputs: Sequence[str]) -> list[str]:
-    """Dataset prefixes: each input is a prefix, or a directory whose ``*.idx`` are taken (sorted)."""
+    """Dataset prefixes: each input is a prefix, or a directory whose ``*.idx`` are taken (sorted).
+
+    A file of a dataset names its prefix, so an unquoted shell glob over a directory of
+    datasets (``x.bin x.idx x.meta.json ...``) names each dataset once."""
     prefixes: list[str] = []
+    from_files: set[str] = set()  # prefixes named through one of their files
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
@@ -31,25 +36,34 @@ def expand_prefixes(inputs: Sequence[str]) -> list[str]:
                 raise MergeError(f"directory {spec} holds no indexed dataset (*.idx)")
             prefixes.extend(found)
         else:
-            prefix = spec[:-4] if spec.endswith((".idx", ".bin")) else spec
+            suffix = next((s for s in (".idx", ".bin", ".meta.json") if spec.endswith(s)), "")
+            prefix = spec[: len(spec) - len(suffix)]
+            if suffix and prefix in from_files:
+                continue  # another file of a dataset already named
+            if suffix:
+                from_files.add(prefix)
             prefixes.append(prefix)
     if len(set(prefixes)) != len(prefixes):
         raise MergeError(f"an input dataset is listed twice: {prefixes}")
     return prefixes
 
 
-def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
-    """Merge ``inputs`` (prefixes or directories) into ``output_prefix``; returns its counts."""
-    from megatron_longsky.data.indexed import IndexedDatasetWriter, index_dtype, open_indexed
+def merge_datasets(inputs: Sequence[str], output_prefix: str, overwrite: bool = False) -> dict:
+    """Merge ``inputs`` (prefixes or directories) into ``output_prefix``; returns its counts.
+    An existing output is replaced only with ``overwrite``."""
+    from megatron_longsky.data.indexed import IndexedDatasetWriter, check_dataset, dataset_files, index_dtype
+    from megatron_longsky.utils.atomic import check_outputs
 
     prefixes = expand_prefixes(inputs)
     if not prefixes:
         raise MergeError("nothing to merge")
     if str(output_prefix) in prefixes:
         raise MergeError(f"the output {output_prefix} is also an input")
+    input_files = [f for prefix in prefixes for f in dataset_files(prefix)]
+    check_outputs(dataset_files(output_prefix), input_files, overwrite)
     metas, dtypes = [], []
     for prefix in prefixes:
-        open_indexed(prefix)  # clear error if .bin/.idx is missing
+        check_dataset(prefix)  # files present, .bin size matching the .idx
         meta = read_meta(prefix)
         if meta is None or "tokenizer" not in meta:
             raise MergeError(f"{meta_path(prefix)} is missing or has no tokenizer record: cannot check "
@@ -69,7 +83,7 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
             raise MergeError(f"cannot merge: {prefixes[0]} stores {dtypes[0].__name__} tokens but "
                              f"{prefix} stores {dtype.__name__}")
 
-    writer = IndexedDatasetWriter(output_prefix, dtypes[0])
+    writer = IndexedDatasetWriter(output_prefix, dtypes[0], overwrite=overwrite, inputs=input_files)
     try:
         for prefix in prefixes:
             writer.add_dataset(prefix)
@@ -91,14 +105,17 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="longsky merge-datasets",
                                      description="Merge indexed datasets made with the same tokenizer into one.")
-    parser.add_argument("--input", action="append", required=True, metavar="PREFIX_OR_DIR",
-                        help="dataset prefix (path without .bin/.idx) or a directory of datasets (repeatable)")
+    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="PREFIX_OR_DIR",
+                        help="dataset prefixes (paths without .bin/.idx) or directories of datasets "
+                             "(several per flag; repeatable)")
     parser.add_argument("--output-prefix", required=True, help="prefix of the merged dataset")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
     args = parser.parse_args(argv)
     try:
-        result = merge_datasets(args.input, args.output_prefix)
-    except (MergeError, TokenizerMismatchError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        with stop_on_signals():  # Ctrl-C / SIGTERM unwind like an exception: temporary outputs are removed
+            result = merge_datasets(args.input, args.output_prefix, overwrite=args.overwrite)
+    except (ValueError, OSError) as exc:  # user errors (MergeError, TokenizerMismatchError, ...) name the dataset
+        print(f"merge-datasets: error: {exc}", file=sys.stderr)
         return 2
     print(f"merged {len(result['inputs'])} datasets into {result['prefix']}: {result['documents']:,} documents, "
           f"{result['sequences']:,} sequences, {result['tokens']:,} tokens")

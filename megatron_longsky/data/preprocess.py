@@ -11,17 +11,15 @@ plus a ``.meta.json`` sidecar recording the tokenizer; all appear only when comp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
-import multiprocessing
 import os
-import signal
 import sys
-import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import numpy as np
 
@@ -34,6 +32,7 @@ from megatron_longsky.data.jsonl import (
     parse_batch,
     total_size,
 )
+from megatron_longsky.data.workers import ordered_map, stop_on_signals
 from megatron_longsky.tokenizer import (
     Tokenizer,
     TokenizerConfig,
@@ -59,6 +58,11 @@ class PreprocessConfig:
     sentence_sample_chars: int = 2_000_000  # Punkt training sample when no model is installed
     language: str = "english"
     progress: bool = True
+    overwrite: bool = False  # replace existing outputs (refused otherwise)
+    # "bad": a document that is empty or encodes to no token is a bad line (stop, or skip with
+    # skip_bad_lines); "keep": Megatron-LM's treatment, stored as a document with no items
+    empty_documents: Literal["bad", "keep"] = "bad"
+    log_interval: Optional[int] = None  # a progress line every N documents (Megatron-LM's --log-interval)
 
     def __post_init__(self):
         if not self.inputs:
@@ -69,6 +73,10 @@ class PreprocessConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.batch_lines < 1:
             raise ValueError(f"batch_lines must be >= 1, got {self.batch_lines}")
+        if self.empty_documents not in ("bad", "keep"):
+            raise ValueError(f"empty_documents must be 'bad' or 'keep', got {self.empty_documents!r}")
+        if self.log_interval is not None and self.log_interval < 1:
+            raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
 
 
 @dataclass
@@ -126,21 +134,26 @@ class EncodedBatch:
 class BatchEncoder:
     """Parse, check and tokenize line batches (runs in each worker)."""
 
-    def __init__(self, tokenizer: Tokenizer, keys: list[str], append_eod: bool, dtype, splitter=None):
+    def __init__(self, tokenizer: Tokenizer, keys: list[str], append_eod: bool, dtype, splitter=None,
+                 keep_empty: bool = False):
         self.tokenizer = tokenizer
         self.keys = keys
         self.append_eod = append_eod
+        self.keep_empty = keep_empty
         self.dtype = np.dtype(dtype)
         self.splitter = splitter
         self._eod = np.array([tokenizer.eod_id], dtype=self.dtype)
 
     def __call__(self, batch: LineBatch) -> EncodedBatch:
-        parsed = parse_batch(batch, self.keys)
+        parsed = parse_batch(batch, self.keys, allow_empty=self.keep_empty)
         n = len(parsed.line_numbers)
         per_key = {key: self._encode_documents(parsed.texts[key]) for key in self.keys}
-        # A document whose text encodes to no token at all is dropped for every key (keeps keys aligned).
+        # A document whose text encodes to no token at all is dropped for every key (keeps keys aligned),
+        # unless kept as Megatron-LM does: a document with no items.
         keep = np.ones(n, dtype=bool)
         for key, docs in per_key.items():
+            if self.keep_empty:
+                break
             for i, items in enumerate(docs):
                 if keep[i] and not any(len(item) for item in items):
                     keep[i] = False
@@ -154,7 +167,7 @@ class BatchEncoder:
                 if not keep[i]:
                     continue
                 items = [item for item in items if len(item)]  # Megatron-LM drops empty sentences
-                if self.append_eod:
+                if self.append_eod and items:  # Megatron-LM: no EOD for a document with no tokens
                     items[-1] = np.concatenate([items[-1].astype(self.dtype, copy=False), self._eod])
                 pieces.extend(items)
                 lengths.extend(len(item) for item in items)
@@ -182,12 +195,12 @@ class BatchEncoder:
 _WORKER_ENCODER: Optional[BatchEncoder] = None
 
 
-def _init_worker(tokenizer_cfg: TokenizerConfig, keys, append_eod, dtype, splitter) -> None:
+def _init_worker(tokenizer_cfg: TokenizerConfig, keys, append_eod, dtype, splitter, keep_empty) -> None:
     # One tokenizer thread per worker process: parallelism comes from the processes.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _WORKER_ENCODER
-    _WORKER_ENCODER = BatchEncoder(build_tokenizer(tokenizer_cfg), keys, append_eod, dtype, splitter)
+    _WORKER_ENCODER = BatchEncoder(build_tokenizer(tokenizer_cfg), keys, append_eod, dtype, splitter, keep_empty)
 
 
 def _encode_in_worker(batch: LineBatch) -> EncodedBatch:
@@ -196,21 +209,10 @@ def _encode_in_worker(batch: LineBatch) -> EncodedBatch:
 
 def _ordered_results(batches: Iterable[LineBatch], cfg: PreprocessConfig, encoder: BatchEncoder,
                      splitter) -> Iterator[EncodedBatch]:
-    if cfg.workers == 1:
-        for batch in batches:
-            yield encoder(batch)
-        return
-    window = 4 * cfg.workers  # bounded read-ahead: memory stays flat on huge inputs
-    pending: deque = deque()
-    ctx = multiprocessing.get_context("spawn")
-    init_args = (cfg.tokenizer, cfg.json_keys, cfg.append_eod, encoder.dtype, splitter)
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= window:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    init_args = (cfg.tokenizer, cfg.json_keys, cfg.append_eod, encoder.dtype, splitter, encoder.keep_empty)
+    # one process: this encoder; several: each worker builds its own (a generator either way)
+    return ordered_map(encoder if cfg.workers == 1 else _encode_in_worker, batches, cfg.workers,
+                       _init_worker, init_args)
 
 
 # --- the run ------------------------------------------------------------------------
@@ -239,44 +241,64 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     from tqdm import tqdm
 
     from megatron_longsky import __version__
-    from megatron_longsky.data.indexed import IndexedDatasetWriter, commit_datasets, dataset_prefix, token_dtype
+    from megatron_longsky.data.indexed import (
+        IndexedDatasetWriter,
+        commit_datasets,
+        dataset_files,
+        dataset_prefix,
+        token_dtype,
+    )
+    from megatron_longsky.utils.atomic import check_outputs
 
     start = time.perf_counter()
     paths = expand_inputs(cfg.inputs)
+    prefixes = {key: dataset_prefix(cfg.output_prefix, key) for key in cfg.json_keys}
+    # before any work: never over an input, never over an existing dataset without overwrite
+    check_outputs([f for p in prefixes.values() for f in dataset_files(p)], paths, cfg.overwrite)
     tokenizer = build_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     stats = PreprocessStats(files=len(paths), input_bytes=total_size(paths))
     bar = tqdm(total=stats.input_bytes or None, unit="B", unit_scale=True, desc="preprocess",
                disable=None if cfg.progress else True, file=sys.stderr, dynamic_ncols=True)
-    batches: Iterator[LineBatch] = iter_line_batches(paths, cfg.batch_lines, progress=bar.update)
-    splitter = None
-    if cfg.split_sentences:
-        splitter, batches = _sentence_splitter(cfg, batches)
-        stats.sentence_splitter = splitter.source
-    encoder = BatchEncoder(tokenizer, cfg.json_keys, cfg.append_eod, dtype, splitter)
-
-    writers = {key: IndexedDatasetWriter(dataset_prefix(cfg.output_prefix, key), dtype) for key in cfg.json_keys}
-    for writer in writers.values():
-        for path in writer.stale_removed:
-            log.info("removed %s left by an interrupted run", path)
-    bad_kinds: Counter = Counter()
+    writers: dict = {}
     committed = False
     try:
-        for result in _ordered_results(batches, cfg, encoder, splitter):
-            if result.bad and not cfg.skip_bad_lines:
-                raise CorpusError(f"{result.bad[0]} (use --skip-bad-lines to skip and count such lines)")
-            for bad in result.bad:
-                bad_kinds[bad.kind] += 1
-                log.debug("skipped %s", bad)
-            stats.blank_lines += result.blank_lines
-            stats.documents += result.documents
-            for key, writer in writers.items():
-                _write_batch(writer, result, key)
-            if bar.n and bar.format_dict.get("elapsed"):
-                elapsed = bar.format_dict["elapsed"]
-                bar.set_postfix_str(f"{stats.documents / elapsed:,.0f} docs/s, "
-                                    f"{sum(w.tokens for w in writers.values()) / elapsed:,.0f} tokens/s",
-                                    refresh=False)
+        for key, prefix in prefixes.items():  # one by one: abort() below sees every one made
+            writers[key] = IndexedDatasetWriter(prefix, dtype, overwrite=cfg.overwrite, inputs=paths)
+        for writer in writers.values():
+            for path in writer.stale_removed:
+                log.info("removed %s left by an interrupted run", path)
+        batches: Iterator[LineBatch] = iter_line_batches(paths, cfg.batch_lines, progress=bar.update)
+        splitter = None
+        if cfg.split_sentences:
+            splitter, batches = _sentence_splitter(cfg, batches)
+            stats.sentence_splitter = splitter.source
+        encoder = BatchEncoder(tokenizer, cfg.json_keys, cfg.append_eod, dtype, splitter,
+                               keep_empty=cfg.empty_documents == "keep")
+        bad_kinds: Counter = Counter()
+        next_log, bytes_done = cfg.log_interval, 0
+        with contextlib.closing(_ordered_results(batches, cfg, encoder, splitter)) as results:
+            for result in results:
+                if result.bad and not cfg.skip_bad_lines:
+                    raise CorpusError(f"{result.bad[0]} (use --skip-bad-lines to skip and count such lines)")
+                for bad in result.bad:
+                    bad_kinds[bad.kind] += 1
+                    log.debug("skipped %s", bad)
+                stats.blank_lines += result.blank_lines
+                stats.documents += result.documents
+                bytes_done += result.nbytes
+                for key, writer in writers.items():
+                    _write_batch(writer, result, key)
+                if next_log is not None and stats.documents >= next_log:
+                    elapsed = time.perf_counter() - start
+                    log.info("processed %d documents (%.0f docs/s, %.2f MB/s)", stats.documents,
+                             stats.documents / elapsed, bytes_done / elapsed / 2**20)
+                    next_log = (stats.documents // cfg.log_interval + 1) * cfg.log_interval
+                if bar.n and bar.format_dict.get("elapsed"):
+                    elapsed = bar.format_dict["elapsed"]
+                    bar.set_postfix_str(f"{stats.documents / elapsed:,.0f} docs/s, "
+                                        f"{sum(w.tokens for w in writers.values()) / elapsed:,.0f} tokens/s",
+                                        refresh=False)
         if stats.documents == 0:
             raise CorpusError(f"no documents found in {', '.join(map(str, paths))}")
         stats.bad_lines = dict(bad_kinds)
@@ -287,6 +309,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
                 "append_eod": cfg.append_eod,
                 "split_sentences": cfg.split_sentences,
                 "sentence_splitter": stats.sentence_splitter,
+                "empty_documents": cfg.empty_documents,
                 "sources": [str(p) for p in paths],
                 "bad_lines": stats.bad_lines,
                 "created_by": f"megatron_longsky {__version__} preprocess",
@@ -318,41 +341,66 @@ def _write_batch(writer, result: EncodedBatch, key: str) -> None:
 
 # --- command line -------------------------------------------------------------------
 
+# Megatron-LM's tools/preprocess_data.py flags that only tune its own internals. Here the
+# parallelism comes from --workers alone and documents are always written in input order.
+MEGATRON_NO_OPS = {
+    "--partitions": "input partitions: parallelism comes from --workers; the output is in input order",
+    "--keep-sequential-samples": "the output is always in input order",
+    "--find-optimal-num-workers": "worker-count search: not needed, pick --workers",
+    "--workers-to-check": "worker-count search: not needed, pick --workers",
+    "--max-documents": "worker-count search: not needed, pick --workers",
+    "--performance-dir": "worker-count search: not needed, pick --workers",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longsky preprocess",
         description="Tokenize jsonl corpora into Megatron indexed datasets "
-                    "(<prefix>_<key>_document.bin/.idx plus a .meta.json sidecar).",
+                    "(<prefix>_<key>_document.bin/.idx plus a .meta.json sidecar). "
+                    "Megatron-LM's tools/preprocess_data.py command line is accepted unchanged.",
     )
-    parser.add_argument("--input", action="append", required=True, metavar="PATH",
-                        help="jsonl or jsonl.gz file, a directory of them, or a glob (repeatable)")
+    parser.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                        help="jsonl or jsonl.gz files, directories of them, or globs (several per flag; repeatable)")
     parser.add_argument("--output-prefix", required=True, help="output path prefix")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    parser.add_argument("--json-keys", nargs="+", action="extend", default=None, metavar="KEY",
+                        help="keys to extract (default: text; repeatable)")
     add_tokenizer_args(parser)
     parser.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--split-sentences", action="store_true",
                         help="store each sentence as its own item (nltk Punkt, offline)")
+    parser.add_argument("--keep-newlines", action="store_true",
+                        help="accepted for Megatron-LM: sentences always keep every character, newlines included")
     parser.add_argument("--skip-bad-lines", action="store_true",
                         help="skip and count bad lines instead of stopping at the first")
+    parser.add_argument("--empty-documents", choices=("bad", "keep"), default="bad",
+                        help="bad (default): an empty document, or one that encodes to no token, is a bad line; "
+                             "keep: Megatron-LM's treatment, stored as a document with no tokens")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output datasets")
     parser.add_argument("--batch-lines", type=int, default=512, help="lines per worker task")
     parser.add_argument("--lang", default="english", help="Punkt language (installed model)")
+    parser.add_argument("--log-interval", type=int, default=None, metavar="N",
+                        help="log a progress line every N documents (Megatron-LM's flag)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--log-level", default="INFO")
+    compat = parser.add_argument_group("Megatron-LM flags accepted as no-ops")
+    for flag, why in MEGATRON_NO_OPS.items():
+        if flag in ("--find-optimal-num-workers", "--keep-sequential-samples"):
+            compat.add_argument(flag, action="store_true", help=why)
+        else:
+            compat.add_argument(flag, nargs="+" if flag == "--workers-to-check" else None, help=why)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     return PreprocessConfig(
-        inputs=args.input, output_prefix=args.output_prefix, json_keys=args.json_keys,
+        inputs=args.input, output_prefix=args.output_prefix, json_keys=args.json_keys or ["text"],
         tokenizer=tokenizer_config_from_args(args), append_eod=args.append_eod, workers=args.workers,
         split_sentences=args.split_sentences, skip_bad_lines=args.skip_bad_lines,
         batch_lines=args.batch_lines, language=args.lang, progress=not args.no_progress,
+        overwrite=args.overwrite, empty_documents=args.empty_documents, log_interval=args.log_interval,
     )
-
-
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -360,16 +408,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:  # SIGTERM unwinds like an exception, so temporary outputs are removed
-        previous = signal.signal(signal.SIGTERM, _terminate)
+    for flag in MEGATRON_NO_OPS:
+        if getattr(args, flag[2:].replace("-", "_")) not in (None, False):
+            log.info("%s: accepted for Megatron-LM compatibility, no effect (%s)", flag, MEGATRON_NO_OPS[flag])
     try:
-        stats = preprocess(config_from_args(args))
-    except (CorpusError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        with stop_on_signals():  # Ctrl-C / SIGTERM unwind like an exception: temporary outputs are removed
+            stats = preprocess(config_from_args(args))
+    except (ValueError, OSError) as exc:  # user errors (CorpusError, OutputExistsError, ...) name file/line
+        print(f"preprocess: error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
     print(stats.summary())
     return 0

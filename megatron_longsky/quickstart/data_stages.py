@@ -48,6 +48,7 @@ def preprocess_corpus(ctx: Context) -> dict:
             append_eod=True,
             workers=ctx.cfg.workers if split == "train" else 1,
             progress=False,
+            overwrite=True,  # the quickstart owns its output directory: a re-run stage replaces its data
         ))
         results[split] = {
             "prefix": stats.outputs["text"],
@@ -95,7 +96,7 @@ def build_cip_data(ctx: Context) -> dict:
             chunks_per_doc=cfg.cip_chunks_per_doc,
             mode=mode,
             seed=cfg.seed,
-        ))
+        ), overwrite=True)
         stats = manifest.get("statistics", {})
         detail = stats.get(mode) or {}
         summary = {k: v for k, v in detail.items() if isinstance(v, (int, float, str))}
@@ -117,7 +118,7 @@ def build_sft_data(ctx: Context) -> dict:
     written = build_chat_data(ctx.path("corpus/train.jsonl"), chat, ctx.cfg.sft_samples, seed=ctx.cfg.seed)
     prefix = ctx.path("data/sft_chat")
     _check(preprocess_sft(["--input", str(chat), "--output-prefix", str(prefix), "--max-length",
-                           str(ctx.cfg.base_seq_length), "--overlong", "drop", "--no-progress",
+                           str(ctx.cfg.base_seq_length), "--overlong", "drop", "--no-progress", "--overwrite",
                            *_tokenizer_flags(ctx)]), "preprocess-sft")
     return {"samples": written, "prefix": str(prefix), "jsonl": str(chat)}
 
@@ -130,7 +131,7 @@ def build_synl_data(ctx: Context) -> dict:
     train_jsonl, heldout_jsonl = ctx.path("synl/train.jsonl"), ctx.path("synl/heldout.jsonl")
     prefix = ctx.path("data/synl")
     common = ["--min-tokens", str(cfg.synl_min_tokens), "--max-tokens", str(cfg.synl_max_tokens),
-              "--format", "mixed", "--no-progress", *_tokenizer_flags(ctx)]
+              "--format", "mixed", "--no-progress", "--overwrite", *_tokenizer_flags(ctx)]
     _check(build_synl(["--output", str(train_jsonl), "--num-samples", str(cfg.synl_samples),
                        "--seed", str(cfg.seed), "--sft-output-prefix", str(prefix),
                        "--sft-max-length", str(cfg.long_seq_length), *common]), "build-synl")

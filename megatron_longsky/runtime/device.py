@@ -21,7 +21,7 @@ import os
 
 import torch
 
-DEVICE_ENV = "LONGSKY_DEVICE"
+from megatron_longsky.runtime.gpu_extensions import DEVICE_ENV, GPU_EXTENSIONS, hide_gpu_extensions  # noqa: F401
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,27 +43,6 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # What megatron-core imports opportunistically and then uses on CUDA tensors only.
-GPU_EXTENSIONS = ("transformer_engine", "transformer_engine_torch", "apex")
-
-
-def hide_gpu_extensions() -> list[str]:
-    """Make ``import transformer_engine`` / ``import apex`` fail in this process (a None entry in
-    ``sys.modules`` is Python's own way to block an import). Returns the names blocked; a
-    module already imported cannot be hidden and is left as it is (and logged)."""
-    import logging
-    import sys
-
-    blocked = []
-    for name in GPU_EXTENSIONS:
-        if sys.modules.get(name) is not None:
-            logging.getLogger(__name__).warning("%s=cpu but %s is already imported: megatron-core may use it",
-                                                DEVICE_ENV, name)
-            continue
-        sys.modules[name] = None
-        blocked.append(name)
-    return blocked
-
-
 def requested_device() -> str:
     """'auto', 'cpu' or 'cuda', from ``LONGSKY_DEVICE``."""
     choice = os.environ.get(DEVICE_ENV, "auto").strip().lower() or "auto"

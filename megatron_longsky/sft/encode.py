@@ -7,14 +7,13 @@ that spawned workers import only the tokenizer and template code, not megatron-c
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-from collections import deque
 from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from megatron_longsky.data.jsonl import LineBatch
+from megatron_longsky.data.jsonl import LineBatch, loads_line
+from megatron_longsky.data.workers import ordered_map
 from megatron_longsky.sft.formats import SFTFormatError, parse_record
 from megatron_longsky.sft.template import ChatTemplate, ChatTemplateError
 
@@ -47,7 +46,7 @@ class RecordEncoder:
                 continue
             where = f"{batch.source}:{batch.first_line + offset}"
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = loads_line(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 out.append((where, ("bad", "invalid_utf8", f"{where}: invalid UTF-8 at byte {exc.start}")))
                 continue
@@ -79,18 +78,8 @@ def encode_batches(batches: Iterable[LineBatch], encoder: RecordEncoder, workers
     """Encoded batches in input order; ``workers > 1`` needs the ``tokenizer_cfg`` to rebuild
     the tokenizer in each spawned process."""
     if workers <= 1:
-        for batch in batches:
-            yield encoder(batch)
-        return
+        return ordered_map(encoder, batches, 1)
     if tokenizer_cfg is None:
         raise ValueError("workers > 1 needs the tokenizer config")
-    ctx = multiprocessing.get_context("spawn")
     init_args = (tokenizer_cfg, encoder.template_source, encoder.fmt, encoder.system_prompt)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 4 * workers:  # bounded read-ahead
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    return ordered_map(_encode_in_worker, batches, workers, _init_worker, init_args)

@@ -15,21 +15,23 @@ dropped (``--max-length``, ``--overlong``); bad records stop the run with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from typing import Iterable, Literal, Optional, Sequence
 
 import numpy as np
 
-from megatron_longsky.data.indexed import IndexedDatasetWriter, commit_datasets, token_dtype
-from megatron_longsky.data.jsonl import CorpusError, expand_inputs, iter_line_batches, total_size
+from megatron_longsky.data.indexed import IndexedDatasetWriter, commit_datasets, dataset_files, token_dtype
+from megatron_longsky.data.jsonl import expand_inputs, iter_line_batches, total_size
+from megatron_longsky.data.workers import stop_on_signals
 from megatron_longsky.sft.encode import RecordEncoder, encode_batches
 from megatron_longsky.sft.formats import FORMATS, SFTFormatError
-from megatron_longsky.sft.template import ChatTemplateError
+from megatron_longsky.utils.atomic import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class SFTPreprocessConfig:
     overlong: Literal["truncate", "drop"] = "truncate"
     skip_bad_lines: bool = False
     workers: int = 1
+    overwrite: bool = False  # replace existing output datasets (refused otherwise)
 
     def __post_init__(self):
         if self.workers < 1:
@@ -83,7 +86,7 @@ class SFTSummary:
 class SFTWriter:
     """Tokenize conversations into the two aligned datasets (under temporary names)."""
 
-    def __init__(self, cfg: SFTPreprocessConfig, tokenizer):
+    def __init__(self, cfg: SFTPreprocessConfig, tokenizer, inputs: Sequence[str | Path] = ()):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.encoder = RecordEncoder(tokenizer, cfg.chat_template, cfg.format, cfg.system_prompt)
@@ -91,8 +94,14 @@ class SFTWriter:
         self.summary = SFTSummary()
         self._bad: Counter = Counter()
         tokens_prefix, mask_prefix = sft_prefixes(cfg.output_prefix)
-        self.tokens = IndexedDatasetWriter(tokens_prefix, token_dtype(tokenizer.vocab_size))
-        self.masks = IndexedDatasetWriter(mask_prefix, np.uint8)
+        check_outputs(dataset_files(tokens_prefix) + dataset_files(mask_prefix), inputs, cfg.overwrite)
+        self.tokens = IndexedDatasetWriter(tokens_prefix, token_dtype(tokenizer.vocab_size),
+                                           overwrite=cfg.overwrite, inputs=inputs)
+        try:
+            self.masks = IndexedDatasetWriter(mask_prefix, np.uint8, overwrite=cfg.overwrite, inputs=inputs)
+        except BaseException:
+            self.tokens.abort()
+            raise
         self._start = time.perf_counter()
 
     def bad_line(self, where: str, kind: str, message: str) -> None:
@@ -178,15 +187,16 @@ def preprocess_files(inputs: list[str], tokenizer, cfg: SFTPreprocessConfig, pro
     from tqdm import tqdm
 
     paths = expand_inputs(inputs)
-    writer = SFTWriter(cfg, tokenizer)
+    writer = SFTWriter(cfg, tokenizer, inputs=paths)
     bar = tqdm(total=total_size(paths), unit="B", unit_scale=True, desc="preprocess-sft",
                disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
     try:
         batches = iter_line_batches(paths, max_lines=256, progress=bar.update)
-        for encoded in encode_batches(batches, writer.encoder, cfg.workers, tokenizer_cfg):
-            for where, result in encoded:
-                writer.add_result(where, result)
-            bar.set_postfix(samples=writer.summary.samples, refresh=False)
+        with contextlib.closing(encode_batches(batches, writer.encoder, cfg.workers, tokenizer_cfg)) as encoded_batches:
+            for encoded in encoded_batches:
+                for where, result in encoded:
+                    writer.add_result(where, result)
+                bar.set_postfix(samples=writer.summary.samples, refresh=False)
         summary = writer.finish({"inputs": [str(p) for p in paths]})
     except BaseException:
         writer.abort()
@@ -201,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="longsky preprocess-sft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", nargs="+", required=True, help="jsonl / jsonl.gz files, directories or globs")
+    p.add_argument("--input", nargs="+", action="extend", required=True,
+                   help="jsonl / jsonl.gz files, directories or globs (several per flag; repeatable)")
     p.add_argument("--output-prefix", required=True,
                    help="writes <P>_tokens_document and <P>_loss_mask_document (.bin/.idx/.meta.json)")
     p.add_argument("--format", choices=FORMATS, default="auto",
@@ -214,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do with samples longer than --max-length")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad records instead of stopping")
     p.add_argument("--workers", type=int, default=1, help="encoding processes")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output datasets")
     p.add_argument("--no-progress", action="store_true")
     add_tokenizer_args(p)
     return p
@@ -229,13 +241,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = SFTPreprocessConfig(
             output_prefix=args.output_prefix, format=args.format, system_prompt=args.system_prompt,
             chat_template=args.chat_template, max_length=args.max_length, overlong=args.overlong,
-            skip_bad_lines=args.skip_bad_lines, workers=args.workers)
+            skip_bad_lines=args.skip_bad_lines, workers=args.workers, overwrite=args.overwrite)
         tokenizer_cfg = tokenizer_config_from_args(args)
         tokenizer = build_tokenizer(tokenizer_cfg)
-        summary = preprocess_files(args.input, tokenizer, cfg, progress=not args.no_progress,
-                                   tokenizer_cfg=tokenizer_cfg)
-    except (SFTFormatError, ChatTemplateError, CorpusError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        with stop_on_signals():  # Ctrl-C / SIGTERM unwind like an exception: temporary outputs are removed
+            summary = preprocess_files(args.input, tokenizer, cfg, progress=not args.no_progress,
+                                       tokenizer_cfg=tokenizer_cfg)
+    except (ValueError, OSError) as exc:  # user errors (SFTFormatError, CorpusError, ...) name file/line
+        print(f"preprocess-sft: error: {exc}", file=sys.stderr)
         return 2
     tokens_prefix, mask_prefix = sft_prefixes(args.output_prefix)
     print(f"wrote {tokens_prefix} and {mask_prefix}: {summary.text()}", file=sys.stderr)

@@ -270,12 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--length-distribution",
                    help="uniform (default), log-uniform, or weighted ranges like 2000-4000:0.7,4000-8000:0.3")
-    p.add_argument("--families", nargs="+", choices=list(Q.FAMILIES), help="default: all three")
+    p.add_argument("--families", nargs="+", action="extend", choices=list(Q.FAMILIES),
+                   help="default: all three (several per flag; repeatable)")
     p.add_argument("--system-prompt")
     p.add_argument("--sft-output-prefix", default=None,
                    help="also write the SFT indexed datasets (as longsky preprocess-sft would)")
     p.add_argument("--sft-max-length", type=int, default=None,
                    help="drop SFT samples longer than this many tokens (a cut sample would lose its question)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (jsonl and SFT datasets)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="SynLConfig field overrides")
     add_tokenizer_args(p)
@@ -301,13 +303,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
+        from megatron_longsky.utils.atomic import check_outputs
+
+        outputs = [args.output]
+        if args.sft_output_prefix:
+            from megatron_longsky.data.indexed import dataset_files
+            from megatron_longsky.sft.preprocess import sft_prefixes
+
+            outputs += [f for prefix in sft_prefixes(args.sft_output_prefix) for f in dataset_files(prefix)]
+        check_outputs(outputs, [args.config] if args.config else [], args.overwrite)  # before any work
         tokenizer = build_tokenizer(tokenizer_config_from_args(args))
         counts = write_synl_jsonl(cfg, tokenizer, args.output, progress=not args.no_progress)
         if args.sft_output_prefix:
             from megatron_longsky.sft.preprocess import SFTPreprocessConfig, preprocess_records
 
             sft_cfg = SFTPreprocessConfig(output_prefix=args.sft_output_prefix, format="messages",
-                                          max_length=args.sft_max_length, overlong="drop")
+                                          max_length=args.sft_max_length, overlong="drop",
+                                          overwrite=args.overwrite)
             with open(args.output, encoding="utf-8") as f:
                 records = ((f"{args.output}:{n}", json.loads(line)) for n, line in enumerate(f, start=1))
                 summary = preprocess_records(records, tokenizer, sft_cfg, {"synl": {"source": args.output}})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_longsky.tokenizer.base import (
+    MEGATRON_TOKENIZER_TYPES,
     TOKENIZER_TYPES,
     Tokenizer,
     TokenizerConfig,
@@ -39,7 +40,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     if cfg.type == "byte":
         return ByteTokenizer()
     if cfg.type == "hf":
-        return HFTokenizer(cfg.model)
+        return HFTokenizer(cfg.model, merges=cfg.merges)
     if cfg.type == "sentencepiece":
         return SentencePieceTokenizer(cfg.model)
     raise ValueError(f"tokenizer type {cfg.type!r} is not one of {list(TOKENIZER_TYPES)}")
@@ -47,15 +48,22 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="byte",
+    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES + tuple(MEGATRON_TOKENIZER_TYPES),
+                       default="byte", metavar="TYPE",
                        help="byte (built in, no file), hf (tokenizer.json or HF tokenizer dir), "
-                            "sentencepiece (.model file)")
+                            "sentencepiece (.model file); Megatron-LM's names: "
+                            + ", ".join(f"{k} (= {v})" for k, v in MEGATRON_TOKENIZER_TYPES.items()))
     group.add_argument("--tokenizer-model", default=None,
                        help="tokenizer.json / tokenizer directory (hf) or .model file (sentencepiece)")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer: GPT-2 vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer: GPT-2 merges.txt")
 
 
 def tokenizer_config_from_args(args: argparse.Namespace) -> TokenizerConfig:
     try:
+        if args.tokenizer_type == "GPT2BPETokenizer" or getattr(args, "merge_file", None):
+            return TokenizerConfig(type=args.tokenizer_type, model=args.vocab_file or args.tokenizer_model,
+                                   merges=args.merge_file)
         return TokenizerConfig(type=args.tokenizer_type, model=args.tokenizer_model)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -17,6 +17,16 @@ from typing import Iterable, Literal, Optional, Sequence
 import numpy as np
 
 TOKENIZER_TYPES = ("byte", "hf", "sentencepiece")
+# Megatron-LM's --tokenizer-type names -> ours, with the same ids as megatron-core's tokenizers
+# (0.16: no BOS added, EOD = the tokenizer's eos). GPT2BPETokenizer is GPT-2's byte-level BPE
+# read from --vocab-file (vocab.json) and --merge-file (merges.txt).
+MEGATRON_TOKENIZER_TYPES = {
+    "HuggingFaceTokenizer": "hf",
+    "GPT2BPETokenizer": "hf",
+    "SentencePieceTokenizer": "sentencepiece",
+    "GPTSentencePieceTokenizer": "sentencepiece",
+    "Llama2Tokenizer": "sentencepiece",
+}
 
 
 @dataclass
@@ -26,10 +36,18 @@ class TokenizerConfig:
 
     type: Literal["byte", "hf", "sentencepiece"] = "byte"
     model: Optional[str] = None
+    merges: Optional[str] = None  # hf only: GPT-2 merges.txt when ``model`` is its vocab.json
 
     def __post_init__(self):
+        megatron_name = self.type if self.type in MEGATRON_TOKENIZER_TYPES else None
+        self.type = MEGATRON_TOKENIZER_TYPES.get(self.type, self.type)
         if self.type not in TOKENIZER_TYPES:
-            raise ValueError(f"tokenizer type {self.type!r} is not one of {list(TOKENIZER_TYPES)}")
+            raise ValueError(f"tokenizer type {self.type!r} is not one of "
+                             f"{list(TOKENIZER_TYPES) + list(MEGATRON_TOKENIZER_TYPES)}")
+        if megatron_name == "GPT2BPETokenizer" and not (self.model and self.merges):
+            raise ValueError("GPT2BPETokenizer needs --vocab-file (vocab.json) and --merge-file (merges.txt)")
+        if self.merges and self.type != "hf":
+            raise ValueError(f"a merges file is only used by hf (GPT-2 BPE) tokenizers, not {self.type!r}")
         if self.type == "byte" and self.model:
             raise ValueError("the byte tokenizer takes no model file; drop tokenizer model "
                              f"{self.model!r} or choose type hf/sentencepiece")
@@ -102,6 +120,7 @@ class Tokenizer:
             "eod_id": self.eod_id,
             "bos_id": self.bos_id,
             "pad_id": self.pad_id,
+            **({"merges": self.merges} if getattr(self, "merges", None) else {}),
         }
 
     def __repr__(self) -> str:

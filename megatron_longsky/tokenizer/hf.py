@@ -52,10 +52,13 @@ def _chat_template(directory: Optional[Path], config: dict) -> Optional[str]:
 class HFTokenizer(Tokenizer):
     type = "hf"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, merges: Optional[str] = None):
         from tokenizers import Tokenizer as RustTokenizer
 
         path = Path(model)
+        if merges is not None:
+            self._load_gpt2_bpe(path, Path(merges))
+            return
         if path.is_dir():
             directory, file = path, path / "tokenizer.json"
             if not file.exists():
@@ -86,6 +89,35 @@ class HFTokenizer(Tokenizer):
         self.pad_id = self.eod_id if pad is None else pad
         self.chat_template = _chat_template(directory, config)
         self.fingerprint = make_fingerprint("hf", self._canonical_definition(raw, file),
+                                            specials_blob(self.eod_id, self.bos_id, self.pad_id))
+
+    def _load_gpt2_bpe(self, vocab: Path, merges: Path) -> None:
+        """GPT-2's byte-level BPE from vocab.json + merges.txt (Megatron-LM's GPT2BPETokenizer, which
+        megatron-core 0.16 loads as transformers' GPT2Tokenizer): the same pre-tokenisation regex and
+        byte mapping, ``<|endoftext|>`` in the text is the special token, nothing is added to the text."""
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        for path in (vocab, merges):
+            if not path.is_file():
+                raise FileNotFoundError(f"GPT-2 BPE file {path} does not exist")
+        try:
+            tok = RustTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as exc:  # noqa: BLE001 - the library raises a bare Exception
+            raise ValueError(f"{vocab} / {merges}: not a GPT-2 vocab.json / merges.txt pair ({exc})") from exc
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        if tok.token_to_id("<|endoftext|>") is not None:
+            tok.add_special_tokens(["<|endoftext|>"])  # already in the vocabulary: keeps its id
+        self._tok = tok
+        self.model = str(vocab)
+        self.merges = str(merges)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.eod_id = self._special(None, ("<|endoftext|>",), "eod (<|endoftext|>)")
+        self.bos_id = None
+        self.pad_id = self.eod_id
+        self.chat_template = None
+        self.fingerprint = make_fingerprint("hf", self._canonical_definition(tok.to_str().encode(), vocab),
                                             specials_blob(self.eod_id, self.bos_id, self.pad_id))
 
     @staticmethod

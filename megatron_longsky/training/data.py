@@ -35,7 +35,13 @@ class Splits:
 
 
 def check_dataset_tokenizers(data: DataConfig, tokenizer) -> None:
-    """Refuse datasets made with another tokenizer (``<prefix>.meta.json``)."""
+    """Refuse datasets whose files are missing or whose ``.bin`` does not match its ``.idx``,
+    and datasets made with another tokenizer (``<prefix>.meta.json``)."""
+    from megatron_longsky.data.indexed import check_dataset
+
+    if data.kind == "gpt":  # SFT datasets are checked when opened (PackedSFTDataset)
+        for prefix in data.prefixes:
+            check_dataset(prefix)
     if data.check_tokenizer == "off":
         return
     for prefix in data.prefixes:

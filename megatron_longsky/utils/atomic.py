@@ -14,6 +14,45 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from megatron_longsky.errors import UserError
+
+
+class OutputExistsError(UserError, ValueError):
+    """An output already exists (and ``--overwrite`` was not given) or is also an input."""
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # also catches hard links and symlinks
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(outputs, inputs=(), overwrite: bool = False, flag: str = "--overwrite") -> None:
+    """Refuse to write ``outputs`` over any of ``inputs``, or over existing files unless ``overwrite``."""
+    outputs, inputs = [Path(p) for p in outputs], [Path(p) for p in inputs]
+    for out in outputs:
+        for source in inputs:
+            if _same_file(out, source):
+                raise OutputExistsError(f"output {out} is also an input ({source}): choose another output")
+    existing = [out for out in outputs if out.exists() or out.is_symlink()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"output {existing[0]} already exists: pass {flag} to replace it")
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make renames in ``directory`` durable (best effort where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
 
 def temp_path_for(path: str | Path) -> Path:
     path = Path(path)
