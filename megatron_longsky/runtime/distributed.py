@@ -107,7 +107,8 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    # A single process binds no port (see initialize); master_port is informational.
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
 @dataclass
@@ -149,13 +150,15 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
             f"{parallel.context_parallel_size}"
         )
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=timedelta(minutes=parallel.timeout_minutes),
-        )
+        timeout = timedelta(minutes=parallel.timeout_minutes)
+        if launch.world_size == 1:
+            # One process needs no rendezvous: an in-memory store, no TCP port (two
+            # single-process commands on one host, e.g. an evaluation next to training).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                    rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,

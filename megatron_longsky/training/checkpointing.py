@@ -301,16 +301,26 @@ def read_trainer_state(ckpt_dir: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) -> TrainerState:
+def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler,
+                    schedule_policy: str = "check") -> TrainerState:
     """Collective. Restore everything saved by :func:`save_checkpoint`, at any layout.
+
+    ``schedule_policy``: what to do when the LR schedule differs from the checkpoint's
+    (see :func:`megatron_longsky.training.resume_check.check_schedule`).
 
     RNG states are restored when the world size matches the one saved (they are per rank);
     otherwise the fresh seeds are kept (and a warning says so).
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_longsky.training.resume_check import check_schedule
+
     ckpt_dir = Path(ckpt_dir)
     saved = read_trainer_state(ckpt_dir)
+    changed = check_schedule(saved["scheduler"], scheduler, schedule_policy, ckpt_dir)
+    if changed and _rank() == 0:
+        log.warning("resuming %s with the %s learning-rate schedule:\n  %s", ckpt_dir,
+                    "config's" if schedule_policy == "use_config" else "checkpoint's", "\n  ".join(changed))
     saved_distributed = saved.get("distributed_optimizer", _is_distributed_optimizer(optimizer))
     if saved_distributed != _is_distributed_optimizer(optimizer):
         raise ValueError(

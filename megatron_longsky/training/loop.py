@@ -34,6 +34,7 @@ from megatron_longsky.training.data import (
 )
 from megatron_longsky.training.metrics import MetricsLogger, default_peak_tflops, flops_per_token, peak_memory_gib
 from megatron_longsky.training.optimizer import build_optimizer, current_lr
+from megatron_longsky.training.resume_check import check_same_run
 from megatron_longsky.training.signals import PreemptionHandler
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,12 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
     vocab_size = resolve_vocab_size(cfg, tokenizer, resume_dir or init_dir)
     config_dict = train_config_to_dict(cfg)
     config_dict["model"]["vocab_size"] = vocab_size
+    if resume_dir is not None:
+        differences = check_same_run(read_checkpoint_config(resume_dir), config_dict, resume_dir,
+                                     cfg.checkpoint.allow_mismatch)
+        if differences and runtime.rank == 0:
+            log.warning("resuming %s despite other settings (checkpoint.allow_mismatch):\n  %s", resume_dir,
+                        "\n  ".join(differences))
 
     model = build_training_model(cfg, vocab_size, initialize=resume_dir is None and init_dir is None)
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -171,7 +178,7 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
     prepare_checkpoint_writer()
     state = TrainerState()
     if resume_dir is not None:
-        state = load_checkpoint(resume_dir, model, optimizer, scheduler)
+        state = load_checkpoint(resume_dir, model, optimizer, scheduler, cfg.schedule.on_resume)
         log.info("resumed from %s at iteration %d (%d samples consumed)", resume_dir, state.iteration,
                  state.consumed_samples)
     elif init_dir is not None:
