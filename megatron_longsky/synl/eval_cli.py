@@ -11,6 +11,7 @@ torchrun for several processes) and on Hugging Face models (``--hf-model``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -71,8 +72,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     records = read_records(args.data, args.max_samples)
     model = load_model(args)
     try:
-        result = synl_accuracy(records, model.backend.generate_greedy, model.tokenizer,
-                               max_new_tokens=args.max_new_tokens)
+        # Generation never picks ids beyond the tokenizer's vocabulary (padded model vocabularies).
+        generate = functools.partial(model.backend.generate_greedy, vocab_size=model.tokenizer.vocab_size)
+        result = synl_accuracy(records, generate, model.tokenizer, max_new_tokens=args.max_new_tokens)
     finally:
         finish(model)
     if model.is_writer:
