@@ -397,7 +397,8 @@ def write_sequences(plan: dict, table: DocTable, prefix_tmp: tuple[Path, Path], 
                     separator_token: int, workers: int, progress: bool = True) -> None:
     """Gather every sequence's tokens into ``.bin`` (streamed) and write the ``.idx``."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-    from tqdm import tqdm
+
+    from megatron_longsky.utils.progress import progress_bar
 
     from megatron_longsky._ext_cip_index import gather_tokens
 
@@ -413,8 +414,8 @@ def write_sequences(plan: dict, table: DocTable, prefix_tmp: tuple[Path, Path], 
     builder = IndexedDatasetBuilder(str(bin_tmp), dtype=dtype.type)
     pending = None
     with ThreadPoolExecutor(max_workers=1) as writer, \
-            tqdm(total=num_seqs * seq_tokens, unit="tok", unit_scale=True, desc="build-cip",
-                 disable=not progress) as bar:
+            progress_bar(total=num_seqs * seq_tokens, unit="tok", unit_scale=True, desc="build-cip",
+                         enabled=progress) as bar:
         for step, first in enumerate(range(0, num_seqs, batch)):
             last = min(first + batch, num_seqs)
             buffer = buffers[step % 2]

@@ -338,7 +338,7 @@ def run_needle(cfg: NeedleConfig, backend: LMBackend, tokenizer: Tokenizer, mode
     """
     from dataclasses import asdict
 
-    from tqdm import tqdm
+    from megatron_longsky.utils.progress import progress_bar
 
     from megatron_longsky.eval.distribute import sharded_map
 
@@ -351,7 +351,7 @@ def run_needle(cfg: NeedleConfig, backend: LMBackend, tokenizer: Tokenizer, mode
         results = [score_case(backend, tokenizer, case, cfg.mode, cfg.max_new_tokens) for case in sample.cases]
         return SampleResult(s, all(r.passed for r in results), sample.needles, results)
 
-    with tqdm(total=len(grid), desc="needle", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=len(grid), desc="needle", unit="sample", enabled=progress, leave=False) as bar:
         samples = sharded_map(grid, evaluate, bar)
     cells: dict[tuple[int, float], CellResult] = {}
     for (length, _, depth, _), sample_result in zip(grid, samples):

@@ -119,7 +119,7 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
                            model_name: str = "", documents: Optional[list[list[int]]] = None,
                            progress: bool = True) -> PerplexityResult:
     """NLL per position bucket over up to ``max_documents`` long documents."""
-    from tqdm import tqdm
+    from megatron_longsky.utils.progress import progress_bar
 
     bos = [tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []
     body = cfg.length - len(bos)
@@ -140,7 +140,7 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
         nll = backend.token_nll(ids).double()
         return [float(nll[index == i].sum()) for i in range(len(edges) - 1)]
 
-    with tqdm(total=len(selected), desc="perplexity", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=len(selected), desc="perplexity", unit="doc", enabled=progress, leave=False) as bar:
         per_document = sharded_map(selected, bucket_sums, bar)
     for sums in per_document:
         result.nll_sum = [a + b for a, b in zip(result.nll_sum, sums)]

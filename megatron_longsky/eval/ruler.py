@@ -258,7 +258,7 @@ class RulerResult:
 
 def run_ruler(cfg: RulerConfig, backend: LMBackend, tokenizer: Tokenizer, model_name: str = "",
               haystack: Optional[Haystack] = None, progress: bool = True) -> RulerResult:
-    from tqdm import tqdm
+    from megatron_longsky.utils.progress import progress_bar
 
     from megatron_longsky.eval.distribute import sharded_map
 
@@ -272,7 +272,7 @@ def run_ruler(cfg: RulerConfig, backend: LMBackend, tokenizer: Tokenizer, model_
         return {"task": task, "length": length, "sample": sample, "prompt_tokens": len(case.prompt_ids),
                 **result.to_dict(), "meta": case.meta}
 
-    with tqdm(total=len(grid), desc="ruler", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total=len(grid), desc="ruler", unit="sample", enabled=progress, leave=False) as bar:
         rows = sharded_map(grid, evaluate, bar)
     return RulerResult(asdict(cfg) | {"haystack_source": builder.haystack.source}, rows, model_name)
 

@@ -66,6 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from megatron_longsky.eval.loading import finish, load_model
     from megatron_longsky.synl.evaluate import synl_accuracy
     from megatron_longsky.utils.logging import setup_logging
+    from megatron_longsky.utils.progress import progress_bar
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -73,8 +74,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = load_model(args)
     try:
         # Generation never picks ids beyond the tokenizer's vocabulary (padded model vocabularies).
-        generate = functools.partial(model.backend.generate_greedy, vocab_size=model.tokenizer.vocab_size)
-        result = synl_accuracy(records, generate, model.tokenizer, max_new_tokens=args.max_new_tokens)
+        greedy = functools.partial(model.backend.generate_greedy, vocab_size=model.tokenizer.vocab_size)
+        with progress_bar(total=len(records), desc="synl-eval", unit="question", enabled=model.is_writer) as bar:
+            def generate(*args_, **kwargs):  # one call per question
+                bar.update(1)
+                return greedy(*args_, **kwargs)
+
+            result = synl_accuracy(records, generate, model.tokenizer, max_new_tokens=args.max_new_tokens)
     finally:
         finish(model)
     if model.is_writer:
