@@ -58,6 +58,9 @@ class LoadedModel:
     name: str
     is_writer: bool  # the rank that writes reports
     distributed: bool
+    # What was loaded (resolved checkpoint iteration or HF directory): a sweep journal
+    # written for another model is never resumed.
+    source: str = ""
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
@@ -66,7 +69,8 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
         from megatron_longsky.eval.backends import HFBackend
 
         backend = HFBackend.from_pretrained(args.hf_model, dtype=args.dtype, device=args.device)
-        return LoadedModel(backend, tokenizer, Path(args.hf_model).name, True, False)
+        return LoadedModel(backend, tokenizer, Path(args.hf_model).name, True, False,
+                           source=str(Path(args.hf_model).resolve()))
     from megatron_longsky.eval.megatron_backend import MegatronBackend
     from megatron_longsky.runtime.distributed import ParallelConfig, initialize
 
@@ -74,7 +78,10 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
                               context_parallel_size=args.cp)
     runtime = initialize(parallel)
     backend = MegatronBackend.from_checkpoint(args.checkpoint, parallel, vocab_size=tokenizer.vocab_size)
-    return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True)
+    from megatron_longsky.checkpoint import resolve_checkpoint
+
+    return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True,
+                       source=str(resolve_checkpoint(args.checkpoint).resolve()))
 
 
 def finish(model: LoadedModel) -> None:
