@@ -193,8 +193,8 @@ def import_checkpoint(
             for f in tok_files:
                 shutil.copy2(f, tmp_iter / "tokenizer" / f.name)
             tokenizer = tokenizer_entry(tmp_iter / "tokenizer")
-            if tokenizer:  # point at where the copy will live once the output is renamed
-                tokenizer["model"] = str(final_iter / Path(tokenizer["model"]).relative_to(tmp_iter))
+            if tokenizer:  # relative to the checkpoint: it stays valid when the checkpoint is moved
+                tokenizer["model"] = str(Path(tokenizer["model"]).relative_to(tmp_iter))
         config = {
             "model": to_dict(saved_cfg),
             "parallel": to_dict(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)),
