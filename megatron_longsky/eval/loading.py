@@ -61,6 +61,8 @@ class LoadedModel:
     # What was loaded (resolved checkpoint iteration or HF directory): a sweep journal
     # written for another model is never resumed.
     source: str = ""
+    # The chat template the checkpoint was trained with (recorded at SFT), if any.
+    chat_template: Optional[dict] = None
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
@@ -78,10 +80,12 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
                               context_parallel_size=args.cp)
     runtime = initialize(parallel)
     backend = MegatronBackend.from_checkpoint(args.checkpoint, parallel, vocab_size=tokenizer.vocab_size)
-    from megatron_longsky.checkpoint import resolve_checkpoint
+    from megatron_longsky.checkpoint import read_checkpoint_config, resolve_checkpoint
 
+    ckpt_dir = resolve_checkpoint(args.checkpoint)
     return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True,
-                       source=str(resolve_checkpoint(args.checkpoint).resolve()))
+                       source=str(ckpt_dir.resolve()),
+                       chat_template=read_checkpoint_config(ckpt_dir).get("chat_template"))
 
 
 def finish(model: LoadedModel) -> None:

@@ -73,6 +73,7 @@ def needle_config_from_args(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     from megatron_longsky.eval.distribute import finish_sweep
     from megatron_longsky.eval.needle import run_needle
+    from megatron_longsky.eval.prompt import use_trained_chat_template
     from megatron_longsky.eval.report import write_report
 
     setup_logging()
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model = load_model(args)
+    if cfg.mode == "chat" and not cfg.chat_template:
+        use_trained_chat_template(model.tokenizer, model.chat_template)
     try:
         # Finished samples are kept in the output directory as they go: a rerun (a requeued
         # job) resumes the sweep from them.

@@ -82,6 +82,7 @@ def task_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     from megatron_longsky.eval.distribute import finish_sweep
     from megatron_longsky.eval.passkey import run_passkey
+    from megatron_longsky.eval.prompt import use_trained_chat_template
     from megatron_longsky.eval.perplexity import perplexity_by_position, write_perplexity_report
     from megatron_longsky.eval.report import write_report
     from megatron_longsky.eval.ruler import run_ruler, write_ruler_report
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: ppl needs --data (indexed:<prefix> or a .jsonl/.txt file)", file=sys.stderr)
         return 2
     model = load_model(args)
+    if getattr(cfg, "mode", None) == "chat" and not cfg.chat_template:
+        use_trained_chat_template(model.tokenizer, model.chat_template)
     try:
         quiet = not model.is_writer
         # Finished items are kept in the output directory as they go; a rerun resumes from them.

@@ -64,6 +64,7 @@ def markdown(result: dict, name: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_longsky.eval.loading import finish, load_model
+    from megatron_longsky.sft.template import template_from_record
     from megatron_longsky.synl.evaluate import synl_accuracy
     from megatron_longsky.utils.logging import setup_logging
     from megatron_longsky.utils.progress import progress_bar
@@ -80,7 +81,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 bar.update(1)
                 return greedy(*args_, **kwargs)
 
-            result = synl_accuracy(records, generate, model.tokenizer, max_new_tokens=args.max_new_tokens)
+            # Prompts in the chat template the model was trained with, when its checkpoint records one.
+            template = template_from_record(model.tokenizer, model.chat_template)
+            result = synl_accuracy(records, generate, model.tokenizer, template=template,
+                                   max_new_tokens=args.max_new_tokens)
     finally:
         finish(model)
     if model.is_writer:

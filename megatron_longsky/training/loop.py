@@ -30,7 +30,7 @@ from megatron_longsky.training.checkpointing import (
 )
 from megatron_longsky.training.config import TrainConfig, train_config_to_dict
 from megatron_longsky.training.data import (
-    build_gpt_splits, build_sft_splits, check_dataset_tokenizers, micro_batch_loader,
+    build_gpt_splits, build_sft_splits, check_dataset_tokenizers, dataset_chat_template, micro_batch_loader,
 )
 from megatron_longsky.training.metrics import MetricsLogger, default_peak_tflops, flops_per_token, peak_memory_gib
 from megatron_longsky.training.optimizer import build_optimizer, current_lr
@@ -161,6 +161,13 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
     vocab_size = resolve_vocab_size(cfg, tokenizer, resume_dir or init_dir)
     config_dict = train_config_to_dict(cfg)
     config_dict["model"]["vocab_size"] = vocab_size
+    # The chat template the model learns (SFT data) or learned (the checkpoint it continues):
+    # chat-mode evaluation builds its prompts with it.
+    chat_template = dataset_chat_template(cfg.data)
+    if chat_template is None and (resume_dir or init_dir) is not None:
+        chat_template = read_checkpoint_config(resume_dir or init_dir).get("chat_template")
+    if chat_template is not None:
+        config_dict["chat_template"] = chat_template
     if resume_dir is not None:
         differences = check_same_run(read_checkpoint_config(resume_dir), config_dict, resume_dir,
                                      cfg.checkpoint.allow_mismatch)
