@@ -10,19 +10,21 @@ before they can save. Here the agent forwards SIGUSR1 to its workers and keeps w
 for them: they finish the step, save a checkpoint and exit 0 however long the save
 takes, and the agent then exits 0 too. SIGTERM (``scancel``, Slurm's own preemption)
 keeps torchrun's handling: forwarded to the workers, who save if the time Slurm leaves
-(KillWait / GraceTime) allows.
+(KillWait / GraceTime) allows; the agent itself waits up to
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds for them (torch >= 2.9 reads it; we default it
+to 900 instead of torchrun's 30, which is shorter than a large checkpoint's save).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
-log = logging.getLogger("longsky.torchrun")
+# Seconds torchrun waits for its workers after a SIGTERM before killing them.
+SHUTDOWN_GRACE_S = 900
 
 
 def child_pids(pid: int | None = None) -> list[int]:
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_GRACE_S))
     signal.signal(signal.SIGUSR1, _forward)
     print(f"longsky torchrun agent on {socket.gethostname()} (Slurm task "
           f"{os.environ.get('SLURM_PROCID', '?')}/{os.environ.get('SLURM_NTASKS', '?')}): torchrun {' '.join(argv)}",
