@@ -10,7 +10,7 @@ import pytest
 
 from megatron_longsky.utils.progress import LineProgress, progress_bar
 
-LINE = re.compile(r"^(?P<desc>[\w-]+): [\d.,kMG]+/[\d.,kMG]+ \S+ \([\d.]+%\) \| [\d.,kMG]+ \S+/s \| "
+LINE = re.compile(r"^(?P<desc>[\w -]+): [\d.,kMG]+/[\d.,kMG]+ \S+ \([\d.]+%\) \| [\d.,kMG]+ \S+/s \| "
                   r"elapsed \d+:\d\d:\d\d \| ETA \d+:\d\d:\d\d")
 
 
@@ -75,6 +75,13 @@ def test_data_commands_print_progress_lines_without_a_terminal(every_update, tmp
                             "--tokenizer-type", "byte", "--workers", "1"]) == 0
     write_synl_jsonl(SynLConfig(num_samples=3, min_tokens=300, max_tokens=400), ByteTokenizer(),
                      tmp_path / "synl.jsonl", progress=True)
+    from megatron_longsky.data.cip import CIPConfig, build_cip
+
+    build_cip(CIPConfig(input_prefixes=[str(tmp_path / "c_text_document")], output_prefix=str(tmp_path / "cip"),
+                        seq_length=256, docs_per_seq=2, chunks_per_doc=2, num_sequences=4, separator="eod"),
+              progress=True)
     err = capsys.readouterr().err
+    assert _progress_lines(err, "build-cip planning") and "build-cip planning: done" in err
+    assert _progress_lines(err, "build-cip") and "build-cip: done" in err
     assert _progress_lines(err, "preprocess") and "preprocess: done" in err
     assert len(_progress_lines(err, "build-synl")) == 3 and "build-synl: done" in err

@@ -468,7 +468,11 @@ def build_cip(cfg: CIPConfig, progress: bool = False) -> dict:
     if cfg.separator == "eod" and eod_id is None:
         raise ConfigError("separator=eod needs an EOD id: the inputs' meta.json has none; set eod_id")
 
+    from megatron_longsky.utils.progress import progress_bar
+
+    planning = progress_bar(total=1 + len(KINDS), desc="build-cip planning", unit="step", enabled=progress)
     table = _build_table(cfg, pools, eod_id)
+    planning.update(1)
     sep = 1 if cfg.separator == "eod" else 0
     tokens_of = {k: int(table.content_len[ids].sum()) + sep * len(ids) for k, ids in table.pool_ids.items()}
     counts = sequence_counts(cfg, tokens_of.get("cip", 0))
@@ -481,6 +485,7 @@ def build_cip(cfg: CIPConfig, progress: bool = False) -> dict:
             raise CIPInputError(f"the CIP pool ({', '.join(pools['cip'])}) holds {tokens_of['cip']} tokens, "
                                 f"less than one sequence of {cfg.sequence_tokens}")
 
+    planning.total = 1 + sum(1 for k in KINDS if counts[k])
     plans, stats = {}, {}
     for tag, kind in enumerate(KINDS):
         if counts[kind] == 0:
@@ -494,6 +499,8 @@ def build_cip(cfg: CIPConfig, progress: bool = False) -> dict:
         # the CIP pool's statistics are named after the mode: "cip", or "concat" for the ablation
         stats[cfg.mode if kind == "cip" else kind] = _pool_stats(plans[kind], pool, table.pool_empty[kind],
                                                                  counts[kind])
+        planning.update(1)
+    planning.close()
     kinds_order = np.random.default_rng([cfg.seed, 0x3E1]).permutation(
         np.repeat(np.arange(len(KINDS)), [counts[k] for k in KINDS]))
     plan = merge_plans(kinds_order, plans)
