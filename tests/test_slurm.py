@@ -232,5 +232,7 @@ def test_torchrun_launcher_requeues_on_usr1_and_scancel_stops_without_requeue(tm
     assert saved and f"requeueing job {job}" in out, debug()
     resumed = re.search(r"resumed from (\S+) at iteration (\d+)", out)
     assert resumed and resumed.group(1) == saved.group(1) and resumed.group(2) == saved.group(2)
-    # scancel: stopped, not requeued.
+    # scancel: saved (KillWait leaves the time here), stopped, not requeued.
+    saves = [int(n) for n in re.findall(r"rank0 \S+ WARNING\] preempted: checkpoint \S+ saved at iteration (\d+)", out)]
+    assert len(saves) == 2 and saves[1] > saves[0], debug()
     assert "not requeueing" in out and out.count("requeueing job") == 1, debug()

@@ -133,7 +133,6 @@ longsky_srun() {
     fi
     trap '_longsky_on_signal USR1' USR1
     trap '_longsky_on_signal TERM' TERM
-    trap '_longsky_on_signal INT' INT
     echo "longsky: ${_longsky_step[*]}"
     "${_longsky_step[@]}" &
     _longsky_step_pid=$!
@@ -149,7 +148,7 @@ longsky_srun() {
         break
     done
     _longsky_step_pid=""
-    trap - USR1 TERM INT
+    trap - USR1 TERM
     case "$_longsky_stop" in
         preempt)
             if [ "${LONGSKY_NO_REQUEUE:-0}" = 1 ]; then
