@@ -83,8 +83,10 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     from megatron_longsky.checkpoint import read_checkpoint_config, resolve_checkpoint
 
     ckpt_dir = resolve_checkpoint(args.checkpoint)
+    # Path and write time: a checkpoint saved again at the same path is another model.
+    source = f"{ckpt_dir.resolve()}@{(ckpt_dir / 'model').stat().st_mtime_ns}"
     return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True,
-                       source=str(ckpt_dir.resolve()),
+                       source=source,
                        chat_template=read_checkpoint_config(ckpt_dir).get("chat_template"))
 
 
