@@ -136,6 +136,7 @@ def test_gpt_forward_backward_and_step_on_cpu(tp, pp):
     assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_single_process_binds_no_port(tmp_path):
     """Two single-process commands on one host (evaluation next to training) must not both
     need MASTER_PORT: with the port taken, a single process still initialises."""

@@ -75,6 +75,7 @@ def _wait_for(predicate, timeout: float, what: str, on_timeout=lambda: ""):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_cpu_sbatch_trains_on_two_tasks_and_resumes_after_preemption(tmp_path):
     missing = missing_binaries()
@@ -179,6 +180,7 @@ def test_container_goes_on_each_step_with_the_checkout_mounted(tmp_path):
         assert "container" not in " ".join(_sbatch_options(SLURM_DIR / name))
 
 
+@pytest.mark.slow
 @needs_slurm
 def test_torchrun_launcher_requeues_on_usr1_and_scancel_stops_without_requeue(tmp_path):
     """LONGSKY_LAUNCHER=torchrun: one agent per node whose workers save on the preemption
