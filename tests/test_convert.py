@@ -208,6 +208,7 @@ def test_export_of_checkpoint_written_at_other_layouts(converted, layout, tmp_pa
 
 @pytest.mark.slow
 def test_imported_config_vocab_padding_and_tokenizer(converted):
+    from megatron_longsky.checkpoint import read_checkpoint_config
     from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
 
     it = converted["ckpt"]["gqa_untied_llama3"] / "iter_0000000"
@@ -221,17 +222,31 @@ def test_imported_config_vocab_padding_and_tokenizer(converted):
     mha = converted["ckpt"]["mha_untied_theta"] / "iter_0000000"
     conf = yaml.safe_load((mha / "config.yaml").read_text())
     assert conf["model"]["vocab_size"] == 128 and conf["model"]["num_query_groups"] is None
-    assert conf["tokenizer"] == {"type": "hf", "model": str((mha / "tokenizer").resolve())}
-    tok = build_tokenizer(TokenizerConfig(**conf["tokenizer"]))
+    # Relative to the checkpoint, so that it can be moved or copied.
+    assert conf["tokenizer"] == {"type": "hf", "model": "tokenizer"}
+    tok = build_tokenizer(TokenizerConfig(**read_checkpoint_config(mha)["tokenizer"]))
     assert tok.vocab_size == 60 and tok.eod_id == 1
 
 
 @pytest.mark.slow
 def test_export_ships_tokenizer(converted, tmp_path):
+    import shutil
+
     from megatron_longsky.convert import export_checkpoint
 
     out = export_checkpoint(converted["ckpt"]["mha_untied_theta"], tmp_path / "hf")
     assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    # A moved copy still finds its own tokenizer (the original's tokenizer files are gone).
+    moved = tmp_path / "moved"
+    shutil.copytree(converted["ckpt"]["mha_untied_theta"], moved)
+    original_tokenizer = converted["ckpt"]["mha_untied_theta"] / "iter_0000000" / "tokenizer"
+    hidden = tmp_path / "hidden_tokenizer"
+    original_tokenizer.rename(hidden)
+    try:
+        again = export_checkpoint(moved, tmp_path / "hf_moved")
+    finally:
+        hidden.rename(original_tokenizer)
+    assert (again / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
 
 
 @pytest.mark.slow

@@ -277,3 +277,50 @@ def test_haystack_sources(tmp_path):
         Haystack.from_file(tmp_path / "corpus.jsonl")
     with pytest.raises(FileNotFoundError):
         Haystack.from_spec(str(tmp_path / "missing.txt"), BYTE)
+
+
+class PaddedVocabBackend(CopyBackend):
+    """A copying model whose vocabulary is padded past the tokenizer's, with the padded
+    rows' logits above everything else (as untrained padding rows can be)."""
+
+    def __init__(self, tokenizer_vocab: int, padded: int):
+        super().__init__(tokenizer_vocab)
+        self.padded = padded
+
+    def logits(self, token_ids, last_n=None):
+        real = super().logits(token_ids, last_n)
+        out = torch.full((*real.shape[:2], self.padded), 50.0)
+        out[..., : real.shape[-1]] = real
+        return out
+
+
+@pytest.mark.parametrize("mode", ["base", "chat"])
+def test_ids_beyond_the_tokenizer_are_never_picked(mode):
+    tok = ByteTokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    cfg = NeedleConfig(lengths=[400], depths=[50], samples=1, mode=mode)
+    result = run_needle(cfg, PaddedVocabBackend(tok.vocab_size, tok.vocab_size + 125), tok, haystack=HAYSTACK)
+    assert result.accuracy == 1.0
+
+
+def test_hf_generation_with_a_padded_vocabulary_stays_in_the_tokenizer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=BYTE.vocab_size + 125, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[BYTE.vocab_size:] = 0.0
+        model.lm_head.bias = None
+        model.model.norm.weight.fill_(1.0)
+    # Padding rows win every argmax unless the limit applies: make them dominate.
+    with torch.no_grad():
+        model.lm_head.weight[BYTE.vocab_size + 3] = model.lm_head.weight[: BYTE.vocab_size].abs().sum(0) * 100
+    backend = HFBackend(model)
+    ids = BYTE.encode("The special magic number is")
+    assert any(t >= BYTE.vocab_size for t in backend.generate_greedy(ids, 4))  # the crash of issue 14.14
+    limited = backend.generate_greedy(ids, 8, vocab_size=BYTE.vocab_size)
+    assert limited and all(t < BYTE.vocab_size for t in limited)
+    BYTE.decode(limited)
+    assert LogitsBackend.generate_greedy(backend, ids, 8, vocab_size=BYTE.vocab_size) == limited

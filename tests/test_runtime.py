@@ -138,3 +138,24 @@ def test_gpt_forward_backward_and_step_on_cpu(tp, pp):
     assert len(last["losses"]) == 2 and all(torch.isfinite(torch.tensor(last["losses"])))
     # Both ranks see the same global grad norm.
     assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_single_process_binds_no_port(tmp_path):
+    """Two single-process commands on one host (evaluation next to training) must not both
+    need MASTER_PORT: with the port taken, a single process still initialises."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = ("from megatron_longsky.runtime.distributed import ParallelConfig, initialize, shutdown\n"
+                "rt = initialize(ParallelConfig()); assert rt.launch.world_size == 1; shutdown(); print('ok')")
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID")}
+        result = subprocess.run([sys.executable, "-c", code], env={**env, "MASTER_PORT": str(port)},
+                                capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -87,6 +87,8 @@ def test_cpu_sbatch_trains_on_two_tasks_and_resumes_after_preemption(tmp_path):
         "data": {"kind": "gpt", "split": "100,0,0"},
         "optimizer": {"lr": 1.0e-3, "min_lr": 1.0e-4},
         "logging": {"log_interval": 1, "tensorboard": False},
+        # cpu_tiny.sbatch trains into OUTPUT_DIR whatever the YAML names.
+        "checkpoint": {"save": str(tmp_path / "not_here")},
         "train_iters": TRAIN_ITERS, "micro_batch_size": 1, "global_batch_size": 4,
     }))
     (tmp_path / "logs").mkdir()
@@ -138,3 +140,101 @@ def test_cpu_sbatch_trains_on_two_tasks_and_resumes_after_preemption(tmp_path):
     assert (checkpoints / f"iter_{stop_iteration:07d}").is_dir()
     assert (checkpoints / f"iter_{TRAIN_ITERS:07d}").is_dir()
     assert "latest" in {p.name for p in checkpoints.iterdir()}
+    assert not (tmp_path / "not_here").exists()
+
+
+def _step_command(tmp_path: Path, env: dict, *command: str) -> list[str]:
+    """The srun command line common.sh builds for a step (stub scontrol, no cluster)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    script = (f"source {SLURM_DIR / 'common.sh'} >/dev/null; longsky_step_command \"$@\"; "
+              "printf '%s\\n' \"${_longsky_step[@]}\"")
+    result = subprocess.run(
+        ["bash", "-c", script, "bash", *command], capture_output=True, text=True, check=True,
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1",
+             "LONGSKY_ROOT": str(REPO), **env})
+    return result.stdout.splitlines()
+
+
+def test_container_goes_on_each_step_with_the_checkout_mounted(tmp_path):
+    plain = _step_command(tmp_path, {}, "python", "-m", "megatron_longsky.cli", "train")
+    assert plain == ["srun", "--kill-on-bad-exit=1", "python", "-m", "megatron_longsky.cli", "train"]
+    step = _step_command(tmp_path, {"LONGSKY_CONTAINER_IMAGE": "/img/longsky.sqsh",
+                                    "LONGSKY_CONTAINER_MOUNTS": "/lustre:/lustre",
+                                    "LONGSKY_STEP_SETUP": "pip install --no-deps -e ."},
+                         "python", "-m", "megatron_longsky.cli", "train", "a=b c")
+    assert step[:5] == ["srun", "--kill-on-bad-exit=1", "--container-image=/img/longsky.sqsh",
+                        f"--container-mounts=/lustre:/lustre,{REPO}:{REPO}", f"--container-workdir={REPO}"]
+    assert step[5:7] == ["bash", "-c"]
+    # The install runs in the step's own container, then the command with its words intact.
+    out = subprocess.run(["bash", "-c", step[7].replace("pip install --no-deps -e .", "true")
+                          .replace("exec python", "exec printf '%s|'")], capture_output=True, text=True)
+    assert out.stdout == "-m|megatron_longsky.cli|train|a=b c|"
+    # torchrun: one agent per node holding all of the node's CPUs.
+    per_node = _step_command(tmp_path, {"SLURM_NNODES": "2", "SLURM_CPUS_ON_NODE": "96"}, "--one-per-node", "x")
+    assert per_node[2:] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=96", "x"]
+    # The batch scripts themselves never ask for a container (scontrol/srun live on the host).
+    for name in GPU_SCRIPTS + ["cpu_tiny.sbatch"]:
+        assert "container" not in " ".join(_sbatch_options(SLURM_DIR / name))
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_torchrun_launcher_requeues_on_usr1_and_scancel_stops_without_requeue(tmp_path):
+    """LONGSKY_LAUNCHER=torchrun: one agent per node whose workers save on the preemption
+    signal (USR1) and resume after the requeue; a plain `scancel` then stops the job for good."""
+    missing = missing_binaries()
+    assert not missing, f"Slurm binaries missing: {missing}; install with apt-get install -y {APT_PACKAGES}"
+    job_yaml = tmp_path / "job.yaml"
+    job_yaml.write_text(yaml.safe_dump({
+        "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                  "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 64, "vocab_size": 384},
+        "data": {"kind": "gpt", "split": "100,0,0"},
+        "logging": {"log_interval": 1, "tensorboard": False},
+        "train_iters": 100000, "micro_batch_size": 1, "global_batch_size": 4,
+    }))
+    (tmp_path / "logs").mkdir()
+    env = {"LONGSKY_ROOT": str(REPO), "LONGSKY_PYTHON": sys.executable, "LONGSKY_LAUNCHER": "torchrun",
+           "CONFIG": str(job_yaml), "OUTPUT_DIR": str(tmp_path / "run"),
+           "DATA_PREFIX": str(tmp_path / "data" / "builtin_text_document")}
+    with LocalSlurm.start(tmp_path / "cluster", cpus=2) as slurm:
+        job = slurm.sbatch([f"--output={tmp_path}/logs/%x-%j.out", str(SLURM_DIR / "cpu_tiny.sbatch")],
+                           cwd=REPO, env=env)
+        log = tmp_path / "logs" / f"longsky-cpu-tiny-{job}.out"
+
+        def text() -> str:
+            return log.read_text(errors="replace") if log.exists() else ""
+
+        def debug() -> str:
+            return f"--- job log ---\n{text()[-4000:]}\n{slurm.log_tail('slurmctld')}\n{slurm.log_tail('slurmd')}"
+
+        def iterations(after: str = "") -> list[int]:
+            body = text()
+            return [int(n) for n in re.findall(r"\] iter (\d+) \|", body[body.find(after):] if after else body)]
+
+        _wait_for(lambda: max(iterations(), default=0) >= 3, 240, "training progress in the job log", debug)
+        slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
+        slurm.wait(job, states=("RUNNING",), timeout=300, predicate=lambda i: i.restarts >= 1)
+        _wait_for(lambda: "resumed from" in text() and iterations(after="resumed from"), 240,
+                  "the requeued run to resume and train", debug)
+        slurm.run(["scancel", str(job)])
+        info = slurm.wait(job, states=("CANCELLED", "COMPLETED", "FAILED"), timeout=120)
+        time.sleep(15)  # longer than the local cluster's requeue delay (cred_expire=10 s)
+        final = slurm.job(job)
+        out = text()
+    assert info.state == "CANCELLED" and final.state == "CANCELLED" and final.restarts == 1, f"{final}\n{debug()}"
+    # One agent per node (one node here) in each run, starting 2 workers joined as DP=2.
+    assert len(re.findall(r"longsky torchrun agent on \S+ \(Slurm task 0/1\)", out)) == 2, debug()
+    assert out.count("launcher=torchrun rank=0/2") == 2 and out.count("DP=2") == 2, debug()
+    # USR1 reached the workers through the agent; they saved; the job was requeued and resumed there.
+    assert "forwarding it to 2 worker(s)" in out, debug()
+    saved = re.search(r"preempted: checkpoint (\S+) saved at iteration (\d+)", out)
+    assert saved and f"requeueing job {job}" in out, debug()
+    resumed = re.search(r"resumed from (\S+) at iteration (\d+)", out)
+    assert resumed and resumed.group(1) == saved.group(1) and resumed.group(2) == saved.group(2)
+    # scancel: saved (KillWait leaves the time here), stopped, not requeued.
+    saves = [int(n) for n in re.findall(r"rank0 \S+ WARNING\] preempted: checkpoint \S+ saved at iteration (\d+)", out)]
+    assert len(saves) == 2 and saves[1] > saves[0], debug()
+    assert "not requeueing" in out and out.count("requeueing job") == 1, debug()

@@ -44,6 +44,8 @@ def _scenario(tmp, prefix):
     out = {}
 
     def cfg(**kw):
+        # The resumes below extend train_iters and keep the checkpoint's LR schedule.
+        kw["schedule"] = {"on_resume": "use_checkpoint", **kw.get("schedule", {})}
         return train_config_from_dict(tiny_config_dict(tmp, prefix, **kw))
 
     # 1. Train 3 steps at TP=2, saving every step, keeping the last 2.

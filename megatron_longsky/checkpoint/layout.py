@@ -148,12 +148,20 @@ def write_checkpoint_config(ckpt_dir: str | Path, config: dict) -> None:
 
 
 def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
+    """The checkpoint's ``config.yaml``. Files kept inside the checkpoint (e.g. an imported
+    model's ``tokenizer/``) are recorded relative to it and returned as paths that
+    exist wherever the checkpoint now lives."""
     path = Path(ckpt_dir) / CONFIG
     if not path.exists():
         raise CheckpointError(f"{path} is missing: not a megatron_longsky checkpoint")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: the top level must be a mapping")
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict) and isinstance(tokenizer.get("model"), str):
+        inside = Path(ckpt_dir) / tokenizer["model"]
+        if not Path(tokenizer["model"]).is_absolute() and inside.exists():
+            data["tokenizer"] = {**tokenizer, "model": str(inside)}
     return data
 
 

@@ -174,7 +174,6 @@ def import_checkpoint(
     weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
 
     with atomic_directory(out_root) as tmp_root:
-        final_iter = iteration_dir(out_root, 0).resolve()
         tmp_iter = iteration_dir(tmp_root, 0)
         with single_process_runtime():
             build_cfg = dataclasses.replace(saved_cfg, transformer_impl="local", fp8=None)
@@ -191,8 +190,8 @@ def import_checkpoint(
             for f in tok_files:
                 shutil.copy2(f, tmp_iter / "tokenizer" / f.name)
             tokenizer = tokenizer_entry(tmp_iter / "tokenizer")
-            if tokenizer:  # point at where the copy will live once the output is renamed
-                tokenizer["model"] = str(final_iter / Path(tokenizer["model"]).relative_to(tmp_iter))
+            if tokenizer:  # relative to the checkpoint: it stays valid when the checkpoint is moved
+                tokenizer["model"] = str(Path(tokenizer["model"]).relative_to(tmp_iter))
         config = {
             "model": to_dict(saved_cfg),
             "parallel": to_dict(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)),

@@ -393,7 +393,7 @@ def _pool_stats(plan: dict, pool: np.ndarray, empty: int, num_seqs: int) -> dict
 def write_sequences(plan: dict, table: DocTable, prefix_tmp: tuple[Path, Path], seq_tokens: int,
                     separator_token: int, workers: int, progress: bool = True) -> None:
     """Gather every sequence's tokens into ``.bin`` (streamed) and write the ``.idx``."""
-    from tqdm import tqdm
+    from megatron_longsky.utils.progress import progress_bar
 
     from megatron_longsky._ext_cip_index import gather_tokens
     from megatron_longsky.data.index_format import BinIdxBuilder
@@ -410,8 +410,8 @@ def write_sequences(plan: dict, table: DocTable, prefix_tmp: tuple[Path, Path], 
     builder = BinIdxBuilder(bin_tmp, dtype.type)
     pending = None
     with ThreadPoolExecutor(max_workers=1) as writer, \
-            tqdm(total=num_seqs * seq_tokens, unit="tok", unit_scale=True, desc="build-cip",
-                 disable=not progress) as bar:
+            progress_bar(total=num_seqs * seq_tokens, unit="tok", unit_scale=True, desc="build-cip",
+                         enabled=progress) as bar:
         for step, first in enumerate(range(0, num_seqs, batch)):
             last = min(first + batch, num_seqs)
             buffer = buffers[step % 2]
@@ -467,7 +467,11 @@ def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -
     if cfg.separator == "eod" and eod_id is None:
         raise ConfigError("separator=eod needs an EOD id: the inputs' meta.json has none; set eod_id")
 
+    from megatron_longsky.utils.progress import progress_bar
+
+    planning = progress_bar(total=1 + len(KINDS), desc="build-cip planning", unit="step", enabled=progress)
     table = _build_table(cfg, pools, eod_id)
+    planning.update(1)
     sep = 1 if cfg.separator == "eod" else 0
     tokens_of = {k: int(table.content_len[ids].sum()) + sep * len(ids) for k, ids in table.pool_ids.items()}
     counts = sequence_counts(cfg, tokens_of.get("cip", 0))
@@ -480,6 +484,7 @@ def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -
             raise CIPInputError(f"the CIP pool ({', '.join(pools['cip'])}) holds {tokens_of['cip']} tokens, "
                                 f"less than one sequence of {cfg.sequence_tokens}")
 
+    planning.total = 1 + sum(1 for k in KINDS if counts[k])
     plans, stats = {}, {}
     for tag, kind in enumerate(KINDS):
         if counts[kind] == 0:
@@ -493,6 +498,8 @@ def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -
         # the CIP pool's statistics are named after the mode: "cip", or "concat" for the ablation
         stats[cfg.mode if kind == "cip" else kind] = _pool_stats(plans[kind], pool, table.pool_empty[kind],
                                                                  counts[kind])
+        planning.update(1)
+    planning.close()
     kinds_order = np.random.default_rng([cfg.seed, 0x3E1]).permutation(
         np.repeat(np.arange(len(KINDS)), [counts[k] for k in KINDS]))
     plan = merge_plans(kinds_order, plans)

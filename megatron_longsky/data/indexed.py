@@ -28,11 +28,11 @@ from megatron_longsky.data.index_format import (
     read_header,
     read_index,
 )
-from megatron_longsky.data.metadata import meta_path, read_meta
+from megatron_longsky.data.metadata import meta_path
 from megatron_longsky.utils.atomic import check_outputs, fsync_dir, temp_path_for
 
 __all__ = ["IndexedDatasetError", "IndexedDatasetWriter", "bin_path", "check_dataset", "commit_datasets",
-           "dataset_files", "dataset_info", "dataset_prefix", "idx_path", "index_dtype", "open_indexed",
+           "dataset_files", "dataset_prefix", "idx_path", "index_dtype", "open_indexed",
            "remove_stale_temps", "token_dtype"]
 
 
@@ -191,15 +191,3 @@ def commit_datasets(writers: Sequence[IndexedDatasetWriter]) -> None:
             raise RuntimeError(f"dataset {w.prefix} was not finalized before commit")
     switch_files([(w.temp_paths, w.final_paths) for w in writers])
 
-
-def dataset_info(prefix: str | Path) -> dict:
-    """Counts and metadata of a finished dataset (for reports and checks)."""
-    index = read_index(prefix)
-    return {
-        "prefix": str(prefix),
-        "documents": index.num_documents,
-        "sequences": len(index.sequence_lengths),
-        "tokens": index.num_tokens,
-        "dtype": np.dtype(index.dtype).name,
-        "meta": read_meta(prefix),
-    }

@@ -238,8 +238,6 @@ def _sentence_splitter(cfg: PreprocessConfig, batches: Iterator[LineBatch]):
 
 
 def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
-    from tqdm import tqdm
-
     from megatron_longsky import __version__
     from megatron_longsky.data.indexed import (
         IndexedDatasetWriter,
@@ -249,6 +247,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         token_dtype,
     )
     from megatron_longsky.utils.atomic import check_outputs
+    from megatron_longsky.utils.progress import progress_bar
 
     start = time.perf_counter()
     paths = expand_inputs(cfg.inputs)
@@ -258,8 +257,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
     tokenizer = build_tokenizer(cfg.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
     stats = PreprocessStats(files=len(paths), input_bytes=total_size(paths))
-    bar = tqdm(total=stats.input_bytes or None, unit="B", unit_scale=True, desc="preprocess",
-               disable=None if cfg.progress else True, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=stats.input_bytes or None, unit="B", unit_scale=True, desc="preprocess",
+                       enabled=cfg.progress, file=sys.stderr, dynamic_ncols=True)
     writers: dict = {}
     committed = False
     try:

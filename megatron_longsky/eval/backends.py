@@ -27,9 +27,10 @@ class LMBackend(Protocol):
         """
 
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
-                        stop_ids: Sequence[int] = ()) -> list[int]:
+                        stop_ids: Sequence[int] = (), vocab_size: Optional[int] = None) -> list[int]:
         """Greedy continuation of ``prompt_ids``; stops after a token in ``stop_ids``
-        (which is not returned) or after ``max_new_tokens`` tokens."""
+        (which is not returned) or after ``max_new_tokens`` tokens. Only ids below
+        ``vocab_size`` (the tokenizer's; None: every logit) are ever picked."""
 
     def token_nll(self, token_ids: list[int]) -> torch.Tensor:
         """``[len - 1]`` negative log-likelihood of tokens ``1..len-1`` given their prefix."""
@@ -44,11 +45,12 @@ def continuation_logits(backend: LMBackend, prompt_ids: list[int], continuation:
 
 
 def greedy_decode(forward: Callable[[list[int]], torch.Tensor], prompt_ids: list[int], max_new_tokens: int,
-                  stop_ids: Sequence[int] = ()) -> list[int]:
+                  stop_ids: Sequence[int] = (), vocab_size: Optional[int] = None) -> list[int]:
     """The greedy loop every backend shares. ``forward(new_ids)`` feeds ``new_ids`` after
     the tokens fed so far (first the prompt, then one generated token at a time) and
     returns the last position's ``[vocab]`` logits; a backend with a KV cache feeds only
-    the new ids to its model, one without re-reads the whole prefix."""
+    the new ids to its model, one without re-reads the whole prefix. ``vocab_size``: the
+    tokenizer's vocabulary; a model's padded rows beyond it are never picked."""
     if not prompt_ids:
         raise ValueError("generate_greedy needs a non-empty prompt")
     stops = set(int(s) for s in stop_ids)
@@ -57,7 +59,7 @@ def greedy_decode(forward: Callable[[list[int]], torch.Tensor], prompt_ids: list
         return out
     logits = forward(list(prompt_ids))
     while True:
-        token = int(logits.argmax())
+        token = int(logits[:vocab_size].argmax())
         if token in stops:
             break
         out.append(token)
@@ -74,14 +76,14 @@ class LogitsBackend:
         raise NotImplementedError
 
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
-                        stop_ids: Sequence[int] = ()) -> list[int]:
+                        stop_ids: Sequence[int] = (), vocab_size: Optional[int] = None) -> list[int]:
         ids: list[int] = []
 
         def forward(new_ids: list[int]) -> torch.Tensor:  # recompute the whole prefix
             ids.extend(new_ids)
             return self.logits([ids], last_n=1)[0, -1]
 
-        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids)
+        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids, vocab_size)
 
     def token_nll(self, token_ids: list[int]) -> torch.Tensor:
         if len(token_ids) < 2:
@@ -132,7 +134,7 @@ class HFBackend(LogitsBackend):
 
     @torch.no_grad()
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
-                        stop_ids: Sequence[int] = ()) -> list[int]:
+                        stop_ids: Sequence[int] = (), vocab_size: Optional[int] = None) -> list[int]:
         # transformers' KV cache: one prefill of the long prompt, then one token at a time.
         cache = None
 
@@ -143,4 +145,4 @@ class HFBackend(LogitsBackend):
             cache = out.past_key_values
             return out.logits[0, -1]
 
-        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids)
+        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids, vocab_size)

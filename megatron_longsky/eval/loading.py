@@ -61,6 +61,11 @@ class LoadedModel:
     name: str
     is_writer: bool  # the rank that writes reports
     distributed: bool
+    # What was loaded (resolved checkpoint iteration or HF directory): a sweep journal
+    # written for another model is never resumed.
+    source: str = ""
+    # The chat template the checkpoint was trained with (recorded at SFT), if any.
+    chat_template: Optional[dict] = None
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
@@ -69,7 +74,8 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
         from megatron_longsky.eval.backends import HFBackend
 
         backend = HFBackend.from_pretrained(args.hf_model, dtype=args.dtype, device=args.device)
-        return LoadedModel(backend, tokenizer, Path(args.hf_model).name, True, False)
+        return LoadedModel(backend, tokenizer, Path(args.hf_model).name, True, False,
+                           source=str(Path(args.hf_model).resolve()))
     from megatron_longsky.eval.megatron_backend import MegatronBackend
     from megatron_longsky.runtime.distributed import ParallelConfig, initialize
 
@@ -87,7 +93,14 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
 
         shutdown()
         raise
-    return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True)
+    from megatron_longsky.checkpoint import read_checkpoint_config
+
+    ckpt_dir = resolve_checkpoint(args.checkpoint)
+    # Path and write time: a checkpoint saved again at the same path is another model.
+    source = f"{ckpt_dir.resolve()}@{(ckpt_dir / 'model').stat().st_mtime_ns}"
+    return LoadedModel(backend, tokenizer, Path(args.checkpoint).resolve().name, runtime.rank == 0, True,
+                       source=source,
+                       chat_template=read_checkpoint_config(ckpt_dir).get("chat_template"))
 
 
 def finish(model: LoadedModel) -> None:

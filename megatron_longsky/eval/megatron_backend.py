@@ -247,9 +247,9 @@ class MegatronBackend(LogitsBackend):
 
     @torch.no_grad()
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,
-                        stop_ids: Sequence[int] = ()) -> list[int]:
+                        stop_ids: Sequence[int] = (), vocab_size: Optional[int] = None) -> list[int]:
         if not self.kv_cache:
-            return super().generate_greedy(prompt_ids, max_new_tokens, stop_ids)
+            return super().generate_greedy(prompt_ids, max_new_tokens, stop_ids, vocab_size)
         from megatron.core.inference.contexts import StaticInferenceContext
 
         context = StaticInferenceContext(max_batch_size=1, max_sequence_length=len(prompt_ids) + max_new_tokens)
@@ -263,4 +263,4 @@ class MegatronBackend(LogitsBackend):
             context.sequence_len_offset += len(new_ids)
             return logits[0, -1, : self.vocab_size]
 
-        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids)
+        return greedy_decode(forward, prompt_ids, max_new_tokens, stop_ids, vocab_size)

@@ -272,6 +272,10 @@ class SampleResult:
         return {"sample": self.sample, "passed": self.passed, "needles": self.needles,
                 "cases": [c.to_dict() for c in self.cases]}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "SampleResult":
+        return cls(data["sample"], data["passed"], data["needles"], [CaseResult(**c) for c in data["cases"]])
+
 
 @dataclass
 class CellResult:
@@ -330,17 +334,20 @@ class NeedleResult:
 
 
 def run_needle(cfg: NeedleConfig, backend: LMBackend, tokenizer: Tokenizer, model_name: str = "",
-               haystack: Optional[Haystack] = None, progress: bool = True) -> NeedleResult:
+               haystack: Optional[Haystack] = None, progress: bool = True,
+               journal_dir: Optional[str] = None, model_source: str = "",
+               journal_name: str = "") -> NeedleResult:
     """Run the whole sweep; deterministic for a given config, tokenizer and model.
 
     In a Megatron job with several data-parallel replicas the samples are spread over
     them (:mod:`megatron_longsky.eval.distribute`); every rank returns the full result.
+    ``journal_dir``: keep finished samples in ``<journal_dir>/<name>.partial.jsonl`` and
+    resume from it (a requeued job); ``model_source`` names the model for that journal.
     """
     from dataclasses import asdict
 
-    from tqdm import tqdm
-
-    from megatron_longsky.eval.distribute import sharded_map
+    from megatron_longsky.eval.distribute import sharded_map, sweep_journal
+    from megatron_longsky.utils.progress import progress_bar
 
     builder = NeedleBuilder(cfg, tokenizer, haystack)
     grid = list(builder.grid())
@@ -351,8 +358,13 @@ def run_needle(cfg: NeedleConfig, backend: LMBackend, tokenizer: Tokenizer, mode
         results = [score_case(backend, tokenizer, case, cfg.mode, cfg.max_new_tokens) for case in sample.cases]
         return SampleResult(s, all(r.passed for r in results), sample.needles, results)
 
-    with tqdm(total=len(grid), desc="needle", disable=None if progress else True, leave=False) as bar:
-        samples = sharded_map(grid, evaluate, bar)
+    journal = None
+    if journal_dir is not None:
+        journal = sweep_journal(journal_dir, journal_name or "needle", asdict(cfg), model_source or model_name,
+                                tokenizer, key=lambda p: f"{p[0]}/{p[1]}/{p[3]}",
+                                encode=SampleResult.to_dict, decode=SampleResult.from_dict)
+    with progress_bar(total=len(grid), desc="needle", unit="sample", enabled=progress, leave=False) as bar:
+        samples = sharded_map(grid, evaluate, bar, journal)
     cells: dict[tuple[int, float], CellResult] = {}
     for (length, _, depth, _), sample_result in zip(grid, samples):
         cells.setdefault((length, depth), CellResult(length, depth)).samples.append(sample_result)

@@ -69,7 +69,9 @@ def needle_config_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longsky.eval.distribute import finish_sweep
     from megatron_longsky.eval.needle import run_needle
+    from megatron_longsky.eval.prompt import use_trained_chat_template
     from megatron_longsky.eval.report import write_report
 
     setup_logging()
@@ -81,10 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ensure_writable_dir("--output", args.output)  # before the model is loaded
     model = load_model(args)
+    if cfg.mode == "chat" and not cfg.chat_template:
+        use_trained_chat_template(model.tokenizer, model.chat_template)
     try:
-        result = run_needle(cfg, model.backend, model.tokenizer, model_name=model.name, progress=model.is_writer)
+        # Finished samples are kept in the output directory as they go: a rerun (a requeued
+        # job) resumes the sweep from them.
+        result = run_needle(cfg, model.backend, model.tokenizer, model_name=model.name, progress=model.is_writer,
+                            journal_dir=args.output, model_source=model.source)
         if model.is_writer:
             paths = write_report(result, args.output)
+            finish_sweep(args.output, "needle")
             log.info("needle: accuracy %.1f%%; longest length with all cells passed: %s; report: %s",
                      100 * result.accuracy, result.longest_length_all_passed(), paths["md"])
             print(open(paths["md"], encoding="utf-8").read())

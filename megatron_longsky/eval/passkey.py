@@ -9,6 +9,8 @@ for the needle test.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from dataclasses import replace
 
 from megatron_longsky.eval.backends import LMBackend
@@ -41,6 +43,8 @@ def passkey_config(base: NeedleConfig, digits: int = 5) -> NeedleConfig:
 
 
 def run_passkey(cfg: NeedleConfig, backend: LMBackend, tokenizer: Tokenizer, model_name: str = "",
-                digits: int = 5, progress: bool = True) -> NeedleResult:
+                digits: int = 5, progress: bool = True, journal_dir: Optional[str] = None,
+                model_source: str = "") -> NeedleResult:
     return run_needle(passkey_config(cfg, digits), backend, tokenizer, model_name=model_name,
-                      haystack=passkey_haystack(), progress=progress)
+                      haystack=passkey_haystack(), progress=progress, journal_dir=journal_dir,
+                      model_source=model_source, journal_name="passkey")

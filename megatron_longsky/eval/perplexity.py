@@ -117,9 +117,14 @@ class PerplexityResult:
 
 def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer: Tokenizer,
                            model_name: str = "", documents: Optional[list[list[int]]] = None,
-                           progress: bool = True) -> PerplexityResult:
-    """NLL per position bucket over up to ``max_documents`` long documents."""
-    from tqdm import tqdm
+                           progress: bool = True, journal_dir: Optional[str] = None,
+                           model_source: str = "") -> PerplexityResult:
+    """NLL per position bucket over up to ``max_documents`` long documents.
+    ``journal_dir``: resumable, as :func:`megatron_longsky.eval.needle.run_needle`."""
+    import hashlib
+
+    from megatron_longsky.eval.distribute import sweep_journal
+    from megatron_longsky.utils.progress import progress_bar
 
     bos = [tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []
     body = cfg.length - len(bos)
@@ -140,8 +145,12 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
         nll = backend.token_nll(ids).double()
         return [float(nll[index == i].sum()) for i in range(len(edges) - 1)]
 
-    with tqdm(total=len(selected), desc="perplexity", disable=None if progress else True, leave=False) as bar:
-        per_document = sharded_map(selected, bucket_sums, bar)
+    journal = None
+    if journal_dir is not None:
+        journal = sweep_journal(journal_dir, "perplexity", asdict(cfg), model_source or model_name, tokenizer,
+                                key=lambda ids: hashlib.sha256(str(ids).encode()).hexdigest())
+    with progress_bar(total=len(selected), desc="perplexity", unit="doc", enabled=progress, leave=False) as bar:
+        per_document = sharded_map(selected, bucket_sums, bar, journal)
     for sums in per_document:
         result.nll_sum = [a + b for a, b in zip(result.nll_sum, sums)]
     result.tokens = [int((index == i).sum()) * len(selected) for i in range(len(edges) - 1)]

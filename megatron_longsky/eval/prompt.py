@@ -13,11 +13,14 @@ mapped to its id by the tokenizer, never inserted into the context.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from megatron_longsky.tokenizer.base import Tokenizer
+
+log = logging.getLogger(__name__)
 
 _MARKER = "\u2063LONGSKY_CONTEXT\u2063"
 
@@ -98,6 +101,22 @@ def load_chat_template(tokenizer: Tokenizer, path: Optional[str]) -> str:
             "pass a Jinja template file (--chat-template) or use --mode base"
         )
     return tokenizer.chat_template
+
+
+def use_trained_chat_template(tokenizer: Tokenizer, recorded: Optional[dict]) -> bool:
+    """Chat mode evaluates a model with the template it was trained with: the one its
+    checkpoint recorded at SFT time (the built-in ``longsky-v1`` or a Jinja template)
+    replaces the tokenizer's own for this evaluation. False when nothing is recorded."""
+    from megatron_longsky.sft.template import recorded_jinja
+
+    text = recorded_jinja(recorded)
+    if text is None:
+        return False
+    if tokenizer.chat_template and tokenizer.chat_template != text:
+        log.info("chat mode: using the template the model was trained with (%s), not the tokenizer's own",
+                 recorded.get("name"))
+    tokenizer.chat_template = text
+    return True
 
 
 @dataclass

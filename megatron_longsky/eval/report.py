@@ -102,13 +102,11 @@ def write_report(result: NeedleResult, out_dir: str | Path, name: str = "needle"
 def load_result(path: str | Path) -> NeedleResult:
     """Read a report JSON back (to redraw or compare runs)."""
     from megatron_longsky.eval.needle import CellResult, SampleResult
-    from megatron_longsky.eval.scoring import CaseResult
 
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     cells = [
         CellResult(c["length"], c["depth_percent"], [
-            SampleResult(s["sample"], s["passed"], s["needles"], [CaseResult(**r) for r in s["cases"]])
-            for s in c["samples"]
+            SampleResult.from_dict(s) for s in c["samples"]
         ])
         for c in data["cells"]
     ]

@@ -257,10 +257,11 @@ class RulerResult:
 
 
 def run_ruler(cfg: RulerConfig, backend: LMBackend, tokenizer: Tokenizer, model_name: str = "",
-              haystack: Optional[Haystack] = None, progress: bool = True) -> RulerResult:
-    from tqdm import tqdm
-
-    from megatron_longsky.eval.distribute import sharded_map
+              haystack: Optional[Haystack] = None, progress: bool = True, journal_dir: Optional[str] = None,
+              model_source: str = "") -> RulerResult:
+    """``journal_dir``: resumable, as :func:`megatron_longsky.eval.needle.run_needle`."""
+    from megatron_longsky.eval.distribute import sharded_map, sweep_journal
+    from megatron_longsky.utils.progress import progress_bar
 
     builder = RulerBuilder(cfg, tokenizer, haystack)
     grid = [(t, n, s) for t in cfg.tasks for n in cfg.lengths for s in range(cfg.samples)]
@@ -272,8 +273,12 @@ def run_ruler(cfg: RulerConfig, backend: LMBackend, tokenizer: Tokenizer, model_
         return {"task": task, "length": length, "sample": sample, "prompt_tokens": len(case.prompt_ids),
                 **result.to_dict(), "meta": case.meta}
 
-    with tqdm(total=len(grid), desc="ruler", disable=None if progress else True, leave=False) as bar:
-        rows = sharded_map(grid, evaluate, bar)
+    journal = None
+    if journal_dir is not None:
+        journal = sweep_journal(journal_dir, "ruler", asdict(cfg), model_source or model_name, tokenizer,
+                                key=lambda p: f"{p[0]}/{p[1]}/{p[2]}")
+    with progress_bar(total=len(grid), desc="ruler", unit="sample", enabled=progress, leave=False) as bar:
+        rows = sharded_map(grid, evaluate, bar, journal)
     return RulerResult(asdict(cfg) | {"haystack_source": builder.haystack.source}, rows, model_name)
 
 

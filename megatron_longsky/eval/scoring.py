@@ -75,14 +75,18 @@ def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
 
 def score_case(backend: LMBackend, tokenizer: Tokenizer, case: Case, mode: Mode,
                max_new_tokens: int = 32) -> CaseResult:
+    # Only ids the tokenizer has are ever picked: a model's vocabulary is often padded
+    # beyond the tokenizer's (Megatron's make_vocab_size_divisible_by, HF padded embeddings).
     if mode == "base":
         target = answer_ids(tokenizer, case.answers)
-        predicted = continuation_logits(backend, case.prompt_ids, target).argmax(dim=-1).tolist()
+        logits = continuation_logits(backend, case.prompt_ids, target)
+        predicted = logits[:, :tokenizer.vocab_size].argmax(dim=-1).tolist()
         correct = sum(int(p == t) for p, t in zip(predicted, target))
         return CaseResult(passed=correct == len(target), prediction=tokenizer.decode(predicted),
                           answers=list(case.answers), correct_tokens=correct, answer_tokens=len(target))
     if mode == "chat":
-        generated = backend.generate_greedy(case.prompt_ids, max_new_tokens, chat_stop_ids(tokenizer))
+        generated = backend.generate_greedy(case.prompt_ids, max_new_tokens, chat_stop_ids(tokenizer),
+                                            vocab_size=tokenizer.vocab_size)
         reply = tokenizer.decode(generated)
         return CaseResult(passed=exact_match(reply, case.answers), prediction=reply, answers=list(case.answers))
     raise ValueError(f"mode must be 'base' or 'chat', got {mode!r}")

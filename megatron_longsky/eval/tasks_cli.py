@@ -79,7 +79,9 @@ def task_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longsky.eval.distribute import finish_sweep
     from megatron_longsky.eval.passkey import run_passkey
+    from megatron_longsky.eval.prompt import use_trained_chat_template
     from megatron_longsky.eval.perplexity import perplexity_by_position, write_perplexity_report
     from megatron_longsky.eval.report import write_report
     from megatron_longsky.eval.ruler import run_ruler, write_ruler_report
@@ -96,17 +98,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ensure_writable_dir("--output", args.output)  # before the model is loaded
     model = load_model(args)
+    if getattr(cfg, "mode", None) == "chat" and not cfg.chat_template:
+        use_trained_chat_template(model.tokenizer, model.chat_template)
     try:
         quiet = not model.is_writer
+        # Finished items are kept in the output directory as they go; a rerun resumes from them.
+        resumable = {"progress": not quiet, "journal_dir": args.output, "model_source": model.source}
         if args.task == "passkey":
-            result = run_passkey(cfg, model.backend, model.tokenizer, model.name, progress=not quiet)
+            result = run_passkey(cfg, model.backend, model.tokenizer, model.name, **resumable)
             paths = write_report(result, args.output, name="passkey", title="Passkey retrieval") if model.is_writer else {}
         elif args.task == "ruler":
-            result = run_ruler(cfg, model.backend, model.tokenizer, model.name, progress=not quiet)
+            result = run_ruler(cfg, model.backend, model.tokenizer, model.name, **resumable)
             paths = write_ruler_report(result, args.output) if model.is_writer else {}
         else:
-            result = perplexity_by_position(cfg, model.backend, model.tokenizer, model.name, progress=not quiet)
+            result = perplexity_by_position(cfg, model.backend, model.tokenizer, model.name, **resumable)
             paths = write_perplexity_report(result, args.output) if model.is_writer else {}
+        finish_sweep(args.output, {"ppl": "perplexity"}.get(args.task, args.task))
         if paths:
             print(open(paths["md"], encoding="utf-8").read())
     finally:

@@ -90,7 +90,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 ReturnToService=2
 JobRequeue=1
-KillWait=10
+# Time between SIGTERM and SIGKILL on cancel: enough for a tiny job to save.
+KillWait=30
 MinJobAge=600
 InactiveLimit=0
 SlurmctldTimeout=30

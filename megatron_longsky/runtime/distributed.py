@@ -148,7 +148,8 @@ def detect_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
             master_port=port,
             launcher="slurm",
         )
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+    # A single process binds no port (see initialize); master_port is informational.
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
 @dataclass
@@ -187,13 +188,15 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
             f"{parallel.context_parallel_size}"
         )
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=timedelta(minutes=parallel.timeout_minutes),
-        )
+        timeout = timedelta(minutes=parallel.timeout_minutes)
+        if launch.world_size == 1:
+            # One process needs no rendezvous: an in-memory store, no TCP port (two
+            # single-process commands on one host, e.g. an evaluation next to training).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                    rank=launch.rank, world_size=launch.world_size, timeout=timeout)
     if parallel.hierarchical_cp_groups:
         try:
             import einops  # noqa: F401 - megatron-core's create_hierarchical_groups needs it

@@ -184,12 +184,12 @@ def preprocess_files(inputs: list[str], tokenizer, cfg: SFTPreprocessConfig, pro
                      tokenizer_cfg=None) -> SFTSummary:
     """Preprocess jsonl files; ``cfg.workers > 1`` encodes in spawned processes (pass the
     ``tokenizer_cfg`` they rebuild the tokenizer from)."""
-    from tqdm import tqdm
+    from megatron_longsky.utils.progress import progress_bar
 
     paths = expand_inputs(inputs)
     writer = SFTWriter(cfg, tokenizer, inputs=paths)
-    bar = tqdm(total=total_size(paths), unit="B", unit_scale=True, desc="preprocess-sft",
-               disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
+    bar = progress_bar(total=total_size(paths), unit="B", unit_scale=True, desc="preprocess-sft",
+                       enabled=progress, file=sys.stderr)
     try:
         batches = iter_line_batches(paths, max_lines=256, progress=bar.update)
         with contextlib.closing(encode_batches(batches, writer.encoder, cfg.workers, tokenizer_cfg)) as encoded_batches:

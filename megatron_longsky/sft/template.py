@@ -35,6 +35,14 @@ from megatron_longsky.errors import UserError
 
 BUILTIN_NAME = "longsky-v1"
 BUILTIN_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
+# The built-in template as a Hugging Face style Jinja template, for inference prompts
+# (e.g. the needle test's chat mode) of models trained with it. ``bos_token`` renders as
+# "" when the tokenizer has no BOS.
+BUILTIN_JINJA = (
+    r"{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    r"{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}{% endfor %}"
+    r"{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 
 class ChatTemplateError(UserError, ValueError):
@@ -45,12 +53,15 @@ class ChatTemplate:
     """Encode conversations for one tokenizer.
 
     ``source``: ``"auto"`` (the tokenizer's own template, else built-in), ``"builtin"``,
-    or a path to a ``.jinja`` file.
+    or a path to a ``.jinja`` file; ``text``: the Jinja template itself (overrides ``source``).
     """
 
-    def __init__(self, tokenizer, source: str = "auto"):
+    def __init__(self, tokenizer, source: str = "auto", text: Optional[str] = None):
         self.tokenizer = tokenizer
-        if source == "builtin" or (source == "auto" and not tokenizer.chat_template):
+        if text is not None:
+            self.jinja = text
+            self.name = "jinja-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        elif source == "builtin" or (source == "auto" and not tokenizer.chat_template):
             self.jinja: Optional[str] = None
             self.name = BUILTIN_NAME
         else:
@@ -66,8 +77,11 @@ class ChatTemplate:
         self._specials = self._special_strings() if self.jinja is not None else {}
 
     def describe(self) -> dict:
-        """What the dataset metadata records about the template."""
-        return {"name": self.name, "source": "builtin" if self.jinja is None else "jinja"}
+        """What the dataset metadata (and, from it, a trained checkpoint) records about the
+        template: enough to build the same prompts at inference (:func:`recorded_jinja`)."""
+        if self.jinja is None:
+            return {"name": self.name, "source": "builtin"}
+        return {"name": self.name, "source": "jinja", "jinja": self.jinja}
 
     # -- segments -----------------------------------------------------------------------
 
@@ -170,3 +184,24 @@ class ChatTemplate:
             if token_id is not None and self.jinja is not None and text in self.jinja:
                 ids.add(int(token_id))
         return sorted(ids)
+
+
+def recorded_jinja(recorded: Optional[dict]) -> Optional[str]:
+    """The Jinja text of a template recorded by :meth:`ChatTemplate.describe` (None if unknown)."""
+    if not isinstance(recorded, dict):
+        return None
+    if recorded.get("source") == "builtin" and recorded.get("name") == BUILTIN_NAME:
+        return BUILTIN_JINJA
+    return recorded.get("jinja")
+
+
+def template_from_record(tokenizer, recorded: Optional[dict]) -> Optional["ChatTemplate"]:
+    """The :class:`ChatTemplate` a model was trained with, from its record (None if unknown)."""
+    if not isinstance(recorded, dict):
+        return None
+    if recorded.get("source") == "builtin":
+        return ChatTemplate(tokenizer, "builtin")
+    if recorded.get("jinja"):
+        return ChatTemplate(tokenizer, text=recorded["jinja"])
+    return None
+

@@ -11,6 +11,7 @@ torchrun for several processes) and on Hugging Face models (``--hf-model``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -70,8 +71,10 @@ def markdown(result: dict, name: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_longsky.eval.loading import finish, load_model
+    from megatron_longsky.sft.template import template_from_record
     from megatron_longsky.synl.evaluate import synl_accuracy
     from megatron_longsky.utils.logging import setup_logging
+    from megatron_longsky.utils.progress import progress_bar
 
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -79,8 +82,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     ensure_writable_dir("--output", args.output)  # before the model is loaded
     model = load_model(args)
     try:
-        result = synl_accuracy(records, model.backend.generate_greedy, model.tokenizer,
-                               max_new_tokens=args.max_new_tokens)
+        # Generation never picks ids beyond the tokenizer's vocabulary (padded model vocabularies).
+        greedy = functools.partial(model.backend.generate_greedy, vocab_size=model.tokenizer.vocab_size)
+        with progress_bar(total=len(records), desc="synl-eval", unit="question", enabled=model.is_writer) as bar:
+            def generate(*args_, **kwargs):  # one call per question
+                bar.update(1)
+                return greedy(*args_, **kwargs)
+
+            # Prompts in the chat template the model was trained with, when its checkpoint records one.
+            template = template_from_record(model.tokenizer, model.chat_template)
+            result = synl_accuracy(records, generate, model.tokenizer, template=template,
+                                   max_new_tokens=args.max_new_tokens)
     finally:
         finish(model)
     if model.is_writer:

@@ -240,19 +240,19 @@ def build_synl(cfg: SynLConfig, tokenizer) -> list[dict]:
 
 def write_synl_jsonl(cfg: SynLConfig, tokenizer, path, progress: bool = False) -> Counter:
     """Write the records to ``path`` atomically; returns counts per family/kind."""
-    from tqdm import tqdm
-
     from megatron_longsky.utils.atomic import atomic_path
+    from megatron_longsky.utils.progress import progress_bar
 
     counts: Counter = Counter()
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        bar = tqdm(iter_synl(cfg, tokenizer), total=cfg.num_samples, desc="build-synl", unit="sample",
-                   disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
-        for record in bar:
+        bar = progress_bar(total=cfg.num_samples, desc="build-synl", unit="sample", enabled=progress, file=sys.stderr)
+        for record in iter_synl(cfg, tokenizer):
+            bar.update(1)
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             meta = record["meta"]
             counts[f"{meta['family']}/{meta['kind']}"] += 1
             counts["table_tokens"] += meta["table_tokens"]
+        bar.close()
     return counts
 
 

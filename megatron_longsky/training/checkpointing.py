@@ -426,17 +426,27 @@ def check_optimizer_kind(ckpt_dir: Path, saved: dict, distributed: bool) -> None
         )
 
 
-def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) -> TrainerState:
+def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler,
+                    schedule_policy: str = "check") -> TrainerState:
     """Collective. Restore everything saved by :func:`save_checkpoint`, at any layout its
     optimizer form allows (:class:`CheckpointLayoutError` otherwise, before anything loads).
+
+    ``schedule_policy``: what to do when the LR schedule differs from the checkpoint's
+    (see :func:`megatron_longsky.training.resume_check.check_schedule`).
 
     RNG states are restored when the world size matches the one saved (they are per rank);
     otherwise the fresh seeds are kept (and a warning says so).
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_longsky.training.resume_check import check_schedule
+
     ckpt_dir = Path(ckpt_dir)
     saved = read_trainer_state(ckpt_dir)
+    changed = check_schedule(saved["scheduler"], scheduler, schedule_policy, ckpt_dir)
+    if changed and _rank() == 0:
+        log.warning("resuming %s with the %s learning-rate schedule:\n  %s", ckpt_dir,
+                    "config's" if schedule_policy == "use_config" else "checkpoint's", "\n  ".join(changed))
     check_optimizer_kind(ckpt_dir, saved, _is_distributed_optimizer(optimizer))
     fmt = load_optimizer_format(dist_checkpointing.load_content_metadata(str(ckpt_dir / OPTIMIZER)),
                                 checkpoint_layout(model_chunks, "auto"), ckpt_dir)

@@ -117,6 +117,11 @@ class ScheduleConfig:
     decay_style: Literal["cosine", "constant", "linear"] = "cosine"
     decay_iters: Optional[int] = None
     init_lr: float = 0.0
+    # A resume whose lr/min_lr/warmup/decay/weight decay differ from the checkpoint's:
+    # "check" refuses; "use_config" continues with this config's schedule (Megatron-LM's
+    # --override-opt_param-scheduler, e.g. to extend train_iters); "use_checkpoint" keeps
+    # the checkpoint's (--use-checkpoint-opt_param-scheduler).
+    on_resume: Literal["check", "use_config", "use_checkpoint"] = "check"
 
     def __post_init__(self):
         if self.warmup_iters < 0:
@@ -146,6 +151,8 @@ class CheckpointConfig:
     # parameter (more memory at save) and resumes at any TP/PP: set it for the save before a
     # TP/PP change. The form and layout are recorded and checked on resume.
     optimizer_format: Literal["auto", "dp_reshardable", "fully_reshardable"] = "auto"
+    # Resume even when the checkpoint was saved for other data, model or tokenizer settings.
+    allow_mismatch: bool = False
 
     def __post_init__(self):
         if self.save_interval < 0 or self.keep_last < 0:

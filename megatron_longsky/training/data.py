@@ -52,6 +52,16 @@ def check_dataset_tokenizers(data: DataConfig, tokenizer) -> None:
         metadata.check_tokenizer(prefix, tokenizer.fingerprint, required=data.check_tokenizer == "required")
 
 
+def dataset_chat_template(data: DataConfig) -> Optional[dict]:
+    """The chat template an SFT dataset was encoded with (recorded in its meta.json)."""
+    if data.kind != "sft" or not data.prefixes:
+        return None
+    from megatron_longsky.sft.dataset import resolve_prefixes
+
+    meta = metadata.read_meta(resolve_prefixes(data.prefixes[0])[0]) or {}
+    return (meta.get("sft") or {}).get("chat_template")
+
+
 def gpt_dataset_config(cfg: TrainConfig, tokenizer, prefixes: list[str], weights, split: str):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 

@@ -30,11 +30,12 @@ from megatron_longsky.training.checkpointing import (
 )
 from megatron_longsky.training.config import TrainConfig, train_config_to_dict
 from megatron_longsky.training.data import (
-    build_gpt_splits, build_sft_splits, check_dataset_tokenizers, micro_batch_loader,
+    build_gpt_splits, build_sft_splits, check_dataset_tokenizers, dataset_chat_template, micro_batch_loader,
 )
 from megatron_longsky.plan.flops import step_flops, utilization
 from megatron_longsky.training.metrics import MetricsLogger, peak_memory_gib, resolve_peak_tflops
 from megatron_longsky.training.optimizer import build_optimizer, current_lr, ddp_config
+from megatron_longsky.training.resume_check import check_same_run
 from megatron_longsky.training.signals import PreemptionHandler
 
 if TYPE_CHECKING:  # megatron-core is imported lazily at run time
@@ -180,6 +181,19 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
     vocab_size = resolve_vocab_size(cfg, tokenizer, resume_dir or init_dir)
     config_dict = train_config_to_dict(cfg)
     config_dict["model"]["vocab_size"] = vocab_size
+    # The chat template the model learns (SFT data) or learned (the checkpoint it continues):
+    # chat-mode evaluation builds its prompts with it.
+    chat_template = dataset_chat_template(cfg.data)
+    if chat_template is None and (resume_dir or init_dir) is not None:
+        chat_template = read_checkpoint_config(resume_dir or init_dir).get("chat_template")
+    if chat_template is not None:
+        config_dict["chat_template"] = chat_template
+    if resume_dir is not None:
+        differences = check_same_run(read_checkpoint_config(resume_dir), config_dict, resume_dir,
+                                     cfg.checkpoint.allow_mismatch)
+        if differences and runtime.rank == 0:
+            log.warning("resuming %s despite other settings (checkpoint.allow_mismatch):\n  %s", resume_dir,
+                        "\n  ".join(differences))
 
     model = build_training_model(cfg, vocab_size, initialize=resume_dir is None and init_dir is None)
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -191,7 +205,7 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
     prepare_checkpoint_writer()
     state = TrainerState()
     if resume_dir is not None:
-        state = load_checkpoint(resume_dir, model, optimizer, scheduler)
+        state = load_checkpoint(resume_dir, model, optimizer, scheduler, cfg.schedule.on_resume)
         log.info("resumed from %s at iteration %d (%d samples consumed)", resume_dir, state.iteration,
                  state.consumed_samples)
     elif init_dir is not None:
