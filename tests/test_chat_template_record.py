@@ -59,7 +59,7 @@ def test_sft_checkpoint_records_its_template_and_needle_chat_mode_runs_on_it(tmp
 
     prefix = write_sft_dataset(tmp_path)
     cfg = tiny_config_dict(tmp_path, prefix, train_iters=2, output_dir=str(tmp_path / "sft"),
-                           data={"kind": "sft", "prefixes": [prefix], "split": "100,0,0"})
+                           data={"kind": "sft", "prefixes": [prefix], "split": "100,0,0", "pad_to_multiple": 16})
     result = train(train_config_from_dict(cfg))
     recorded = yaml.safe_load((result.checkpoint_dir / "config.yaml").read_text())["chat_template"]
     assert recorded == BUILTIN
