@@ -10,11 +10,13 @@ from typing import Literal
 class QuickstartConfig:
     seed: int = 1234
     # Tokenizer: the built-in byte tokenizer, or a BPE trained on the corpus.
-    tokenizer: Literal["byte", "bpe"] = "byte"
-    bpe_vocab_size: int = 1024
+    tokenizer: Literal["byte", "bpe"] = "bpe"
+    bpe_vocab_size: int = 2048
     # Built-in corpus from the Python standard library's docs and sources.
     corpus_bytes: int = 3_000_000
     heldout_bytes: int = 200_000
+    # Share of training documents turned into recall documents (facts recalled further on).
+    recall_fraction: float = 0.5
     workers: int = 2
     # The model: a small Llama-style decoder (GQA, SwiGLU, RMSNorm, RoPE).
     num_layers: int = 4
@@ -29,12 +31,12 @@ class QuickstartConfig:
     base_rope_base: float = 10000.0
     long_rope_base: float = 160000.0
     context_parallel: int = 2
-    base_iters: int = 150
-    cpt_iters: int = 60
+    base_iters: int = 300
+    cpt_iters: int = 80
     sft_iters: int = 60
     long_sft_iters: int = 200
-    global_batch_size: int = 8
-    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    micro_batch_size: int = 8
     lr: float = 3e-3
     # CIP: documents per sequence and chunks per document.
     cip_docs_per_seq: int = 4
@@ -50,4 +52,6 @@ class QuickstartConfig:
     # Needle sweep after each stage.
     needle_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
     needle_depths: int = 5
-    needle_samples: int = 2
+    needle_samples: int = 4
+    # Held-out documents for perplexity and loss by position (at most; those long enough).
+    ppl_documents: int = 16

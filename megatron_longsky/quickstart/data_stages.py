@@ -12,7 +12,7 @@ def build_corpus(ctx: Context) -> dict:
     from megatron_longsky.data.builtin_corpus import build_builtin_corpus
 
     train = build_builtin_corpus(ctx.path("corpus/train.jsonl"), max_bytes=ctx.cfg.corpus_bytes,
-                                 seed=ctx.cfg.seed, split="train")
+                                 seed=ctx.cfg.seed, split="train", recall_fraction=ctx.cfg.recall_fraction)
     heldout = build_builtin_corpus(ctx.path("corpus/heldout.jsonl"), max_bytes=ctx.cfg.heldout_bytes,
                                    seed=ctx.cfg.seed, split="heldout")
     return {"train": _summary(train), "heldout": _summary(heldout)}
@@ -137,4 +137,19 @@ def build_synl_data(ctx: Context) -> dict:
     _check(build_synl(["--output", str(heldout_jsonl), "--num-samples", str(cfg.synl_eval_samples),
                        "--seed", str(cfg.seed + 1_000_003), *common]), "build-synl (held out)")
     return {"prefix": str(prefix), "jsonl": str(train_jsonl), "heldout_jsonl": str(heldout_jsonl),
-            "samples": cfg.synl_samples, "heldout_samples": cfg.synl_eval_samples}
+            "samples": cfg.synl_samples, "heldout_samples": cfg.synl_eval_samples,
+            "train_counts": synl_counts(train_jsonl), "heldout_counts": synl_counts(heldout_jsonl)}
+
+
+def synl_counts(path: Path) -> dict:
+    """Questions per ``family/kind`` and generator fallbacks (``fallback/<drawn>-><asked>``)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            meta = json.loads(line)["meta"]
+            counts[f"{meta['family']}/{meta['kind']}"] += 1
+            if meta.get("fallback"):
+                counts[f"fallback/{meta['fallback']}"] += 1
+    return dict(sorted(counts.items()))
