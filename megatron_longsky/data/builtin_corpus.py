@@ -140,7 +140,8 @@ def _made_up_key(rng: random.Random) -> str:
 
 
 def _number(rng: random.Random) -> str:
-    digits = rng.randint(3, 9)
+    # 3 to 6 digits: never a 7-digit string, the needle test's default value length.
+    digits = rng.randint(3, 6)
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
 
@@ -149,7 +150,8 @@ def _later(rng: random.Random, at: int, n_lines: int) -> int:
     return min(n_lines, at + max(1, round(math.exp(rng.uniform(0, math.log(n_lines + 1))))))
 
 
-def with_recalls(text: str, rng: random.Random, facts_per_kchar: float = 4.0, repeat_fraction: float = 0.3) -> str:
+def with_recalls(text: str, rng: random.Random, facts_per_kchar: float = 4.0, repeat_fraction: float = 0.5,
+                 list_probability: float = 1.0) -> str:
     """``text`` with made-up facts between its lines, each recalled once further on, and
     ``repeat_fraction`` of its lines repeated verbatim further on."""
     lines = text.split("\n")
@@ -168,7 +170,23 @@ def with_recalls(text: str, rng: random.Random, facts_per_kchar: float = 4.0, re
         out.extend(inserts.get(i, []))
         if i < len(lines):
             out.append(lines[i])
+    if rng.random() < list_probability:
+        at = rng.randrange(len(out) + 1)
+        out[at:at] = _list_block(rng)
     return "\n".join(out)
+
+
+def _list_block(rng: random.Random) -> list[str]:
+    """A list of made-up key/value items, then some of them again in another order (and
+    sometimes the whole list verbatim): copying a value after its key is what pays."""
+    items = [f"{_made_up_key(rng)} {_number(rng)}" for _ in range(rng.randint(4, 24))]
+    title = rng.choice(("Inventory", "Codes", "Registry", "Ledger", "Index"))
+    lines = [f"{title}: " + ", ".join(items) + "."]
+    if rng.random() < 0.3:
+        lines.append(f"{title} again: " + ", ".join(items) + ".")
+    checks = rng.sample(items, rng.randint(1, len(items)))
+    lines.append("Check: " + ", ".join(checks) + ".")
+    return lines
 
 
 def _take(docs: list[tuple[Document, int]], budget: float) -> tuple[list[Document], int]:

@@ -14,9 +14,9 @@ class QuickstartConfig:
     bpe_vocab_size: int = 2048
     # Built-in corpus from the Python standard library's docs and sources.
     corpus_bytes: int = 3_000_000
-    heldout_bytes: int = 200_000
+    heldout_bytes: int = 300_000
     # Share of training documents turned into recall documents (facts recalled further on).
-    recall_fraction: float = 0.5
+    recall_fraction: float = 0.9
     workers: int = 2
     # The model: a small Llama-style decoder (GQA, SwiGLU, RMSNorm, RoPE).
     num_layers: int = 4
@@ -26,17 +26,20 @@ class QuickstartConfig:
     ffn_hidden_size: int = 384
     # Base pretraining at a short length, then continual pretraining (CPT) on CIP data
     # at long_seq_length with a raised RoPE base and context parallelism.
-    base_seq_length: int = 256
-    long_seq_length: int = 1024
+    base_seq_length: int = 128
+    long_seq_length: int = 512
     base_rope_base: float = 10000.0
     long_rope_base: float = 160000.0
     context_parallel: int = 2
-    base_iters: int = 300
-    cpt_iters: int = 80
-    sft_iters: int = 60
-    long_sft_iters: int = 200
+    base_iters: int = 800
+    cpt_iters: int = 120
+    sft_iters: int = 40
+    long_sft_iters: int = 100
     global_batch_size: int = 16
     micro_batch_size: int = 8
+    # Stages at the long length (CPT, long SFT).
+    long_global_batch_size: int = 8
+    long_micro_batch_size: int = 4
     lr: float = 3e-3
     # CIP: documents per sequence and chunks per document.
     cip_docs_per_seq: int = 4
@@ -45,13 +48,17 @@ class QuickstartConfig:
     ablation: bool = True
     # SFT data.
     sft_samples: int = 2000
-    synl_samples: int = 300
-    synl_eval_samples: int = 40
-    synl_min_tokens: int = 300
-    synl_max_tokens: int = 900
+    synl_samples: int = 1000
+    synl_eval_samples: int = 90
+    # jsonl rows name every cell's column: a tiny model can find a cell by copying.
+    synl_format: Literal["markdown", "csv", "jsonl", "mixed"] = "jsonl"
+    # Share of long-SFT records that are general-text continuations (keeps the LM intact).
+    long_sft_general: float = 0.3
+    synl_min_tokens: int = 150
+    synl_max_tokens: int = 350
     # Needle sweep after each stage.
-    needle_lengths: list[int] = field(default_factory=lambda: [256, 512, 1024])
+    needle_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
     needle_depths: int = 5
-    needle_samples: int = 4
+    needle_samples: int = 6
     # Held-out documents for perplexity and loss by position (at most; those long enough).
     ppl_documents: int = 16

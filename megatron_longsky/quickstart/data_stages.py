@@ -123,21 +123,33 @@ def build_sft_data(ctx: Context) -> dict:
 
 
 def build_synl_data(ctx: Context) -> dict:
-    """SynL tables for long SFT, and a held-out set (another seed) for accuracy."""
+    """SynL tables for long SFT (mixed with general-text continuations, ``long_sft_general``
+    of the records), and a held-out SynL set (another seed) for accuracy."""
+    from megatron_longsky.quickstart.chat_data import build_continuation_data
+    from megatron_longsky.sft.preprocess import main as preprocess_sft
     from megatron_longsky.synl.generate import main as build_synl
 
     cfg = ctx.cfg
     train_jsonl, heldout_jsonl = ctx.path("synl/train.jsonl"), ctx.path("synl/heldout.jsonl")
+    general_jsonl = ctx.path("synl/general.jsonl")
     prefix = ctx.path("data/synl")
     common = ["--min-tokens", str(cfg.synl_min_tokens), "--max-tokens", str(cfg.synl_max_tokens),
-              "--format", "mixed", "--no-progress", *_tokenizer_flags(ctx)]
+              "--format", cfg.synl_format, "--no-progress", *_tokenizer_flags(ctx)]
     _check(build_synl(["--output", str(train_jsonl), "--num-samples", str(cfg.synl_samples),
-                       "--seed", str(cfg.seed), "--sft-output-prefix", str(prefix),
-                       "--sft-max-length", str(cfg.long_seq_length), *common]), "build-synl")
+                       "--seed", str(cfg.seed), *common]), "build-synl")
     _check(build_synl(["--output", str(heldout_jsonl), "--num-samples", str(cfg.synl_eval_samples),
                        "--seed", str(cfg.seed + 1_000_003), *common]), "build-synl (held out)")
+    inputs = [str(train_jsonl)]
+    general = round(cfg.synl_samples * cfg.long_sft_general / (1.0 - cfg.long_sft_general))
+    if general:
+        build_continuation_data(ctx.path("corpus/train.jsonl"), general_jsonl, general, seed=cfg.seed + 7)
+        inputs.append(str(general_jsonl))
+    _check(preprocess_sft(["--input", *inputs, "--output-prefix", str(prefix), "--max-length",
+                           str(cfg.long_seq_length), "--overlong", "drop", "--no-progress",
+                           *_tokenizer_flags(ctx)]), "preprocess-sft (long SFT)")
     return {"prefix": str(prefix), "jsonl": str(train_jsonl), "heldout_jsonl": str(heldout_jsonl),
-            "samples": cfg.synl_samples, "heldout_samples": cfg.synl_eval_samples,
+            "samples": cfg.synl_samples, "heldout_samples": cfg.synl_eval_samples, "general_samples": general,
+            "format": cfg.synl_format,
             "train_counts": synl_counts(train_jsonl), "heldout_counts": synl_counts(heldout_jsonl)}
 
 
@@ -153,3 +165,20 @@ def synl_counts(path: Path) -> dict:
             if meta.get("fallback"):
                 counts[f"fallback/{meta['fallback']}"] += 1
     return dict(sorted(counts.items()))
+
+
+def check_evaluation_unseen(ctx: Context) -> dict:
+    """Count the needle sweep's values and haystack sentences that occur in the training
+    corpus (they should not: the evaluation must measure retrieval, not memory)."""
+    from megatron_longsky.eval.needle import NeedleBuilder, NeedleConfig
+
+    cfg = ctx.cfg
+    builder = NeedleBuilder(NeedleConfig(lengths=cfg.needle_lengths, num_depths=cfg.needle_depths,
+                                         samples=cfg.needle_samples, seed=cfg.seed, mode="base"), ctx.tokenizer())
+    values = sorted({n["value"] for point in builder.grid() for n in builder.build(*point).needles})
+    with open(ctx.path("corpus/train.jsonl"), encoding="utf-8") as f:
+        text = "\n".join(json.loads(line)["text"] for line in f)
+    sentences = builder.haystack.sentences[:500]
+    return {"needle_values": len(values), "needle_values_in_training": sum(v in text for v in values),
+            "haystack_sentences_checked": len(sentences),
+            "haystack_sentences_in_training": sum(s in text for s in sentences)}

@@ -78,9 +78,14 @@ def plot_loss_by_position(summary: dict, out_path: Path) -> Path:
 def _claims_section(summary: dict) -> str:
     from megatron_longsky.quickstart.claims import claim_rows
 
+    unseen = summary.get("evaluation_unseen") or {}
     return "\n".join([
         "## The recipe's claims, in miniature", "",
         table(["claim", "expected", "measured", "verdict", "seed(s)"], claim_rows(summary)), "",
+        f"Evaluation data in the training corpus: {unseen.get('needle_values_in_training', 'n/a')} of "
+        f"{unseen.get('needle_values', 'n/a')} needle values, {unseen.get('haystack_sentences_in_training', 'n/a')} "
+        f"of {unseen.get('haystack_sentences_checked', 'n/a')} haystack sentences checked; held-out documents "
+        "and SynL tables come from a separate split and seed.", "",
         "Numbers from this run's own evaluations (machine-readable in `summary.json`). A tiny model after "
         "minutes of CPU training: they show which way the effects point at this scale, not the paper's "
         "results."])

@@ -109,6 +109,7 @@ def build_summary(ctx: Context, models: list[str]) -> dict:
     synl_data = res("synl_data")
     summary["synl_generation"] = {"train": synl_data.get("train_counts", {}),
                                   "heldout": synl_data.get("heldout_counts", {})}
+    summary["evaluation_unseen"] = res("eval_unseen")
     summary["stage_seconds"] = {n: round(r.seconds, 1) for n, r in ctx.runner.records.items()}
     summary["stage_cpu_seconds"] = {n: round(r.cpu_seconds, 1) for n, r in ctx.runner.records.items()}
     summary["comparisons"] = comparisons(ctx, models)

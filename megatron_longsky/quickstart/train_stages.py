@@ -16,6 +16,7 @@ from megatron_longsky.quickstart.launch import run_longsky, write_yaml
 def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: dict, iters: int,
          lr: float, init_from: str | None, cp: int = 1) -> dict:
     cfg = ctx.cfg
+    long = seq_length > cfg.base_seq_length
     tok = ctx.tokenizer_config()
     return {
         "model": {"preset": "tiny", "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
@@ -31,8 +32,8 @@ def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: di
         "output_dir": str(ctx.path(f"train/{name}")),
         "seed": cfg.seed,
         "train_iters": iters,
-        "micro_batch_size": cfg.micro_batch_size,
-        "global_batch_size": cfg.global_batch_size,
+        "micro_batch_size": cfg.long_micro_batch_size if long else cfg.micro_batch_size,
+        "global_batch_size": cfg.long_global_batch_size if long else cfg.global_batch_size,
     }
 
 
