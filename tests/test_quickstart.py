@@ -162,3 +162,31 @@ def test_claims_table_verdicts_follow_the_fixed_rules():
             "loss_beyond_base_length": {"items": 8, "mean_difference": 0.01, "ci95": [-0.05, 0.07]}}}))
     assert [r[3] for r in failing[:4]] == ["**not met**"] * 4
     assert failing[4][3] == "no difference larger than the noise"
+
+
+def test_single_process_stages_get_a_free_port(tmp_path, monkeypatch):
+    """A one-process eval stage must not take the default port 29500 (another job may hold it)."""
+    import subprocess
+
+    from megatron_longsky.quickstart import launch
+
+    seen = {}
+
+    def fake_run(cmd, stdout, stderr, env):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    launch.run_longsky(["needle", "--help"], tmp_path / "log.txt")
+    assert seen["MASTER_ADDR"] == "127.0.0.1" and seen["MASTER_PORT"] != "29500" and int(seen["MASTER_PORT"]) > 0
+
+
+def test_scale_multiplies_every_stage_iterations():
+    from megatron_longsky.quickstart import ITERATION_FIELDS, scaled
+
+    cfg = QuickstartConfig()
+    big = scaled(cfg, 4)
+    assert all(getattr(big, f) == 4 * getattr(cfg, f) for f in ITERATION_FIELDS)
+    assert scaled(cfg, 0.0001).base_iters == 1
+    with pytest.raises(ValueError):
+        scaled(cfg, 0)

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="run directory (REPORT.md goes here)")
     p.add_argument("--config", help="YAML of QuickstartConfig fields")
     p.add_argument("--fresh", action="store_true", help="ignore results of an earlier run in --output")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every stage's iterations by this (e.g. 4: a longer, stronger run)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="QuickstartConfig overrides")
     return p
 
@@ -79,14 +81,24 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     return report
 
 
+ITERATION_FIELDS = ("base_iters", "cpt_iters", "sft_iters", "long_sft_iters")
+
+
+def scaled(cfg: QuickstartConfig, scale: float) -> QuickstartConfig:
+    """``cfg`` with every stage's iterations multiplied by ``scale`` (at least 1 each)."""
+    if scale <= 0:
+        raise ValueError(f"--scale must be positive, got {scale}")
+    return dataclasses.replace(cfg, **{f: max(1, round(getattr(cfg, f) * scale)) for f in ITERATION_FIELDS})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_longsky.utils.logging import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config(QuickstartConfig, args.config, args.overrides)
-    except ConfigError as exc:
+        cfg = scaled(load_config(QuickstartConfig, args.config, args.overrides), args.scale)
+    except (ConfigError, ValueError) as exc:
         print(f"longsky quickstart: {exc}", file=sys.stderr)
         return 1
     report = run(cfg, Path(args.output), fresh=args.fresh)
