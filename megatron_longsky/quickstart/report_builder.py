@@ -164,8 +164,11 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
     sections.append("### CIP data\n\n" + "\n".join(cip_lines))
     sections.append(f"### SFT data\n\n- standard SFT: {res('sft_data')['samples']} built-in instruction samples\n"
                     f"- long SFT: {res('synl_data')['samples']} SynL samples "
-                    f"({cfg.synl_min_tokens}-{cfg.synl_max_tokens} table tokens), "
-                    f"{res('synl_data')['heldout_samples']} held out for accuracy")
+                    f"({cfg.synl_min_tokens}-{cfg.synl_max_tokens} table tokens, "
+                    f"{res('synl_data').get('format', 'mixed')} tables), mixed with "
+                    f"{res('synl_data').get('general_samples', 0)} general-text continuations of training "
+                    f"documents (so long SFT keeps the language model); "
+                    f"{res('synl_data')['heldout_samples']} held-out SynL samples (another seed) for accuracy")
     train_stages = ["base", "cpt"] + (["cpt_concat"] if cfg.ablation else []) + ["sft", "long_sft"]
     rows = []
     for s in train_stages:
