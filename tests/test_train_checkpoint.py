@@ -59,7 +59,9 @@ def _scenario(tmp, prefix):
     # The same 3 steps with the distributed optimizer (its state has another format).
     train(cfg(train_iters=3, parallel={"tensor_model_parallel_size": 2}, output_dir=f"{tmp}/tp2_distopt",
               optimizer={"use_distributed_optimizer": True},
-              checkpoint={"save": f"{tmp}/ckpt_distopt", "save_interval": 0}))
+              # resumed below at other TP/PP layouts: the form that reshards over them
+              checkpoint={"save": f"{tmp}/ckpt_distopt", "save_interval": 0,
+                          "optimizer_format": "fully_reshardable"}))
 
     # 2. Resume at TP=2 (reference), PP=2 and DP=2, with and without the distributed optimizer.
     dist = {"use_distributed_optimizer": True}

@@ -31,19 +31,20 @@ def model_sharded_state_dict(model_chunks) -> dict:
     return chunks[0].sharded_state_dict()
 
 
-def save_model_weights(model_chunks, ckpt_dir: str | Path) -> Path:
-    """Collective: every rank calls it. Writes ``<ckpt_dir>/model/``."""
+def save_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None) -> Path:
+    """Collective: every rank calls it. Writes ``<ckpt_dir>/model/`` (``sharded_strategy``:
+    a dist_checkpointing save strategy, e.g. the fully parallel one training uses)."""
     from megatron.core import dist_checkpointing
 
     target = Path(ckpt_dir) / MODEL
     if torch.distributed.get_rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(target))
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(target), sharded_strategy=sharded_strategy)
     return target
 
 
-def load_model_weights(model_chunks, ckpt_dir: str | Path, strict: bool = True) -> None:
+def load_model_weights(model_chunks, ckpt_dir: str | Path, strict: bool = True, sharded_strategy=None) -> None:
     """Collective: load ``<ckpt_dir>/model/`` into the model, resharding to this layout."""
     from megatron.core import dist_checkpointing
 
@@ -51,5 +52,5 @@ def load_model_weights(model_chunks, ckpt_dir: str | Path, strict: bool = True) 
     if not source.is_dir():
         raise FileNotFoundError(f"{source} not found: not a checkpoint with model weights")
     chunks = [unwrap(m) for m in _as_list(model_chunks)]
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source))
+    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source), sharded_strategy=sharded_strategy)
     chunks[0].load_state_dict(state, strict=strict)

@@ -12,12 +12,22 @@ from megatron_longsky.runtime.distributed import ParallelConfig
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, **extra):
-    """megatron-core TransformerConfig for a Llama-style decoder."""
+def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, impl: str | None = None,
+                       on_gpu: bool | None = None, **extra):
+    """megatron-core TransformerConfig for a Llama-style decoder.
+
+    ``perf``: the performance switches (:mod:`megatron_longsky.model.perf`; None: resolved
+    for this machine, as for packed rows). ``impl`` / ``on_gpu`` default to this machine;
+    the recipe dry-run passes a simulated GPU machine."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    impl = resolve_impl(cfg)
-    on_gpu = torch.cuda.is_available()
+    from megatron_longsky.model.perf import Environment, log_choices, resolve_perf
+
+    impl = impl or resolve_impl(cfg)
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if perf is None:
+        perf = resolve_perf(cfg, parallel, Environment.detect(), impl)
+        log_choices(perf)
     dtype = _DTYPES[cfg.params_dtype]
     kwargs = dict(
         num_layers=cfg.num_layers,
@@ -43,22 +53,18 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, **extra):
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
-        # CPU initialisation draws the full weight and splits it, so a seed gives the
-        # same model at any tensor-parallel size.
-        use_cpu_initialization=True,
         perform_initialization=True,
         # Fused kernels exist on GPU only.
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         persist_layer_norm=on_gpu,
         bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
-        recompute_granularity=cfg.recompute_granularity,
         recompute_method=cfg.recompute_method if cfg.recompute_granularity == "full" else None,
         recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_granularity == "full" else None,
         calculate_per_token_loss=True,
+        # CPU initialisation, gradient-accumulation and RoPE fusion, recompute, TP overlap.
+        **perf.transformer_config_kwargs(),
     )
     if impl == "transformer_engine" and cfg.fp8:
         kwargs.update(fp8=cfg.fp8, fp8_recipe=cfg.fp8_recipe)
@@ -109,13 +115,16 @@ def build_model(
     post_process: bool | None = None,
     seed: int | None = None,
     initialize: bool = True,
+    perf=None,
 ):
     """One GPTModel holding this pipeline stage's layers, with RoPE as configured.
 
     ``seed``: layout-invariant initialisation (:func:`initialize_weights`): the same seed
     gives the same full weights at any TP/PP. Without it megatron-core initialises (its
     weights differ between PP layouts). ``initialize=False`` leaves the weights
-    uninitialised, for callers that load them next (conversion, evaluation).
+    uninitialised, for callers that load them next (conversion, evaluation). On GPU
+    (``perf.use_cpu_initialization`` off) the seed's layout-invariant draw is replaced by
+    megatron-core's on-device initialisation: each rank builds only its own shards.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -126,7 +135,14 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    tcfg = transformer_config(cfg, parallel, perform_initialization=initialize and seed is None)
+    from megatron_longsky.model.perf import Environment, log_choices, resolve_perf
+
+    if perf is None:
+        perf = resolve_perf(cfg, parallel, Environment.detect(), resolve_impl(cfg))
+    log_choices(perf)
+    # The layout-invariant draw (model/init.py) builds every full weight on the host.
+    host_init = perf.use_cpu_initialization and seed is not None
+    tcfg = transformer_config(cfg, parallel, perf=perf, perform_initialization=initialize and not host_init)
     rope = cfg.rope
     model = GPTModel(
         config=tcfg,
@@ -143,7 +159,7 @@ def build_model(
     apply_rope_config(model, rope)
     if not tcfg.perform_initialization:
         mark_tensor_parallel_params(model)
-    if initialize and seed is not None:
+    if initialize and host_init:
         from megatron_longsky.model.init import initialize_weights
 
         initialize_weights(model, seed, cfg.init_method_std, cfg.num_layers)

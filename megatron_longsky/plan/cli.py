@@ -1,29 +1,42 @@
 """``longsky plan``: will a training config fit, and how fast would it run?
 
     longsky plan --config examples/configs/x.yaml --nodes 8 --gpus-per-node 8 [--gpu-memory-gb 80]
+    longsky plan --dry-run --config examples/configs/recipes/skywork13b_200k/cpt.yaml --nodes 16
+    longsky plan --dry-run --recipe examples/configs/recipes/skywork13b_200k [--nodes N] [key=value ...]
 
 Reads the same YAML as ``longsky train`` (``key=value`` overrides work too), takes the
 cluster shape from the flags, and prints per-GPU memory (parameters, gradients, optimizer
 states with and without the distributed optimizer, activations per layer and in total,
-the backward working set), whether the worst pipeline stage fits, and the step time and
-MFU implied by the FLOP model at the stated peak and efficiency. See docs/plan.md.
+the backward working set), checkpoint memory, whether the worst pipeline stage fits, and
+the step time and MFU implied by the FLOP model at the stated peak and efficiency, with the
+performance switches the GPU path will choose. See docs/plan.md.
+
+``--dry-run`` builds and validates the megatron-core configs of one stage (``--config``) or
+of every stage of a recipe directory, chained (``--recipe``; each stage's node count from
+``--nodes`` or its ``# nodes: N`` header), as :mod:`megatron_longsky.plan.dry_run` describes,
+and exits with status 1 and the reason when a stage would fail.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from megatron_longsky.config import ConfigError
 from megatron_longsky.plan.flops import PEAK_TFLOPS, estimate_step_time, step_flops
-from megatron_longsky.plan.memory import GiB, PlanInput, estimate_memory
+from megatron_longsky.plan.memory import GiB, PlanInput, checkpoint_memory, estimate_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longsky plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="training YAML (as for longsky train)")
-    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--config", help="training YAML (as for longsky train)")
+    parser.add_argument("--recipe", help="with --dry-run: a recipe directory (cpt/sft/long_sft/needle YAMLs)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build and validate the stage's megatron-core configs for an H100 with TE (see above)")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes (required, except for --recipe)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory, GiB (default 80)")
     parser.add_argument("--reserved-gb", type=float, default=4.0,
@@ -61,14 +74,31 @@ def _vocab_size(cfg, explicit: int | None) -> int:
     return tokenizer.padded_vocab_size(cfg.model.make_vocab_size_divisible_by, tp)
 
 
+def perf_choices(cfg, attention: str):
+    """The performance switches the run would take: on an H100 with TE and apex for
+    ``attention='te'``, on a machine without TE otherwise."""
+    from megatron_longsky.model.perf import Environment, resolve_perf
+    from megatron_longsky.plan.dry_run import SIMULATED_GPU
+
+    env = SIMULATED_GPU if attention == "te" else Environment(cuda=False, transformer_engine=False,
+                                                              apex_grad_accum_fusion=False)
+    impl = "transformer_engine" if attention == "te" else "local"
+    packed = cfg.data.kind == "sft" and cfg.data.packed
+    return resolve_perf(cfg.model, cfg.parallel, env, impl, cfg.optimizer.use_distributed_optimizer, packed)
+
+
 def plan_input(cfg, world_size: int, vocab_size: int, attention: str) -> PlanInput:
+    import dataclasses
+
     par = cfg.parallel
     model_parallel = par.model_parallel_size
     if world_size % model_parallel:
         raise ConfigError(f"{world_size} GPUs are not divisible by TP*PP*CP = {model_parallel}")
     dp = world_size // model_parallel
+    # The recompute the run will do (selective is dropped with TE's fused attention).
+    recompute = perf_choices(cfg, attention).recompute_granularity
     return PlanInput(
-        model=cfg.model,
+        model=dataclasses.replace(cfg.model, recompute_granularity=recompute),
         vocab_size=vocab_size,
         micro_batch_size=cfg.micro_batch_size,
         num_microbatches=cfg.num_microbatches(dp),
@@ -98,7 +128,7 @@ def _flop(n: float) -> str:
 
 
 def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: float, peak: float,
-           efficiency: float) -> str:
+           efficiency: float, ckpt=None, perf=None) -> str:
     m = p.model
     fits = mem.peak + reserved_gb * GiB <= memory_gb * GiB
     lines = [
@@ -131,7 +161,47 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
         f"  assuming {efficiency:.0%} of {peak:g} TFLOP/s per GPU: {timing.step_seconds:.3g} s/step, "
         f"{timing.tokens_per_second_per_device:.0f} tokens/s/GPU, MFU {timing.mfu:.1%}",
     ]
+    if ckpt is not None:
+        lines += [
+            "",
+            f"checkpoint (optimizer form {ckpt.optimizer_format}, fully parallel over DP x CP = "
+            f"{p.data_parallel * p.context_parallel} ranks)",
+            f"  size on disk                    {_gib(ckpt.total_size)}",
+            f"  written per rank                {_gib(ckpt.written_per_rank)}",
+            f"  extra GPU memory at save        {_gib(ckpt.save_gpu_transient)}",
+            f"  host memory at save, per rank   {_gib(ckpt.save_host_per_rank)}   (per node "
+            f"{_gib(ckpt.save_host_per_node).strip()})",
+            f"  read per resume (all ranks)     {_gib(ckpt.read_per_resume)}",
+        ]
+    if perf is not None:
+        lines += ["", "GPU performance switches: " + perf.summary()]
     return "\n".join(lines)
+
+
+def dry_run_main(args) -> int:
+    from megatron_longsky.plan.dry_run import DryRunError, dry_run_recipe, dry_run_train_stage
+    from megatron_longsky.training.config import load_train_config
+
+    try:
+        if args.recipe:
+            results = dry_run_recipe(args.recipe, args.overrides, args.nodes, args.gpus_per_node)
+        else:
+            cfg = load_train_config(args.config, args.overrides)
+            vocab = _vocab_size(cfg, args.vocab_size)
+            results = [dry_run_train_stage(Path(args.config).stem, cfg, args.nodes * args.gpus_per_node, vocab)]
+    except DryRunError as exc:
+        print(f"longsky plan --dry-run: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, ValueError) as exc:
+        print(f"longsky plan --dry-run: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([{"stage": r.name, **{k: str(v) for k, v in r.facts.items()}} for r in results], indent=2))
+    else:
+        for r in results:
+            print(r.render())
+        print("dry-run: every stage's TransformerConfig, DDP and optimizer configs validated by megatron-core")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,8 +209,20 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longsky.training.config import load_train_config
 
     try:
-        if args.nodes < 1 or args.gpus_per_node < 1:
+        if args.recipe and not args.dry_run:
+            raise ConfigError("--recipe goes with --dry-run")
+        if bool(args.recipe) == bool(args.config):
+            raise ConfigError("give one of --config or --recipe")
+        if args.nodes is None and not args.recipe:
+            raise ConfigError("--nodes is required")
+        if (args.nodes is not None and args.nodes < 1) or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    except ConfigError as exc:
+        print(f"longsky plan: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return dry_run_main(args)
+    try:
         cfg = load_train_config(args.config, args.overrides)
         vocab = _vocab_size(cfg, args.vocab_size)
         world = args.nodes * args.gpus_per_node
@@ -152,10 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     mem = estimate_memory(p)
     flops = step_flops(cfg.model, vocab, cfg.global_batch_size)
     timing = estimate_step_time(flops, world, peak, args.efficiency)
+    perf = perf_choices(cfg, args.attention)
+    ckpt = checkpoint_memory(p, world, args.gpus_per_node, cfg.checkpoint.optimizer_format,
+                             cfg.checkpoint.async_save, perf.bucket_size)
     fits = mem.peak + args.reserved_gb * GiB <= args.gpu_memory_gb * GiB
     if args.json:
         print(json.dumps({"memory": mem.to_dict(), "flops": flops.to_dict(), "time": timing.to_dict(),
+                          "checkpoint": ckpt.to_dict(),
+                          "performance_switches": {k: v for k, v in dataclasses.asdict(perf).items() if k != "reasons"},
                           "fits": fits, "gpus": world, "data_parallel": p.data_parallel}, indent=2))
     else:
-        print(render(p, mem, flops, timing, args.gpu_memory_gb, args.reserved_gb, peak, args.efficiency))
+        print(render(p, mem, flops, timing, args.gpu_memory_gb, args.reserved_gb, peak, args.efficiency,
+                     ckpt, perf))
     return 1 if args.require_fit and not fits else 0

@@ -11,8 +11,17 @@ Adam states (m, v)           8 (/ DP with dist. opt.)   8 (/ DP)
 fp32 master copy             0                          4 (/ DP)
 ===========================  =========================  ================================
 
-megatron-core's distributed optimizer (ZeRO-1) shards only the optimizer states; the
-parameter and gradient buffers stay whole on every rank.
+megatron-core's distributed optimizer (ZeRO-1) shards only the optimizer states, over
+the data-parallel group *with* context parallelism (DP x CP ranks hold the same weights);
+the parameter and gradient buffers stay whole on every rank.
+
+Checkpoints (:func:`checkpoint_memory`): the fully parallel save/load wrappers spread the
+writes and reads over the DP x CP replicas. The distributed optimizer's 'dp_reshardable'
+form writes each rank's own fp32 shard (param, exp_avg, exp_avg_sq) with no copy; the
+'fully_reshardable' form first gathers the whole TP/PP shard's state into host memory on
+every rank (three fp32 buffers) through one bucket-sized fp32 GPU buffer at a time
+(``get_parameter_state_dp_zero``). An async save stages each rank's write share in host
+memory.
 
 Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large
 Transformer Models", re-derived for a Llama layer (RMSNorm, GQA, RoPE, SwiGLU, no
@@ -167,7 +176,7 @@ class StateBytes:
 
 def state_bytes(p: PlanInput, n_params: int, use_distributed_optimizer: Optional[bool] = None) -> StateBytes:
     dist_opt = p.use_distributed_optimizer if use_distributed_optimizer is None else use_distributed_optimizer
-    shard = p.data_parallel if dist_opt else 1
+    shard = p.data_parallel * p.context_parallel if dist_opt else 1
     master = 0 if p.param_bytes == 4 else 4
     return StateBytes(
         params=n_params * p.param_bytes,
@@ -372,4 +381,63 @@ def estimate_memory(p: PlanInput) -> MemoryEstimate:
         activations=acts,
         transient=transient,
         worst_stage=worst if p.pipeline_parallel > 1 else "only",
+    )
+
+
+@dataclass
+class CheckpointMemory:
+    """One checkpoint save/resume, in bytes (worst pipeline stage for the per-rank figures)."""
+
+    optimizer_format: str  # 'dp_reshardable', 'fully_reshardable' or 'per_parameter' (no distributed optimizer)
+    total_size: int  # the whole checkpoint on disk (weights + optimizer state)
+    written_per_rank: int  # with the fully parallel wrapper: this rank's share of the writes
+    save_gpu_transient: int  # extra device memory while the save is prepared
+    save_host_per_rank: int  # host memory per rank during the save (gathered state, async staging)
+    save_host_per_node: int
+    read_per_resume: int  # bytes read from storage by all ranks together on a resume
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def checkpoint_memory(p: PlanInput, world_size: int, gpus_per_node: int, optimizer_format: str = "auto",
+                      async_save: bool = False, bucket_size: Optional[int] = None) -> CheckpointMemory:
+    """What a checkpoint costs, as training/checkpointing.py writes it (see the module notes).
+    ``bucket_size``: the DDP bucket (elements) with overlapped gradient reduction, None: one
+    bucket per buffer."""
+    stage = "first"
+    if p.pipeline_parallel > 1:
+        stage = max(("first", "last"), key=lambda s: params_on_rank(p, s))
+    n = params_on_rank(p, stage)
+    replicas = p.data_parallel * p.context_parallel
+    # The distributed optimizer stores its fp32 param with Adam's m and v; a plain one m, v
+    # and (mixed precision) the fp32 master copy.
+    optimizer_bytes_per_param = 12 if p.use_distributed_optimizer else 8 + (4 if p.param_bytes != 4 else 0)
+    weights_total = total_params(p.model, p.vocab_size) * p.param_bytes
+    optimizer_total = total_params(p.model, p.vocab_size) * optimizer_bytes_per_param
+    own_weights = n * p.param_bytes // replicas
+    own_optimizer = -(-n * optimizer_bytes_per_param // replicas)
+    written = own_weights + own_optimizer
+    if not p.use_distributed_optimizer:
+        fmt = "per_parameter"
+        gpu, host = 0, 0
+    else:
+        fmt = "dp_reshardable" if optimizer_format == "auto" else optimizer_format
+        if fmt == "dp_reshardable":
+            gpu, host = 0, 0
+        else:
+            bucket = min(bucket_size or n, n)
+            gpu = 4 * bucket  # one key's all-gather receive buffer, one bucket at a time
+            host = n * optimizer_bytes_per_param + own_optimizer  # gathered world tensors + local shards
+    if async_save:
+        host += written
+    total = weights_total + optimizer_total
+    return CheckpointMemory(
+        optimizer_format=fmt,
+        total_size=total,
+        written_per_rank=written,
+        save_gpu_transient=gpu,
+        save_host_per_rank=host,
+        save_host_per_node=host * min(gpus_per_node, world_size),
+        read_per_resume=total,
     )

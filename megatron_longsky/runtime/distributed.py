@@ -33,6 +33,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Transformer Engine's CP communication (GPU only); our CPU attention all-gathers K/V.
     cp_comm_type: Literal["p2p", "a2a", "all_gather", "a2a+p2p"] = "p2p"
+    # Overlap TP communication with GEMMs (TE userbuffers; GPU with TE, TP > 1, sequence_parallel).
+    tp_comm_overlap: bool = False
     timeout_minutes: int = 30
 
     def __post_init__(self):

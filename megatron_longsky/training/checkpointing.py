@@ -5,9 +5,13 @@ Layout (see :mod:`megatron_longsky.checkpoint.layout`)::
     <root>/latest                           written last, atomically
     <root>/iter_0000100/config.yaml         the job config
     <root>/iter_0000100/model/              dist_checkpointing (global tensors: reshardable)
-    <root>/iter_0000100/optimizer/          dist_checkpointing of the optimizer state, stored per
-                                            model parameter ('fully_reshardable' for the
-                                            distributed optimizer): it reshards over TP/PP/DP
+    <root>/iter_0000100/optimizer/          dist_checkpointing of the optimizer state; for the
+                                            distributed optimizer in megatron-core's
+                                            'dp_reshardable' form (each DP x CP rank writes its
+                                            own shard, reshards over DP x CP only) or
+                                            'fully_reshardable' (per model parameter, reshards
+                                            over TP/PP too); the form and the layout it was
+                                            written at are recorded in the checkpoint
     <root>/iter_0000100/trainer/state.json  iteration, consumed samples, NaN counters, scheduler
     <root>/iter_0000100/trainer/rng_rank00000.pt   python/numpy/torch/megatron RNG per rank
 
@@ -15,6 +19,12 @@ A save goes to ``<root>/.iter_0000100.partial`` and is renamed into place by ran
 after every rank has finished writing; only then is ``latest`` rewritten and old
 iterations pruned. A crash at any point leaves ``latest`` on the previous complete
 checkpoint (a left-over ``.partial`` directory is removed by the next save).
+
+Saves and loads go through megatron-core's fully parallel strategy wrappers over the
+data-parallel group with context parallelism (the group the distributed optimizer shards
+over), as Megatron-LM does: the writes of replicated tensors (weights, and everything of a
+non-distributed optimizer) are spread over the DP x CP ranks instead of all falling on
+DP rank 0, and on load each rank reads a part and the parts are exchanged.
 """
 
 from __future__ import annotations
@@ -44,8 +54,15 @@ log = logging.getLogger(__name__)
 OPTIMIZER = "optimizer"
 TRAINER = "trainer"
 STATE_FILE = "state.json"
-# Optimizer state stored per model parameter (reshardable across TP/PP/DP layouts).
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Distributed-optimizer checkpoint forms (megatron-core's names). 'dp_reshardable': each
+# DP x CP rank writes its own flat shard, no gathering; loads at another DP x CP size but
+# the same TP/PP and gradient buckets. 'fully_reshardable': per model parameter, gathered
+# over DP x CP at save (memory: the whole TP/PP shard's optimizer state on every rank);
+# loads at any layout.
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
+# Checkpoints written before the form was recorded are fully reshardable.
+_UNRECORDED_FORMAT = FULLY_RESHARDABLE
 
 
 @dataclass
@@ -157,10 +174,11 @@ def _keep_adam_step_on_reshardable_load(optimizer):
     """Work around two megatron-core 0.16.1 bugs with torch's Adam (no apex/TE) when the
     distributed optimizer loads its state:
 
-    - the 'fully_reshardable' load copies every key of a parameter's Adam state from the
-      checkpoint, but ``step`` is kept in the param groups, not per parameter, so the copy
-      fails with ``KeyError: 'step'``; ``load_state_dict`` has already set ``step`` from
-      the param groups, so we let the copy keep it;
+    - the load copies every key of a parameter's Adam state from the checkpoint, but
+      ``step`` is kept in the param groups, not per parameter: the 'fully_reshardable' copy
+      fails with ``KeyError: 'step'``, and the 'dp_reshardable' one copies back the step
+      the state had *before* the load (0 on a resume: Adam's bias correction restarts).
+      ``load_state_dict`` has already set ``step`` from the param groups; we keep it;
     - that ``step`` is one tensor shared by every parameter's state, and torch's Adam
       increments it in place once per parameter: after a resume the bias correction
       would run ahead. Each parameter gets its own copy.
@@ -177,7 +195,7 @@ def _keep_adam_step_on_reshardable_load(optimizer):
             group_index, group_order = inner.model_param_group_index_map[model_param]
             main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
             step = inner.optimizer.state[main_param].get("step")
-            if step is not None and "step" not in tensors:
+            if step is not None:
                 tensors = {**tensors, "step": step}
             return original(model_param, tensors)
 
@@ -194,21 +212,100 @@ def _keep_adam_step_on_reshardable_load(optimizer):
                 state["step"] = state["step"].clone()
 
 
-def _optimizer_sharded_state_dict(optimizer, model_chunks, is_loading: bool):
+class CheckpointLayoutError(ValueError):
+    """A checkpoint cannot be loaded at this run's layout in the form it was written."""
+
+
+def checkpoint_layout(model_chunks, optimizer_format: str) -> dict:
+    """What a distributed-optimizer checkpoint's shards depend on, recorded at save and
+    compared at load (Megatron-LM compares its TP/PP the same way)."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "distrib_optim_sharding_type": optimizer_format,
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "context_parallel_size": ps.get_context_parallel_world_size(),
+        "data_parallel_size": ps.get_data_parallel_world_size(),
+        # The gradient buckets the flat optimizer shards follow (None: one bucket per buffer).
+        "bucket_size": getattr(getattr(model_chunks[0], "ddp_config", None), "bucket_size", None),
+    }
+
+
+# The parts of the layout a 'dp_reshardable' checkpoint cannot change.
+_DP_RESHARDABLE_FIXED = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "bucket_size")
+
+
+def save_optimizer_format(requested: str, optimizer) -> str:
+    """The form to write: 'auto' is megatron-core's and Megatron-LM's default,
+    'dp_reshardable' (no gathering; resumes at any DP x CP size with the same TP/PP);
+    'fully_reshardable' when asked for, before a resume at another TP/PP."""
+    if not _is_distributed_optimizer(optimizer):
+        return FULLY_RESHARDABLE  # a plain optimizer's state is stored per parameter anyway
+    return DP_RESHARDABLE if requested == "auto" else requested
+
+
+def load_optimizer_format(saved: dict | None, current: dict, ckpt_dir) -> str:
+    """The form ``saved`` (the checkpoint's recorded layout) was written in, after checking
+    that it loads at the ``current`` layout."""
+    if not saved:
+        return _UNRECORDED_FORMAT
+    fmt = saved["distrib_optim_sharding_type"]
+    if fmt == DP_RESHARDABLE:
+        changed = [f"{k} {saved.get(k)} -> {current.get(k)}" for k in _DP_RESHARDABLE_FIXED
+                   if saved.get(k) != current.get(k)]
+        if changed:
+            raise CheckpointLayoutError(
+                f"{ckpt_dir}: its distributed-optimizer state is in the 'dp_reshardable' form, which "
+                f"loads at another data/context-parallel size but not after this change: {', '.join(changed)}. "
+                "Resume once at the layout it was saved with and checkpoint.optimizer_format=fully_reshardable "
+                "until its next save, then resume at the new layout (or start from its weights alone with "
+                "checkpoint.init_from)"
+            )
+    return fmt
+
+
+def _optimizer_sharded_state_dict(optimizer, model_chunks, is_loading: bool, optimizer_format: str):
     if is_loading:
         _ensure_adam_state(optimizer)
     model_sd = model_sharded_state_dict(model_chunks)
-    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIMIZER_METADATA)
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                        metadata={"distrib_optim_sharding_type": optimizer_format})
+
+
+def _parallel_group():
+    """The group the fully parallel wrappers spread reads and writes over: data-parallel
+    with context parallelism (replicas of the weights; the distributed optimizer's group)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def fully_parallel_save_strategy():
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _parallel_group())
+
+
+def fully_parallel_load_strategy(checkpoint_dir: str | Path):
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(checkpoint_dir)),
+                                            _parallel_group())
 
 
 def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimizer, scheduler,
-                    config: dict, keep_last: int = 0, async_queue=None) -> Path:
+                    config: dict, keep_last: int = 0, async_queue=None, optimizer_format: str = "auto") -> Path:
     """Collective. Writes ``<root>/iter_<state.iteration>`` completely, then points ``latest`` at it.
 
     With ``async_queue`` (megatron-core's ``AsyncCallsQueue``; the trainer uses it on GPU
     when ``checkpoint.async_save`` is set) the model and optimizer tensors are written by
     a background process and the rename + ``latest`` happen when the queue finalizes the
     save (``async_queue.maybe_finalize_async_calls``); the returned path exists only then.
+    ``optimizer_format``: ``auto``, ``dp_reshardable`` or ``fully_reshardable``
+    (:func:`save_optimizer_format`).
     """
     from megatron.core import dist_checkpointing
 
@@ -228,23 +325,29 @@ def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimiz
         (staging / TRAINER).mkdir(parents=True)
     _barrier()
     torch.save(rng_state(), _rng_file(staging, _rank()))
+    fmt = save_optimizer_format(optimizer_format, optimizer)
+    layout = checkpoint_layout(model_chunks, fmt)
     if _rank() == 0:
         atomic_write_json(staging / TRAINER / STATE_FILE, {
             **dataclasses.asdict(state),
             "scheduler": scheduler.state_dict(),
             "world_size": torch.distributed.get_world_size(),
             "distributed_optimizer": _is_distributed_optimizer(optimizer),
+            "layout": layout,
         })
         write_checkpoint_config(staging, config)
-    optimizer_sd = _optimizer_sharded_state_dict(optimizer, model_chunks, False)
+    optimizer_sd = _optimizer_sharded_state_dict(optimizer, model_chunks, False, fmt)
     if async_queue is None:
-        save_model_weights(model_chunks, staging)
-        dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER))
+        save_model_weights(model_chunks, staging, sharded_strategy=fully_parallel_save_strategy())
+        dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER), sharded_strategy=fully_parallel_save_strategy(),
+                                content_metadata=layout)
         _publish(root, staging, final, iteration, keep_last)
         return final
     model_request = dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(staging / MODEL),
-                                            async_sharded_save=True)
-    optimizer_request = dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER), async_sharded_save=True)
+                                            sharded_strategy=fully_parallel_save_strategy(), async_sharded_save=True)
+    optimizer_request = dist_checkpointing.save(optimizer_sd, str(staging / OPTIMIZER),
+                                                sharded_strategy=fully_parallel_save_strategy(),
+                                                async_sharded_save=True, content_metadata=layout)
     async_queue.schedule_async_request(_one_request(
         [model_request, optimizer_request], functools.partial(_publish, root, staging, final, iteration, keep_last)))
     return final
@@ -302,7 +405,8 @@ def read_trainer_state(ckpt_dir: str | Path) -> dict:
 
 
 def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) -> TrainerState:
-    """Collective. Restore everything saved by :func:`save_checkpoint`, at any layout.
+    """Collective. Restore everything saved by :func:`save_checkpoint`, at any layout its
+    optimizer form allows (:class:`CheckpointLayoutError` otherwise, before anything loads).
 
     RNG states are restored when the world size matches the one saved (they are per rank);
     otherwise the fresh seeds are kept (and a warning says so).
@@ -319,10 +423,15 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler) ->
             f"Resume with use_distributed_optimizer={saved_distributed}, or start a new stage from its weights "
             "with checkpoint.init_from"
         )
-    load_model_weights(model_chunks, ckpt_dir)
-    sharded = _optimizer_sharded_state_dict(optimizer, model_chunks, True)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER))
-    with _keep_adam_step_on_reshardable_load(optimizer):
+    fmt = load_optimizer_format(dist_checkpointing.load_content_metadata(str(ckpt_dir / OPTIMIZER)),
+                                checkpoint_layout(model_chunks, "auto"), ckpt_dir)
+    load_model_weights(model_chunks, ckpt_dir, sharded_strategy=fully_parallel_load_strategy(ckpt_dir / MODEL))
+    sharded = _optimizer_sharded_state_dict(optimizer, model_chunks, True, fmt)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER),
+                                     sharded_strategy=fully_parallel_load_strategy(ckpt_dir / OPTIMIZER))
+    # no_grad: megatron-core 0.16.1 copies the dp_reshardable state into the main params
+    # without it, which autograd refuses when they are views of fp32 model params.
+    with _keep_adam_step_on_reshardable_load(optimizer), torch.no_grad():
         optimizer.load_state_dict(loaded)
     scheduler.load_state_dict(saved["scheduler"])
     rng_file = _rng_file(ckpt_dir, _rank())

@@ -115,6 +115,11 @@ class CheckpointConfig:
     save_at_end: bool = True
     # Async writes (GPU only; on CPU saves are synchronous).
     async_save: bool = False
+    # Distributed-optimizer state form: 'auto' = 'dp_reshardable' (each rank writes its own
+    # shard; resumes at any DP/CP size, same TP/PP); 'fully_reshardable' gathers it per
+    # parameter (more memory at save) and resumes at any TP/PP: set it for the save before a
+    # TP/PP change. The form and layout are recorded and checked on resume.
+    optimizer_format: Literal["auto", "dp_reshardable", "fully_reshardable"] = "auto"
 
     def __post_init__(self):
         if self.save_interval < 0 or self.keep_last < 0:

@@ -33,7 +33,7 @@ from megatron_longsky.training.data import (
     build_gpt_splits, build_sft_splits, check_dataset_tokenizers, micro_batch_loader,
 )
 from megatron_longsky.training.metrics import MetricsLogger, default_peak_tflops, flops_per_token, peak_memory_gib
-from megatron_longsky.training.optimizer import build_optimizer, current_lr
+from megatron_longsky.training.optimizer import build_optimizer, current_lr, ddp_config
 from megatron_longsky.training.signals import PreemptionHandler
 
 log = logging.getLogger(__name__)
@@ -106,26 +106,24 @@ def build_training_model(cfg: TrainConfig, vocab_size: int, initialize: bool = T
 
     ``initialize``: layout-invariant initialisation from ``cfg.seed`` (the same weights at
     any TP/PP); False when a checkpoint is loaded next."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module
 
     from megatron_longsky.model import build_model
+    from megatron_longsky.model.perf import initialize_tp_comm_overlap, resolve_for_train
 
+    perf = resolve_for_train(cfg)
+    initialize_tp_comm_overlap(perf, cfg.seq_length, cfg.micro_batch_size, cfg.model.hidden_size,
+                               cfg.parallel.context_parallel_size, cfg.parallel.tensor_model_parallel_size,
+                               bool(cfg.model.fp8), getattr(torch, cfg.model.params_dtype))
     model = build_model(cfg.model, cfg.parallel, vocab_size, seed=cfg.seed if initialize else None,
-                        initialize=initialize)
+                        initialize=initialize, perf=perf)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     tcfg = model.config
     if tcfg.bf16 or tcfg.fp16:
         model = Float16Module(tcfg, model)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-        # Per-token loss: gradients are summed over ranks, then divided by the token count.
-        average_in_collective=False,
-    )
-    return [DistributedDataParallel(tcfg, ddp_config, model)]
+    return [DistributedDataParallel(tcfg, ddp_config(cfg, perf), model)]
 
 
 def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optional[Path]]:
@@ -270,8 +268,13 @@ def _save(setup: TrainingSetup, state: TrainerState, async_queue=None, backgroun
     if async_queue is not None and not background:
         async_queue.maybe_finalize_async_calls(blocking=True)
         async_queue = None
+    for chunk in setup.model:  # overlapped param all-gather: finish it, the weights saved must be current
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.disable_forward_pre_hook(param_sync=True)
+            chunk.enable_forward_pre_hook()
     return save_checkpoint(setup.cfg.checkpoint_root, state, setup.model, setup.optimizer, setup.scheduler,
-                           setup.config_dict, keep_last=setup.cfg.checkpoint.keep_last, async_queue=async_queue)
+                           setup.config_dict, keep_last=setup.cfg.checkpoint.keep_last, async_queue=async_queue,
+                           optimizer_format=setup.cfg.checkpoint.optimizer_format)
 
 
 def _async_queue(cfg: TrainConfig):

@@ -1,4 +1,5 @@
-"""megatron-core optimizer (Adam/SGD, optionally distributed) and its LR/WD scheduler."""
+"""megatron-core optimizer (Adam/SGD, optionally distributed), its DDP config and its LR/WD
+scheduler."""
 
 from __future__ import annotations
 
@@ -26,6 +27,20 @@ def optimizer_config(cfg: TrainConfig):
         # fp16 needs loss scaling; bf16 and fp32 do not.
         initial_loss_scale=2.0**16 if dtype == "float16" else None,
         decoupled_weight_decay=True,
+    )
+
+
+def ddp_config(cfg: TrainConfig, perf):
+    """megatron-core's DistributedDataParallelConfig for ``cfg`` with the performance
+    switches ``perf`` (:func:`megatron_longsky.model.perf.resolve_perf`)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+        # Per-token loss: gradients are summed over ranks, then divided by the token count.
+        average_in_collective=False,
+        **perf.ddp_config_kwargs(),  # overlap_grad_reduce / overlap_param_gather (GPU), bucket size
     )
 
 
