@@ -39,7 +39,7 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__
 @dataclass
 class Document:
     name: str  # stable identity, used for the split hash
-    source: Literal["topic", "docstring", "code", "recall"]
+    source: Literal["topic", "docstring", "code", "recall", "drill"]
     text: str
 
 
@@ -202,7 +202,8 @@ def _take(docs: list[tuple[Document, int]], budget: float) -> tuple[list[Documen
 def build_builtin_corpus(out_path: str | Path, max_bytes: int = 4_000_000, seed: int = 0,
                          split: Literal["train", "heldout", "all"] = "train", heldout_fraction: float = 0.05,
                          code_fraction: float = 0.3, min_chars: int = 64, recall_fraction: float = 0.0,
-                         recall_max_chars: int = 6000) -> dict:
+                         recall_max_chars: int = 6000, drill_fraction: float = 0.0,
+                         drill_chars: int = 2000, drill_repeat_share: float = 0.3) -> dict:
     """Write a jsonl of ``{"text", "source", "name"}`` documents; return statistics."""
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be train, heldout or all, got {split!r}")
@@ -210,6 +211,11 @@ def build_builtin_corpus(out_path: str | Path, max_bytes: int = 4_000_000, seed:
         raise ValueError("code_fraction must be in [0, 1] and heldout_fraction in (0, 1)")
     if not 0.0 <= recall_fraction <= 1.0:
         raise ValueError(f"recall_fraction must be in [0, 1], got {recall_fraction}")
+    if not 0.0 <= drill_fraction < 1.0:
+        raise ValueError(f"drill_fraction must be in [0, 1), got {drill_fraction}")
+    # Recall drills (megatron_longsky.data.recall_drills) take drill_fraction of the bytes.
+    drill_budget = max_bytes * drill_fraction
+    max_bytes = max_bytes - drill_budget
     prose_budget = max_bytes * (1.0 - code_fraction)
     code_budget = max_bytes * code_fraction
     prose, code = [], []
@@ -244,6 +250,19 @@ def build_builtin_corpus(out_path: str | Path, max_bytes: int = 4_000_000, seed:
                 window = doc.text[start:start + recall_max_chars]
                 chosen[i] = Document(f"recall:{doc.name}", "recall", with_recalls(window, rng))
         used = sum(len(d.text.encode("utf-8")) for d in chosen)
+    if drill_budget > 0 and chosen:
+        from megatron_longsky.data.recall_drills import drill_document
+
+        rng = random.Random(seed + 3)
+        drills, drill_bytes = [], 0
+        while drill_bytes < drill_budget:
+            source = rng.choice(chosen)
+            text = drill_document(rng, source.text[:20000], drill_chars, drill_repeat_share)
+            drills.append(Document(f"drill:{len(drills)}:{source.name}", "drill", text))
+            drill_bytes += len(text.encode("utf-8"))
+        chosen += drills
+        random.Random(seed + 4).shuffle(chosen)
+        used += drill_bytes
 
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:

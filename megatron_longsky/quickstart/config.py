@@ -12,11 +12,18 @@ class QuickstartConfig:
     # Tokenizer: the built-in byte tokenizer, or a BPE trained on the corpus.
     tokenizer: Literal["byte", "bpe"] = "bpe"
     bpe_vocab_size: int = 2048
+    # Every digit its own token (as Llama): copying a number is a fixed per-digit copy.
+    bpe_split_digits: bool = True
     # Built-in corpus from the Python standard library's docs and sources.
     corpus_bytes: int = 3_000_000
     heldout_bytes: int = 300_000
     # Share of training documents turned into recall documents (facts recalled further on).
     recall_fraction: float = 0.9
+    # Share of the training bytes that are recall drills: made-up key -> value facts, each
+    # asked about further on (dense copy targets: how a tiny model learns retrieval).
+    drill_fraction: float = 0.5
+    # Share of drills that are a line repeated verbatim (the plainest copy signal).
+    drill_repeat_share: float = 0.3
     workers: int = 2
     # The model: a small Llama-style decoder (GQA, SwiGLU, RMSNorm, RoPE).
     num_layers: int = 4

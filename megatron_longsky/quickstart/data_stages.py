@@ -12,7 +12,9 @@ def build_corpus(ctx: Context) -> dict:
     from megatron_longsky.data.builtin_corpus import build_builtin_corpus
 
     train = build_builtin_corpus(ctx.path("corpus/train.jsonl"), max_bytes=ctx.cfg.corpus_bytes,
-                                 seed=ctx.cfg.seed, split="train", recall_fraction=ctx.cfg.recall_fraction)
+                                 seed=ctx.cfg.seed, split="train", recall_fraction=ctx.cfg.recall_fraction,
+                                 drill_fraction=ctx.cfg.drill_fraction,
+                                 drill_repeat_share=ctx.cfg.drill_repeat_share)
     heldout = build_builtin_corpus(ctx.path("corpus/heldout.jsonl"), max_bytes=ctx.cfg.heldout_bytes,
                                    seed=ctx.cfg.seed, split="heldout")
     return {"train": _summary(train), "heldout": _summary(heldout)}
@@ -32,7 +34,8 @@ def build_tokenizer_stage(ctx: Context) -> dict:
             for line in f:
                 yield json.loads(line)["text"]
 
-    out = train_bpe_tokenizer(texts(), ctx.cfg.bpe_vocab_size, ctx.path("tokenizer"))
+    out = train_bpe_tokenizer(texts(), ctx.cfg.bpe_vocab_size, ctx.path("tokenizer"),
+                              split_digits=ctx.cfg.bpe_split_digits)
     return {"type": "hf", "model": str(out)}
 
 
