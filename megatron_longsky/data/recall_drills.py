@@ -79,13 +79,22 @@ def recall_drill(rng: random.Random, filler: list[str], min_facts: int = 2, max_
     return "\n".join(lines)
 
 
-def repeat_drill(rng: random.Random) -> str:
-    """A line of made-up words and numbers, then the same line again: every token of
-    the repeat can be copied (the plainest induction signal)."""
-    items = [made_up_key(rng) if rng.random() < 0.7 else number(rng) for _ in range(rng.randint(4, 12))]
-    line = " ".join(items)
-    head = rng.choice(("Sequence", "Items", "Tokens", "List"))
+def repeat_drill(rng: random.Random, words: list[str] = ()) -> str:
+    """A line of words (drawn at random from ``words``, the source document's, with some
+    made-up names and numbers), then the same line again: every token of the repeat can
+    be copied, and random words are hard to guess otherwise (the plainest induction signal)."""
+    def item() -> str:
+        r = rng.random()
+        if words and r < 0.7:
+            return rng.choice(words)
+        return made_up_key(rng) if r < 0.85 else number(rng)
+    line = " ".join(item() for _ in range(rng.randint(6, 16)))
+    head = rng.choice(("Sequence", "Items", "Tokens", "List", "Words"))
     return f"{head}: {line}.\n{head} again: {line}."
+
+
+def _words(text: str) -> list[str]:
+    return sorted({w for w in text.split() if w.isalpha() and 3 <= len(w) <= 14})
 
 
 def filler_lines(text: str, max_chars: int = 100) -> list[str]:
@@ -96,9 +105,10 @@ def filler_lines(text: str, max_chars: int = 100) -> list[str]:
 def drill_document(rng: random.Random, source_text: str, target_chars: int, repeat_share: float = 0.3) -> str:
     """Drills back to back (blank line between) until about ``target_chars`` characters."""
     filler = filler_lines(source_text)
+    words = _words(source_text)
     drills, size = [], 0
     while size < target_chars:
-        drill = repeat_drill(rng) if rng.random() < repeat_share else recall_drill(rng, filler)
+        drill = repeat_drill(rng, words) if rng.random() < repeat_share else recall_drill(rng, filler)
         drills.append(drill)
         size += len(drill) + 2
     return "\n\n".join(drills) + "\n"

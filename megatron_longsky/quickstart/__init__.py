@@ -81,14 +81,15 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     return report
 
 
-ITERATION_FIELDS = ("base_iters", "cpt_iters", "sft_iters", "long_sft_iters")
+ITERATION_FIELDS = ("copy_warmup_iters", "base_iters", "cpt_iters", "sft_iters", "long_sft_iters")
 
 
 def scaled(cfg: QuickstartConfig, scale: float) -> QuickstartConfig:
     """``cfg`` with every stage's iterations multiplied by ``scale`` (at least 1 each)."""
     if scale <= 0:
         raise ValueError(f"--scale must be positive, got {scale}")
-    return dataclasses.replace(cfg, **{f: max(1, round(getattr(cfg, f) * scale)) for f in ITERATION_FIELDS})
+    return dataclasses.replace(cfg, **{f: max(1, round(getattr(cfg, f) * scale)) if getattr(cfg, f) > 0 else 0
+                                     for f in ITERATION_FIELDS})
 
 
 def main(argv: Optional[list[str]] = None) -> int:

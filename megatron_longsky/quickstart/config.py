@@ -39,6 +39,13 @@ class QuickstartConfig:
     long_rope_base: float = 160000.0
     context_parallel: int = 2
     base_iters: int = 800
+    # Copy warm-up (a curriculum): base pretraining starts with this many iterations on
+    # recall drills alone, where copying is the only way to lower the loss, so induction
+    # (retrieval) forms before the model settles into a short-range n-gram predictor.
+    # Off by default: measured without effect at this budget (see docs / issue 13 notes).
+    copy_warmup_iters: int = 0
+    copy_warmup_lr: float = 1e-3
+    copy_warmup_bytes: int = 1_000_000
     cpt_iters: int = 120
     sft_iters: int = 40
     long_sft_iters: int = 100

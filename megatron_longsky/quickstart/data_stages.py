@@ -17,11 +17,21 @@ def build_corpus(ctx: Context) -> dict:
                                  drill_repeat_share=ctx.cfg.drill_repeat_share)
     heldout = build_builtin_corpus(ctx.path("corpus/heldout.jsonl"), max_bytes=ctx.cfg.heldout_bytes,
                                    seed=ctx.cfg.seed, split="heldout")
-    return {"train": _summary(train), "heldout": _summary(heldout)}
+    out = {"train": _summary(train), "heldout": _summary(heldout)}
+    if ctx.cfg.copy_warmup_iters > 0:
+        # Drills alone (training documents as filler), for the copy warm-up.
+        drills = build_builtin_corpus(ctx.path("corpus/drills.jsonl"), max_bytes=ctx.cfg.copy_warmup_bytes,
+                                      seed=ctx.cfg.seed + 11, split="train", drill_fraction=0.95,
+                                      drill_repeat_share=ctx.cfg.drill_repeat_share)
+        out["drills"] = _summary(drills)
+    return out
 
 
 def _summary(stats: dict) -> dict:
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+    out = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+    if isinstance(stats.get("bytes_by_source"), dict):
+        out["bytes_by_source"] = dict(stats["bytes_by_source"])
+    return out
 
 
 def build_tokenizer_stage(ctx: Context) -> dict:
@@ -43,13 +53,14 @@ def preprocess_corpus(ctx: Context) -> dict:
     from megatron_longsky.data.preprocess import PreprocessConfig, preprocess
 
     results = {}
-    for split in ("train", "heldout"):
+    splits = ["train", "heldout"] + (["drills"] if ctx.path("corpus/drills.jsonl").exists() else [])
+    for split in splits:
         stats = preprocess(PreprocessConfig(
             inputs=[str(ctx.path(f"corpus/{split}.jsonl"))],
             output_prefix=str(ctx.path(f"data/{split}")),
             tokenizer=ctx.tokenizer_config(),
             append_eod=True,
-            workers=ctx.cfg.workers if split == "train" else 1,
+            workers=ctx.cfg.workers if split != "heldout" else 1,
             progress=False,
         ))
         results[split] = {
@@ -179,8 +190,12 @@ def check_evaluation_unseen(ctx: Context) -> dict:
     builder = NeedleBuilder(NeedleConfig(lengths=cfg.needle_lengths, num_depths=cfg.needle_depths,
                                          samples=cfg.needle_samples, seed=cfg.seed, mode="base"), ctx.tokenizer())
     values = sorted({n["value"] for point in builder.grid() for n in builder.build(*point).needles})
-    with open(ctx.path("corpus/train.jsonl"), encoding="utf-8") as f:
-        text = "\n".join(json.loads(line)["text"] for line in f)
+    texts = []
+    for split in ("train", "drills"):
+        if ctx.path(f"corpus/{split}.jsonl").exists():
+            with open(ctx.path(f"corpus/{split}.jsonl"), encoding="utf-8") as f:
+                texts += [json.loads(line)["text"] for line in f]
+    text = "\n".join(texts)
     sentences = builder.haystack.sentences[:500]
     return {"needle_values": len(values), "needle_values_in_training": sum(v in text for v in values),
             "haystack_sentences_checked": len(sentences),

@@ -153,6 +153,18 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
         ["dataset", "documents", "tokens", "tokens/s"],
         [[split, prep[split]["documents"], prep[split]["tokens"], prep[split]["tokens_per_second"]]
          for split in ("train", "heldout")]))
+    by_source = res("corpus").get("train", {}).get("bytes_by_source")
+    if by_source:
+        total = sum(by_source.values()) or 1
+        sections.append(
+            "Training corpus by source (share of bytes): " + ", ".join(
+                f"{k} {v / total:.0%}" for k, v in sorted(by_source.items()))
+            + ". `drill`: recall drills, made-up key -> value facts each asked about further on, and lines "
+            "repeated verbatim (dense copy targets); `recall`: documents with made-up facts recalled further on. "
+            "Keys, wording and 3-6 digit values differ from the needle test's"
+            + ("; digits are single tokens" if cfg.tokenizer == "bpe" and cfg.bpe_split_digits else "")
+            + (f". Base pretraining began with {cfg.copy_warmup_iters} iterations on drills alone (copy warm-up)"
+               if res("base").get("copy_warmup") else "") + ".")
     cip_lines = []
     for mode, info in res("cip_data").items():
         stats = info["statistics"]

@@ -67,10 +67,20 @@ def pretrain_base(ctx: Context) -> dict:
     from megatron_longsky.quickstart.data_stages import dataset_prefix
 
     cfg = ctx.cfg
+    warmup = None
+    if cfg.copy_warmup_iters > 0:
+        # The copy warm-up: recall drills alone, then the base corpus from its weights.
+        job = _job(ctx, "base_copy", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
+                   data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "drills")], "split": "100,0,0"},
+                   iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None)
+        warmup = run_job(ctx, "base_copy", job)
     job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
                data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
-               iters=cfg.base_iters, lr=cfg.lr, init_from=None)
-    return run_job(ctx, "base", job)
+               iters=cfg.base_iters, lr=cfg.lr, init_from=warmup["checkpoint"] if warmup else None)
+    results = run_job(ctx, "base", job)
+    if warmup:
+        results["copy_warmup"] = warmup
+    return results
 
 
 def continual_pretrain(ctx: Context, name: str, data_prefix: str) -> dict:
