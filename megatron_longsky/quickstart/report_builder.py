@@ -159,9 +159,10 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
         sections.append(
             "Training corpus by source (share of bytes): " + ", ".join(
                 f"{k} {v / total:.0%}" for k, v in sorted(by_source.items()))
-            + ". `drill`: recall drills, made-up key -> value facts each asked about further on, and lines "
-            "repeated verbatim (dense copy targets); `recall`: documents with made-up facts recalled further on. "
-            "Keys, wording and 3-6 digit values differ from the needle test's"
+            + (". `drill`: recall drills, made-up key -> value facts each asked about further on, and lines "
+               "repeated verbatim (dense copy targets)" if "drill" in by_source else "")
+            + ("; `recall`: documents with made-up facts recalled further on" if "recall" in by_source else "")
+            + ". Made-up keys, wording and 3-6 digit values differ from the needle test's"
             + ("; digits are single tokens" if cfg.tokenizer == "bpe" and cfg.bpe_split_digits else "")
             + (f". Base pretraining began with {cfg.copy_warmup_iters} iterations on drills alone (copy warm-up)"
                if res("base").get("copy_warmup") else "") + ".")
