@@ -20,8 +20,9 @@ class QuickstartConfig:
     # Share of training documents turned into recall documents (facts recalled further on).
     recall_fraction: float = 0.9
     # Share of the training bytes that are recall drills: made-up key -> value facts, each
-    # asked about further on (dense copy targets). Off by default: at 0.5 the default run's
-    # needle stayed at 0% and held-out perplexity rose (SFT 80 -> 118), see issue 13 notes.
+    # asked about further on (dense copy targets). Off by default: at 0.5 the needle stayed
+    # at 0% and held-out perplexity after SFT was 118 vs 95 without (each run with its own BPE,
+    # so only indicative); see docs/data.md, "Retrieval at quickstart scale".
     drill_fraction: float = 0.0
     # Share of drills that are a line repeated verbatim (the plainest copy signal).
     drill_repeat_share: float = 0.3
