@@ -52,3 +52,32 @@ def test_corpus_preprocesses_into_a_dataset(tmp_path):
     ds = open_indexed(dataset_prefix(cfg.output_prefix, "text"))
     assert len(ds) == stats["documents"] == result.documents
     assert result.tokens["text"] == stats["bytes"] + stats["documents"]  # bytes + one EOD each
+
+
+def test_recall_documents_repeat_their_facts_further_on(tmp_path):
+    import random
+    import re
+
+    from megatron_longsky.data.builtin_corpus import with_recalls
+
+    text = "\n".join(f"Line {i} of an ordinary document, long enough to be repeated." for i in range(60))
+    out = with_recalls(text, random.Random(0))
+    facts = re.findall(r"(?:The|the) ([a-z ]+) (?:of|for) ([A-Z][a-z]+(?:-[A-Z][a-z]+)?) is (\d+)\.", out)
+    assert facts
+    for attr, key, value in facts:
+        first = out.index(f"{attr} of {key} is {value}" if f"{attr} of {key}" in out else f"{attr} for {key} is {value}")
+        assert out.count(value) >= 2 and out.rindex(value) > first  # recalled further on
+    assert all(3 <= len(v) <= 6 for v in re.findall(r"\b\d+\b", out) if not out.count(f"Line {v} "))
+    assert "Check: " in out  # the key/value list block
+    assert all(line in out for line in text.split("\n"))  # the document itself is kept, in order
+
+
+def test_recall_fraction_changes_training_documents_only(tmp_path):
+    stats = build_builtin_corpus(tmp_path / "train.jsonl", max_bytes=200_000, seed=0, recall_fraction=0.5)
+    docs = read(tmp_path / "train.jsonl")
+    recall = [d for d in docs if d["source"] == "recall"]
+    assert 0.3 * len(docs) < len(recall) < 0.7 * len(docs)
+    assert all(d["name"].startswith("recall:") for d in recall)
+    assert stats["documents_by_source"]["recall"] == len(recall)
+    plain = build_builtin_corpus(tmp_path / "plain.jsonl", max_bytes=200_000, seed=0)
+    assert "recall" not in plain["documents_by_source"]

@@ -191,3 +191,16 @@ def test_config_and_command_line_args(sp_model):
         TokenizerConfig("byte", "x.model")
     with pytest.raises(ValueError, match="not one of"):
         TokenizerConfig("gpt2")
+
+
+def test_bpe_split_digits_gives_one_token_per_digit(tmp_path):
+    directory = train_bpe_tokenizer(TEXTS + ["order 123456 and 98765 again 4242"] * 20, vocab_size=400,
+                                    out_dir=tmp_path / "digits", split_digits=True)
+    tok = build_tokenizer(TokenizerConfig(type="hf", model=str(directory)))
+    text = "The code of Kelvo is 4829301."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in ids]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("4829301")
+    # The value on its own (how the needle scorer encodes answers) has the same digit tokens.
+    assert [tok.decode([i]) for i in tok.encode(" 4829301")][-7:] == list("4829301")

@@ -88,6 +88,8 @@ class PerplexityResult:
     nll_sum: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     model: str = ""
+    # Per document: NLL summed per bucket (for paired comparisons between models).
+    per_document_nll_sum: list[list[float]] = field(default_factory=list)
 
     def buckets(self) -> list[dict]:
         out = []
@@ -103,7 +105,7 @@ class PerplexityResult:
     def to_dict(self) -> dict:
         return {"model": self.model, "config": self.config, "documents": self.documents,
                 "overall_nll": self.overall_nll, "overall_ppl": math.exp(self.overall_nll),
-                "buckets": self.buckets()}
+                "buckets": self.buckets(), "per_document_nll_sum": self.per_document_nll_sum}
 
     def markdown(self) -> str:
         lines = [f"# Perplexity by position{': ' + self.model if self.model else ''}", "",
@@ -151,6 +153,7 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
                                 key=lambda ids: hashlib.sha256(str(ids).encode()).hexdigest())
     with progress_bar(total=len(selected), desc="perplexity", unit="doc", enabled=progress, leave=False) as bar:
         per_document = sharded_map(selected, bucket_sums, bar, journal)
+    result.per_document_nll_sum = [list(sums) for sums in per_document]
     for sums in per_document:
         result.nll_sum = [a + b for a, b in zip(result.nll_sum, sums)]
     result.tokens = [int((index == i).sum()) * len(selected) for i in range(len(edges) - 1)]

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="run directory (REPORT.md goes here)")
     p.add_argument("--config", help="YAML of QuickstartConfig fields")
     p.add_argument("--fresh", action="store_true", help="ignore results of an earlier run in --output")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every stage's iterations by this (e.g. 4: a longer, stronger run)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="QuickstartConfig overrides")
     return p
 
@@ -54,6 +56,7 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     runner.run("corpus", lambda: data.build_corpus(ctx))
     runner.run("tokenizer", lambda: data.build_tokenizer_stage(ctx))
     runner.run("preprocess", lambda: data.preprocess_corpus(ctx))
+    runner.run("eval_unseen", lambda: data.check_evaluation_unseen(ctx))
     runner.run("base", lambda: train.pretrain_base(ctx))
     runner.run("cip_data", lambda: data.build_cip_data(ctx))
     runner.run("cpt", lambda: train.continual_pretrain(ctx, "cpt", runner.results("cip_data")["cip"]["prefix"]))
@@ -78,14 +81,25 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     return report
 
 
+ITERATION_FIELDS = ("copy_warmup_iters", "base_iters", "cpt_iters", "sft_iters", "long_sft_iters")
+
+
+def scaled(cfg: QuickstartConfig, scale: float) -> QuickstartConfig:
+    """``cfg`` with every stage's iterations multiplied by ``scale`` (at least 1 each)."""
+    if scale <= 0:
+        raise ValueError(f"--scale must be positive, got {scale}")
+    return dataclasses.replace(cfg, **{f: max(1, round(getattr(cfg, f) * scale)) if getattr(cfg, f) > 0 else 0
+                                     for f in ITERATION_FIELDS})
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_longsky.utils.logging import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = load_config(QuickstartConfig, args.config, args.overrides)
-    except ConfigError as exc:
+        cfg = scaled(load_config(QuickstartConfig, args.config, args.overrides), args.scale)
+    except (ConfigError, ValueError) as exc:
         print(f"longsky quickstart: {exc}", file=sys.stderr)
         return 2
     report = run(cfg, Path(args.output), fresh=args.fresh)

@@ -62,3 +62,31 @@ def build_chat_data(corpus_jsonl: str | Path, out_path: str | Path, num_samples:
             if written == num_samples:
                 break
     return written
+
+
+def build_continuation_data(corpus_jsonl: str | Path, out_path: str | Path, num_samples: int, seed: int = 0,
+                            max_chars: int = 3000) -> int:
+    """General-text chat records for mixing into long SFT: the user gives the start of a
+    training document, the assistant continues it (up to ``max_chars`` in all), so SFT's
+    assistant-only loss still covers ordinary text. Returns how many were written."""
+    rng = random.Random(seed)
+    texts = []
+    with open(corpus_jsonl, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            if len(text) >= 600:
+                texts.append(text)
+    if not texts:
+        raise ValueError(f"{corpus_jsonl}: no document of 600 characters or more to build continuations from")
+    written = 0
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        while written < num_samples:
+            text = rng.choice(texts)
+            start = rng.randrange(max(1, len(text) - max_chars))
+            window = text[start:start + max_chars]
+            cut = rng.randrange(len(window) // 8, len(window) // 3)
+            record = {"messages": [{"role": "user", "content": "Continue the text:\n" + window[:cut]},
+                                   {"role": "assistant", "content": window[cut:]}]}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written += 1
+    return written

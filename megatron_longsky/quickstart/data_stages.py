@@ -12,14 +12,26 @@ def build_corpus(ctx: Context) -> dict:
     from megatron_longsky.data.builtin_corpus import build_builtin_corpus
 
     train = build_builtin_corpus(ctx.path("corpus/train.jsonl"), max_bytes=ctx.cfg.corpus_bytes,
-                                 seed=ctx.cfg.seed, split="train")
+                                 seed=ctx.cfg.seed, split="train", recall_fraction=ctx.cfg.recall_fraction,
+                                 drill_fraction=ctx.cfg.drill_fraction,
+                                 drill_repeat_share=ctx.cfg.drill_repeat_share)
     heldout = build_builtin_corpus(ctx.path("corpus/heldout.jsonl"), max_bytes=ctx.cfg.heldout_bytes,
                                    seed=ctx.cfg.seed, split="heldout")
-    return {"train": _summary(train), "heldout": _summary(heldout)}
+    out = {"train": _summary(train), "heldout": _summary(heldout)}
+    if ctx.cfg.copy_warmup_iters > 0:
+        # Drills alone (training documents as filler), for the copy warm-up.
+        drills = build_builtin_corpus(ctx.path("corpus/drills.jsonl"), max_bytes=ctx.cfg.copy_warmup_bytes,
+                                      seed=ctx.cfg.seed + 11, split="train", drill_fraction=0.95,
+                                      drill_repeat_share=ctx.cfg.drill_repeat_share)
+        out["drills"] = _summary(drills)
+    return out
 
 
 def _summary(stats: dict) -> dict:
-    return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+    out = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+    if isinstance(stats.get("bytes_by_source"), dict):
+        out["bytes_by_source"] = dict(stats["bytes_by_source"])
+    return out
 
 
 def build_tokenizer_stage(ctx: Context) -> dict:
@@ -32,7 +44,8 @@ def build_tokenizer_stage(ctx: Context) -> dict:
             for line in f:
                 yield json.loads(line)["text"]
 
-    out = train_bpe_tokenizer(texts(), ctx.cfg.bpe_vocab_size, ctx.path("tokenizer"))
+    out = train_bpe_tokenizer(texts(), ctx.cfg.bpe_vocab_size, ctx.path("tokenizer"),
+                              split_digits=ctx.cfg.bpe_split_digits)
     return {"type": "hf", "model": str(out)}
 
 
@@ -40,13 +53,14 @@ def preprocess_corpus(ctx: Context) -> dict:
     from megatron_longsky.data.preprocess import PreprocessConfig, preprocess
 
     results = {}
-    for split in ("train", "heldout"):
+    splits = ["train", "heldout"] + (["drills"] if ctx.path("corpus/drills.jsonl").exists() else [])
+    for split in splits:
         stats = preprocess(PreprocessConfig(
             inputs=[str(ctx.path(f"corpus/{split}.jsonl"))],
             output_prefix=str(ctx.path(f"data/{split}")),
             tokenizer=ctx.tokenizer_config(),
             append_eod=True,
-            workers=ctx.cfg.workers if split == "train" else 1,
+            workers=ctx.cfg.workers if split != "heldout" else 1,
             progress=False,
             overwrite=True,  # the quickstart owns its output directory: a re-run stage replaces its data
         ))
@@ -124,18 +138,66 @@ def build_sft_data(ctx: Context) -> dict:
 
 
 def build_synl_data(ctx: Context) -> dict:
-    """SynL tables for long SFT, and a held-out set (another seed) for accuracy."""
+    """SynL tables for long SFT (mixed with general-text continuations, ``long_sft_general``
+    of the records), and a held-out SynL set (another seed) for accuracy."""
+    from megatron_longsky.quickstart.chat_data import build_continuation_data
+    from megatron_longsky.sft.preprocess import main as preprocess_sft
     from megatron_longsky.synl.generate import main as build_synl
 
     cfg = ctx.cfg
     train_jsonl, heldout_jsonl = ctx.path("synl/train.jsonl"), ctx.path("synl/heldout.jsonl")
+    general_jsonl = ctx.path("synl/general.jsonl")
     prefix = ctx.path("data/synl")
     common = ["--min-tokens", str(cfg.synl_min_tokens), "--max-tokens", str(cfg.synl_max_tokens),
-              "--format", "mixed", "--no-progress", "--overwrite", *_tokenizer_flags(ctx)]
+              "--format", cfg.synl_format, "--no-progress", "--overwrite", *_tokenizer_flags(ctx)]
     _check(build_synl(["--output", str(train_jsonl), "--num-samples", str(cfg.synl_samples),
-                       "--seed", str(cfg.seed), "--sft-output-prefix", str(prefix),
-                       "--sft-max-length", str(cfg.long_seq_length), *common]), "build-synl")
+                       "--seed", str(cfg.seed), *common]), "build-synl")
     _check(build_synl(["--output", str(heldout_jsonl), "--num-samples", str(cfg.synl_eval_samples),
                        "--seed", str(cfg.seed + 1_000_003), *common]), "build-synl (held out)")
+    inputs = [str(train_jsonl)]
+    general = round(cfg.synl_samples * cfg.long_sft_general / (1.0 - cfg.long_sft_general))
+    if general:
+        build_continuation_data(ctx.path("corpus/train.jsonl"), general_jsonl, general, seed=cfg.seed + 7)
+        inputs.append(str(general_jsonl))
+    _check(preprocess_sft(["--input", *inputs, "--output-prefix", str(prefix), "--max-length",
+                           str(cfg.long_seq_length), "--overlong", "drop", "--no-progress", "--overwrite",
+                           *_tokenizer_flags(ctx)]), "preprocess-sft (long SFT)")
     return {"prefix": str(prefix), "jsonl": str(train_jsonl), "heldout_jsonl": str(heldout_jsonl),
-            "samples": cfg.synl_samples, "heldout_samples": cfg.synl_eval_samples}
+            "samples": cfg.synl_samples, "heldout_samples": cfg.synl_eval_samples, "general_samples": general,
+            "format": cfg.synl_format,
+            "train_counts": synl_counts(train_jsonl), "heldout_counts": synl_counts(heldout_jsonl)}
+
+
+def synl_counts(path: Path) -> dict:
+    """Questions per ``family/kind`` and generator fallbacks (``fallback/<drawn>-><asked>``)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            meta = json.loads(line)["meta"]
+            counts[f"{meta['family']}/{meta['kind']}"] += 1
+            if meta.get("fallback"):
+                counts[f"fallback/{meta['fallback']}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def check_evaluation_unseen(ctx: Context) -> dict:
+    """Count the needle sweep's values and haystack sentences that occur in the training
+    corpus (they should not: the evaluation must measure retrieval, not memory)."""
+    from megatron_longsky.eval.needle import NeedleBuilder, NeedleConfig
+
+    cfg = ctx.cfg
+    builder = NeedleBuilder(NeedleConfig(lengths=cfg.needle_lengths, num_depths=cfg.needle_depths,
+                                         samples=cfg.needle_samples, seed=cfg.seed, mode="base"), ctx.tokenizer())
+    values = sorted({n["value"] for point in builder.grid() for n in builder.build(*point).needles})
+    texts = []
+    for split in ("train", "drills"):
+        if ctx.path(f"corpus/{split}.jsonl").exists():
+            with open(ctx.path(f"corpus/{split}.jsonl"), encoding="utf-8") as f:
+                texts += [json.loads(line)["text"] for line in f]
+    text = "\n".join(texts)
+    sentences = builder.haystack.sentences[:500]
+    return {"needle_values": len(values), "needle_values_in_training": sum(v in text for v in values),
+            "haystack_sentences_checked": len(sentences),
+            "haystack_sentences_in_training": sum(s in text for s in sentences)}

@@ -40,14 +40,15 @@ def perplexity(ctx: Context, model: str, length: int) -> dict:
     ckpt = ctx.runner.results(model)["checkpoint"]
     out = ctx.path(f"eval/{model}/ppl_{length}")
     run_longsky(["eval", "ppl", "--checkpoint", ckpt, "--data", f"indexed:{dataset_prefix(ctx, 'heldout')}",
-                 "--length", str(length), "--max-documents", "8", "--output", str(out)],
+                 "--length", str(length), "--max-documents", str(ctx.cfg.ppl_documents), "--output", str(out)],
                 ctx.path(f"logs/ppl_{model}_{length}.log"))
     files = sorted(out.glob("*.json"))
     if not files:
         raise RuntimeError(f"longsky eval ppl wrote no JSON into {out}")
     data = json.loads(files[0].read_text(encoding="utf-8"))
     return {"dir": str(out), "documents": data["documents"], "overall_nll": data["overall_nll"],
-            "overall_ppl": data["overall_ppl"], "buckets": data["buckets"]}
+            "overall_ppl": data["overall_ppl"], "buckets": data["buckets"],
+            "per_document_nll_sum": data.get("per_document_nll_sum", [])}
 
 
 def synl_accuracy(ctx: Context, model: str) -> dict:
@@ -56,7 +57,8 @@ def synl_accuracy(ctx: Context, model: str) -> dict:
     run_longsky(["synl-eval", "--checkpoint", ckpt, "--data", ctx.runner.results("synl_data")["heldout_jsonl"],
                  "--output", str(out)], ctx.path(f"logs/synl_{model}.log"))
     data = json.loads((out / "synl_eval.json").read_text(encoding="utf-8"))
-    return {k: data[k] for k in ("accuracy", "correct", "total", "by_family", "examples")}
+    return {k: data[k] for k in ("accuracy", "correct", "total", "partial_credit", "by_kind", "by_family",
+                                 "examples")}
 
 
 def export_hf(ctx: Context) -> dict:

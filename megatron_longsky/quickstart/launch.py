@@ -37,6 +37,10 @@ def run_longsky(args: list[str], log_path: Path, nproc: int = 1, threads: int | 
     # Two cores: one thread per rank when several ranks share them.
     env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 2) // nproc))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if nproc == 1:
+        # A single process still sets up a process group: give it a free port, not the
+        # default 29500 that another job on the machine may hold.
+        env["MASTER_ADDR"], env["MASTER_PORT"] = "127.0.0.1", str(free_port())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = longsky_command(args, nproc)
     with open(log_path, "w", encoding="utf-8") as log:

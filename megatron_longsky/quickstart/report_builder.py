@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 from pathlib import Path
 
@@ -46,59 +47,125 @@ def _token_accuracy(ctx: Context, model: str, lengths: list[int]) -> str:
     return f"{sum(values) / len(values):.1%}" if values else "n/a"
 
 
-def _long_lengths(ctx: Context) -> list[int]:
-    """The needle lengths beyond the base training length."""
-    return [n for n in ctx.cfg.needle_lengths if n > ctx.cfg.base_seq_length]
+def plot_loss_by_position(summary: dict, out_path: Path) -> Path:
+    """Held-out loss per position bucket, one line per stage, the base length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_longsky.utils.atomic import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in summary["models"]:
+        buckets = [b for b in summary["loss_by_position"][model] if b["end"] > b["start"]]
+        centers = [math.sqrt(b["start"] * max(b["start"], b["end"] - 1)) for b in buckets]
+        ax.plot(centers, [b["loss"] for b in buckets], "o-", label=TITLES.get(model, model))
+    ax.axvline(summary["base_length"], color="gray", linestyle="--", label=f"base length {summary['base_length']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the held-out document (tokens, bucketed)")
+    ax.set_ylabel("loss (NLL per token)")
+    ax.set_title("Held-out loss by position")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out_path
 
 
-def _beyond_base(ctx: Context, model: str) -> float:
-    r = ctx.runner.results(f"needle_{model}")
-    long = _long_lengths(ctx)
-    return sum(r["per_length"].get(str(n), 0.0) for n in long) / max(1, len(long))
+def _claims_section(summary: dict) -> str:
+    from megatron_longsky.quickstart.claims import claim_rows
+
+    unseen = summary.get("evaluation_unseen") or {}
+    return "\n".join([
+        "## The recipe's claims, in miniature", "",
+        table(["claim", "expected", "measured", "verdict", "seed(s)"], claim_rows(summary)), "",
+        f"Evaluation data in the training corpus: {unseen.get('needle_values_in_training', 'n/a')} of "
+        f"{unseen.get('needle_values', 'n/a')} needle values, {unseen.get('haystack_sentences_in_training', 'n/a')} "
+        f"of {unseen.get('haystack_sentences_checked', 'n/a')} haystack sentences checked; held-out documents "
+        "and SynL tables come from a separate split and seed.", "",
+        "Numbers from this run's own evaluations (machine-readable in `summary.json`). A tiny model after "
+        "minutes of CPU training: they show which way the effects point at this scale, not the paper's "
+        "results."])
 
 
-def _claims(ctx: Context) -> str:
-    cfg = ctx.cfg
-    lines = ["## The paper's claims, in miniature", ""]
-    before, after = _beyond_base(ctx, "sft"), _beyond_base(ctx, "long_sft")
-    long = _long_lengths(ctx)
-    verdict = "lifted" if after > before else ("did not change" if after == before else "lowered")
-    lines.append(
-        f"- **Does long SFT lift needle accuracy beyond the base length?** Mean needle accuracy at lengths "
-        f"> {cfg.base_seq_length} tokens: {before:.1%} after SFT, {after:.1%} after long SFT on SynL: "
-        f"long SFT {verdict} it here. Answer tokens predicted at those lengths: "
-        f"{_token_accuracy(ctx, 'sft', long)} after SFT, {_token_accuracy(ctx, 'long_sft', long)} after long SFT.")
-    synl_before, synl_after = ctx.runner.results("synl_sft"), ctx.runner.results("synl_long_sft")
-    lines.append(
-        f"- **SynL accuracy (held-out, exact match):** {synl_before['correct']}/{synl_before['total']} after SFT, "
-        f"{synl_after['correct']}/{synl_after['total']} after long SFT.")
-    if cfg.ablation:
-        cip, concat = ctx.runner.results("ppl_cpt"), ctx.runner.results("ppl_cpt_concat")
-        n_cip, n_cat = _beyond_base(ctx, "cpt"), _beyond_base(ctx, "cpt_concat")
-        better = "lower (better)" if cip["overall_ppl"] < concat["overall_ppl"] else "not lower"
-        lines.append(
-            f"- **Does CIP help compared with plain concatenation?** Same documents, same steps: held-out "
-            f"perplexity at {cfg.long_seq_length} tokens is {cip['overall_ppl']:.3f} after CPT on CIP vs "
-            f"{concat['overall_ppl']:.3f} on concatenation ({better} with CIP); needle accuracy beyond the base "
-            f"length {n_cip:.1%} vs {n_cat:.1%}.")
-    lines += ["", "These are a tiny model's numbers after minutes of CPU training: they show the pipeline "
-              "works end to end and which way the effects point at this scale, not the paper's results."]
-    return "\n".join(lines)
+def _loss_section(ctx: Context, summary: dict) -> str:
+    png = plot_loss_by_position(summary, ctx.path("figures/loss_by_position.png"))
+    L = summary["base_length"]
+    rows = [[TITLES[m], f"{summary['loss_within_base_length'][m]:.3f}", f"{summary['loss_beyond_base_length'][m]:.3f}",
+             f"{summary['perplexity'][m]:.2f}", ctx.runner.results(f"ppl_{m}")["documents"]]
+            for m in summary["models"]]
+    return "\n".join([
+        f"## Held-out loss by position (natural text, {summary['long_length']} tokens)", "",
+        image(png, ctx.run_dir, "held-out loss by position, one line per stage"), "",
+        table(["model", f"loss at positions < {L}", f"loss at positions >= {L}", "perplexity", "documents"], rows)])
+
+
+def _synl_section(ctx: Context, summary: dict) -> str:
+    res = ctx.runner.results
+    kinds = sorted({k for m in summary["synl"] for k in summary["synl"][m]})
+    models = [m for m in ("sft", "long_sft") if m in summary["synl"]]
+    rows = []
+    for kind in kinds:
+        row = [kind, summary["synl_questions"][models[-1]].get(kind, 0)]
+        for m in models:
+            acc, credit = summary["synl"][m].get(kind), summary["synl_partial_credit"][m].get(kind)
+            row += [f"{acc:.0%}" if acc is not None else "-", f"{credit:.2f}" if credit is not None else "-"]
+        rows.append(row)
+    overall = ["all", res(f"synl_{models[-1]}")["total"]]
+    for m in models:
+        r = res(f"synl_{m}")
+        overall += [f"{r['accuracy']:.0%}", f"{r.get('partial_credit', 0.0):.2f}"]
+    rows.append(overall)
+    gen = summary.get("synl_generation", {})
+    fallbacks = {split: {k: v for k, v in counts.items() if k.startswith("fallback")} for split, counts in gen.items()}
+    fallback_text = "; ".join(f"{split}: " + (", ".join(f"{k[len('fallback/'):]}={v}" for k, v in sorted(f.items()))
+                                               or "none") for split, f in fallbacks.items())
+    headers = ["question kind", "questions"] + [h for m in models for h in (f"{TITLES[m]} exact", f"{TITLES[m]} partial")]
+    return "\n".join([
+        "## SynL accuracy (held-out tables, per question kind)", "",
+        "Exact match of the final answer, and partial credit (1 for an exact match, otherwise the string "
+        "similarity of the final answer to the reference, 0-1). Greedy decoding under the chat template.", "",
+        table(headers, rows), "",
+        f"Generator fallbacks (a drawn kind that could not be asked on its table, replaced by another): {fallback_text}."])
 
 
 def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
+    from megatron_longsky.quickstart.summary import build_summary, write_summary
+
     cfg, res = ctx.cfg, ctx.runner.results
+    summary = build_summary(ctx, models)
+    write_summary(ctx.run_dir, summary)
     sections = [
         "# megatron_longsky quickstart report",
         f"The LongSkywork recipe end to end on a tiny model, on CPU ({platform.machine()}, "
         f"{__import__('os').cpu_count()} cores). Stages took {ctx.runner.total_seconds() / 60:.1f} minutes in "
-        f"total ({wall_seconds / 60:.1f} in this invocation). Tokenizer: {res('tokenizer')['type']}.",
+        f"total ({wall_seconds / 60:.1f} in this invocation; {ctx.runner.total_cpu_seconds() / 60:.1f} CPU "
+        f"minutes). Tokenizer: {res('tokenizer')['type']}"
+        + (f" ({cfg.bpe_vocab_size} tokens, trained on the training corpus)" if cfg.tokenizer == "bpe" else "")
+        + f"; seed {cfg.seed}.",
+        _claims_section(summary),
     ]
     prep = res("preprocess")
     sections.append("## Data\n\n" + table(
         ["dataset", "documents", "tokens", "tokens/s"],
         [[split, prep[split]["documents"], prep[split]["tokens"], prep[split]["tokens_per_second"]]
          for split in ("train", "heldout")]))
+    by_source = res("corpus").get("train", {}).get("bytes_by_source")
+    if by_source:
+        total = sum(by_source.values()) or 1
+        sections.append(
+            "Training corpus by source (share of bytes): " + ", ".join(
+                f"{k} {v / total:.0%}" for k, v in sorted(by_source.items()))
+            + (". `drill`: recall drills, made-up key -> value facts each asked about further on, and lines "
+               "repeated verbatim (dense copy targets)" if "drill" in by_source else "")
+            + ("; `recall`: documents with made-up facts recalled further on" if "recall" in by_source else "")
+            + ". Made-up keys, wording and 3-6 digit values differ from the needle test's"
+            + ("; digits are single tokens" if cfg.tokenizer == "bpe" and cfg.bpe_split_digits else "")
+            + (f". Base pretraining began with {cfg.copy_warmup_iters} iterations on drills alone (copy warm-up)"
+               if res("base").get("copy_warmup") else "") + ".")
     cip_lines = []
     for mode, info in res("cip_data").items():
         stats = info["statistics"]
@@ -110,8 +177,11 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
     sections.append("### CIP data\n\n" + "\n".join(cip_lines))
     sections.append(f"### SFT data\n\n- standard SFT: {res('sft_data')['samples']} built-in instruction samples\n"
                     f"- long SFT: {res('synl_data')['samples']} SynL samples "
-                    f"({cfg.synl_min_tokens}-{cfg.synl_max_tokens} table tokens), "
-                    f"{res('synl_data')['heldout_samples']} held out for accuracy")
+                    f"({cfg.synl_min_tokens}-{cfg.synl_max_tokens} table tokens, "
+                    f"{res('synl_data').get('format', 'mixed')} tables), mixed with "
+                    f"{res('synl_data').get('general_samples', 0)} general-text continuations of training "
+                    f"documents (so long SFT keeps the language model); "
+                    f"{res('synl_data')['heldout_samples']} held-out SynL samples (another seed) for accuracy")
     train_stages = ["base", "cpt"] + (["cpt_concat"] if cfg.ablation else []) + ["sft", "long_sft"]
     rows = []
     for s in train_stages:
@@ -123,20 +193,21 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
         ["stage", "seq length", "RoPE base", "CP", "processes", "iterations", "first loss", "final loss",
          "tokens/s"], rows) + "\n\n" + "\n".join(
         image(res(s)["loss_png"], ctx.run_dir, f"loss {s}") for s in train_stages))
-    ppl_rows = [[TITLES[m], res(f"ppl_{m}")["documents"], res(f"ppl_{m}")["overall_ppl"]] for m in models]
-    sections.append(f"## Held-out perplexity at {cfg.long_seq_length} tokens\n\n" + table(
-        ["model", "documents", "perplexity"], ppl_rows))
+    sections.append(_loss_section(ctx, summary))
     needle_text, _ = _needle_section(ctx, models)
     sections.append(needle_text)
-    synl_rows = []
-    for m in ("sft", "long_sft"):
-        r = res(f"synl_{m}")
-        synl_rows.append([TITLES[m], r["correct"], r["total"], f"{r['accuracy']:.1%}"])
-    sections.append("## SynL accuracy (held-out questions, exact match)\n\n" + table(
-        ["model", "correct", "total", "accuracy"], synl_rows))
-    sections.append(_claims(ctx))
+    sections.append(_synl_section(ctx, summary))
+    sections.append(_timings_section(ctx))
     exp = res("export")
     sections.append(f"## Hugging Face export\n\nThe long-SFT model was exported to `{exp['dir']}` "
                     f"({exp['architectures']}, rope_theta={exp['rope_theta']}); it loads with "
                     "`transformers.AutoModelForCausalLM.from_pretrained` and no custom code.")
     return write_report(ctx.run_dir, sections)
+
+
+def _timings_section(ctx: Context) -> str:
+    rows = [[name, f"{r.seconds:.1f}", f"{r.cpu_seconds:.1f}"] for name, r in ctx.runner.records.items()]
+    rows.append(["total", f"{ctx.runner.total_seconds():.1f}", f"{ctx.runner.total_cpu_seconds():.1f}"])
+    return "## Stage timings\n\nWall seconds and CPU seconds (this process and its subprocesses); on a " \
+           "shared machine CPU seconds / cores estimates the idle wall time.\n\n" + table(
+               ["stage", "wall s", "CPU s"], rows)

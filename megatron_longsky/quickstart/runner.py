@@ -24,6 +24,9 @@ class StageRecord:
     name: str
     seconds: float
     results: dict = field(default_factory=dict)
+    # CPU seconds of this process and its children (the stage's subprocesses): on a
+    # shared machine, wall time is inflated and CPU time / cores is the idle estimate.
+    cpu_seconds: float = 0.0
 
 
 class StageRunner:
@@ -43,14 +46,15 @@ class StageRunner:
             log.info("quickstart settings changed since the last run in %s: starting over", self.run_dir)
             return
         for name, rec in state.get("stages", {}).items():
-            self.records[name] = StageRecord(name, rec["seconds"], rec["results"])
+            self.records[name] = StageRecord(name, rec["seconds"], rec["results"], rec.get("cpu_seconds", 0.0))
 
     def _save(self) -> None:
         atomic_write_json(
             self.state_path,
             {
                 "fingerprint": self.fingerprint,
-                "stages": {n: {"seconds": r.seconds, "results": r.results} for n, r in self.records.items()},
+                "stages": {n: {"seconds": r.seconds, "cpu_seconds": r.cpu_seconds, "results": r.results}
+                           for n, r in self.records.items()},
             },
         )
 
@@ -59,12 +63,12 @@ class StageRunner:
             log.info("stage %s: done in an earlier run, reusing its results", name)
             return self.records[name].results
         log.info("stage %s: starting", name)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         results = fn() or {}
-        seconds = time.perf_counter() - start
-        self.records[name] = StageRecord(name, seconds, results)
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+        self.records[name] = StageRecord(name, seconds, results, cpu)
         self._save()
-        log.info("stage %s: finished in %.1fs", name, seconds)
+        log.info("stage %s: finished in %.1fs (%.1f CPU seconds)", name, seconds, cpu)
         return results
 
     def results(self, name: str) -> dict:
@@ -72,3 +76,14 @@ class StageRunner:
 
     def total_seconds(self) -> float:
         return sum(r.seconds for r in self.records.values())
+
+    def total_cpu_seconds(self) -> float:
+        return sum(r.cpu_seconds for r in self.records.values())
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its waited-for children."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime

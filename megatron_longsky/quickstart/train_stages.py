@@ -16,6 +16,7 @@ from megatron_longsky.quickstart.launch import run_longsky, write_yaml
 def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: dict, iters: int,
          lr: float, init_from: str | None, cp: int = 1) -> dict:
     cfg = ctx.cfg
+    long = seq_length > cfg.base_seq_length
     tok = ctx.tokenizer_config()
     return {
         "model": {"preset": "tiny", "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
@@ -31,8 +32,8 @@ def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: di
         "output_dir": str(ctx.path(f"train/{name}")),
         "seed": cfg.seed,
         "train_iters": iters,
-        "micro_batch_size": cfg.micro_batch_size,
-        "global_batch_size": cfg.global_batch_size,
+        "micro_batch_size": cfg.long_micro_batch_size if long else cfg.micro_batch_size,
+        "global_batch_size": cfg.long_global_batch_size if long else cfg.global_batch_size,
     }
 
 
@@ -66,10 +67,20 @@ def pretrain_base(ctx: Context) -> dict:
     from megatron_longsky.quickstart.data_stages import dataset_prefix
 
     cfg = ctx.cfg
+    warmup = None
+    if cfg.copy_warmup_iters > 0:
+        # The copy warm-up: recall drills alone, then the base corpus from its weights.
+        job = _job(ctx, "base_copy", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
+                   data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "drills")], "split": "100,0,0"},
+                   iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None)
+        warmup = run_job(ctx, "base_copy", job)
     job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
                data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
-               iters=cfg.base_iters, lr=cfg.lr, init_from=None)
-    return run_job(ctx, "base", job)
+               iters=cfg.base_iters, lr=cfg.lr, init_from=warmup["checkpoint"] if warmup else None)
+    results = run_job(ctx, "base", job)
+    if warmup:
+        results["copy_warmup"] = warmup
+    return results
 
 
 def continual_pretrain(ctx: Context, name: str, data_prefix: str) -> dict:

@@ -176,6 +176,7 @@ class SynLBuilder:
         kind = rng.choice(Q.FAMILIES[family])
         fmt = rng.choice(FORMATS) if cfg.format == "mixed" else cfg.format
         target = self.draw_target(rng)
+        drawn = kind
         question = None
         for _ in range(3):
             try:
@@ -197,9 +198,11 @@ class SynLBuilder:
             if question is not None:
                 break
             kind = ALWAYS_POSSIBLE[family]
-        return self._record(index, question, tables, fmt, text, table_tokens, target)
+        fallback = None if question.kind == drawn else f"{drawn}->{question.kind}"
+        return self._record(index, question, tables, fmt, text, table_tokens, target, fallback)
 
-    def _record(self, index, q: Q.Question, tables, fmt, tables_text, table_tokens, target) -> dict:
+    def _record(self, index, q: Q.Question, tables, fmt, tables_text, table_tokens, target,
+                fallback: Optional[str] = None) -> dict:
         several = len(tables) > 1
         how = ("Work it out step by step, then give the final answer"
                if q.family == "reasoning" else "Give the final answer")
@@ -215,6 +218,8 @@ class SynLBuilder:
             "prompt_tokens": self.count(user), "answer_tokens": self.count(assistant),
             "target_tokens": target, "rows": {t.name: len(t.rows) for t in tables},
             "seed": self.cfg.seed, "index": index, "tokenizer": self.tokenizer.fingerprint,
+            # "<drawn kind>-><asked kind>" when the drawn kind could not be asked on this table
+            "fallback": fallback,
         }
         return {"messages": messages, "meta": meta}
 
@@ -251,6 +256,8 @@ def write_synl_jsonl(cfg: SynLConfig, tokenizer, path, progress: bool = False) -
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             meta = record["meta"]
             counts[f"{meta['family']}/{meta['kind']}"] += 1
+            if meta.get("fallback"):
+                counts[f"fallback/{meta['fallback']}"] += 1
             counts["table_tokens"] += meta["table_tokens"]
         bar.close()
     return counts
@@ -329,7 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     table_tokens = counts.pop("table_tokens", 0)
     kinds = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    print(f"wrote {args.output}: {cfg.num_samples} samples, {table_tokens} table tokens ({kinds})", file=sys.stderr)
+    print(f"wrote {args.output}: {cfg.num_samples} samples, {table_tokens} table tokens ({kinds}; "
+          "fallback/A->B: kind A drawn but not askable on its table, B asked instead)", file=sys.stderr)
     return 0
 
 

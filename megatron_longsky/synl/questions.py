@@ -9,8 +9,14 @@ Families and kinds:
   and by how much), ``sum_rows`` (total over named rows), ``product`` (integer column
   times amount column of one row);
 * ``global``: ``count`` (rows under a filter), ``sum_filter`` (sum under a filter),
-  ``average`` (mean, rounded to 2 decimals half up), ``extreme`` (row with the
-  largest/smallest value), ``top_k`` (keys of the k largest values, in order).
+  ``average`` (mean over all rows or over filtered rows, rounded to 2 decimals half
+  up), ``extreme`` (row with the largest/smallest value, latest/earliest date),
+  ``top_k`` (keys of the k largest or smallest values or latest/earliest dates, k from
+  2 to 5, in order).
+
+Filters: category equal to a value, or a number/date greater (later) or less (earlier)
+than a cell's value. Missing cells (``N/A``, name and place columns only) are never
+matched on; a lookup of one answers ``N/A``.
 
 Every question also carries a ``query``: a small structured description the
 independent verifier (:mod:`megatron_longsky.synl.verify`) evaluates on the table text.
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Callable, Optional
 
-from megatron_longsky.synl.tables import NUMERIC_KINDS, Table, cell_text
+from megatron_longsky.synl.tables import MISSING, NUMERIC_KINDS, Table, cell_text
 
 FAMILIES = {
     "retrieval": ("lookup", "match", "multi_hop"),
@@ -54,7 +60,7 @@ def _unique_values(table: Table, header: str) -> list:
     counts: dict = {}
     for v in table.values(header):
         counts[v] = counts.get(v, 0) + 1
-    return [v for v, c in counts.items() if c == 1]
+    return [v for v, c in counts.items() if c == 1 and v != MISSING]
 
 
 def _join_keys(keys: list[str]) -> str:
@@ -158,8 +164,8 @@ def product(rng: random.Random, t: Table) -> Optional[Question]:
 
 
 def _filter(rng: random.Random, t: Table) -> tuple[dict, str, Callable]:
-    """A random filter: category equality, or numeric/date strictly greater than a cell's value."""
-    if rng.random() < 0.6 or not t.headers_of("amount", "int", "date"):
+    """A random filter: category equality, or numeric/date strictly greater or less than a cell's value."""
+    if rng.random() < 0.5 or not t.headers_of("amount", "int", "date"):
         header = rng.choice(t.headers_of("category"))
         value = rng.choice(t.values(header))
         i = t.index(header)
@@ -168,9 +174,14 @@ def _filter(rng: random.Random, t: Table) -> tuple[dict, str, Callable]:
     header = rng.choice(t.headers_of("amount", "int", "date"))
     value = rng.choice(t.values(header))
     i = t.index(header)
-    word = "later than" if t.column(header).kind == "date" else "greater than"
-    return ({"column": header, "op": "gt", "value": cell_text(value)}, f"{header} {word} {cell_text(value)}",
-            lambda row: row[i] > value)
+    is_date = t.column(header).kind == "date"
+    if rng.random() < 0.5:
+        word = "later than" if is_date else "greater than"
+        return ({"column": header, "op": "gt", "value": cell_text(value)}, f"{header} {word} {cell_text(value)}",
+                lambda row: row[i] > value)
+    word = "earlier than" if is_date else "less than"
+    return ({"column": header, "op": "lt", "value": cell_text(value)}, f"{header} {word} {cell_text(value)}",
+            lambda row: row[i] < value)
 
 
 def count(rng: random.Random, t: Table) -> Optional[Question]:
@@ -194,11 +205,17 @@ def sum_filter(rng: random.Random, t: Table) -> Optional[Question]:
 def average(rng: random.Random, t: Table) -> Optional[Question]:
     header = rng.choice(t.headers_of(*NUMERIC_KINDS))
     i = t.index(header)
-    values = [Decimal(row[i]) for row in t.rows]
+    query = {"op": "average", "table": t.name, "column": header}
+    scope, rows = "all rows", t.rows
+    if rng.random() < 0.5:
+        spec, phrase, keep = _filter(rng, t)
+        kept = [row for row in t.rows if keep(row)]
+        if kept:
+            scope, rows, query["filter"] = f"the rows with {phrase}", kept, spec
+    values = [Decimal(row[i]) for row in rows]
     mean = (sum(values) / len(values)).quantize(CENT, rounding=ROUND_HALF_UP)
-    text = (f"In table {t.name}, what is the average {header} over all rows, rounded to 2 decimal places "
-            "(half up)?")
-    return Question("global", "average", text, f"{mean:.2f}", {"op": "average", "table": t.name, "column": header})
+    text = f"In table {t.name}, what is the average {header} over {scope}, rounded to 2 decimal places (half up)?"
+    return Question("global", "average", text, f"{mean:.2f}", query)
 
 
 def extreme(rng: random.Random, t: Table) -> Optional[Question]:
@@ -222,20 +239,26 @@ def extreme(rng: random.Random, t: Table) -> Optional[Question]:
 
 
 def top_k(rng: random.Random, t: Table) -> Optional[Question]:
-    headers = t.headers_of(*NUMERIC_KINDS)
+    headers = t.headers_of("amount", "int", "date")
     rng.shuffle(headers)
-    k = min(3, len(t.rows) - 1)
+    k = min(rng.randint(2, 5), len(t.rows) - 1)
+    largest = rng.random() < 0.5
     for header in headers:
         i = t.index(header)
-        ranked = sorted(t.rows, key=lambda row: row[i], reverse=True)
+        ranked = sorted(t.rows, key=lambda row: row[i], reverse=largest)
         top = [row[i] for row in ranked[:k + 1]]
         if len(set(top)) != len(top):  # ties would make the order or the cut ambiguous
             continue
         keys = [row[0] for row in ranked[:k]]
-        text = (f"In table {t.name}, list the {t.key} of the {k} rows with the largest {header}, "
-                "from largest to smallest, separated by commas.")
+        if t.column(header).kind == "date":
+            most, least = ("latest", "earliest") if largest else ("earliest", "latest")
+        else:
+            most, least = ("largest", "smallest") if largest else ("smallest", "largest")
+        text = (f"In table {t.name}, list the {t.key} of the {k} rows with the {most} {header}, "
+                f"from {most} to {least}, separated by commas.")
         return Question("global", "top_k", text, ", ".join(keys),
-                        {"op": "top_k", "table": t.name, "column": header, "k": k, "return_column": t.key})
+                        {"op": "top_k", "table": t.name, "column": header, "k": k, "largest": largest,
+                         "return_column": t.key})
     return None
 
 

@@ -3,7 +3,9 @@
 A :class:`Table` holds typed Python values (``str``, ``int``, ``Decimal`` with two
 places, ``datetime.date``); questions are computed from these values, and the
 serialised text is what the model (and the independent verifier) sees. Cell texts
-never contain ``|``, ``,``, quotes or newlines, so every format round-trips.
+never contain ``|`` or newlines; a few names and places carry commas, apostrophes or
+non-ASCII letters (CSV quotes them), and name/place cells can be missing
+(``MISSING``, written ``N/A`` in every format).
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ FORMATS = ("markdown", "csv", "jsonl")
 FIRST_NAMES = ("Alice", "Bruno", "Chen", "Dana", "Elif", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira",
                "Liam", "Maya", "Nikolai", "Olga", "Pedro", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera",
                "Wei", "Ximena", "Yusuf", "Zara", "Amir", "Bianca", "Carlos", "Dmitri", "Emma", "Felix",
-               "Hana", "Ivan", "Julia", "Kenji", "Lena", "Marco", "Nora", "Oscar")
+               "Hana", "Ivan", "Julia", "Kenji", "Lena", "Marco", "Nora", "Oscar", "Zoë", "José", "Søren",
+               "Anaïs", "Łukasz", "Çağla", "Björn", "Renée")
 LAST_NAMES = ("Smith", "Garcia", "Tanaka", "Muller", "Rossi", "Novak", "Kowalski", "Silva", "Dubois", "Jensen",
               "Okafor", "Haddad", "Kim", "Nguyen", "Patel", "Ivanova", "Larsen", "Moreau", "Costa", "Weber",
               "Fischer", "Romano", "Santos", "Yilmaz", "Berg", "Lindqvist", "Horvat", "Mendes", "Sato", "Brown",
-              "Wilson", "Clark", "Lopez", "Schmidt", "Bauer", "Quinto", "Eriksen", "Popescu", "Adeyemi", "Zhou")
+              "Wilson", "Clark", "Lopez", "Schmidt", "Bauer", "Quinto", "Eriksen", "Popescu", "Adeyemi", "Zhou",
+              "Müller", "Núñez", "Dvořák", "O'Brien", "Ødegaard", "Smith, Jr.")
 PLACES = ("Lisbon", "Oslo", "Nairobi", "Osaka", "Lima", "Porto", "Zurich", "Denver", "Austin", "Krakow",
           "Hanoi", "Dublin", "Seville", "Tallinn", "Quito", "Perth", "Bergen", "Leeds", "Lyon", "Graz",
-          "Kyoto", "Accra", "Bogota", "Malmo", "Turin", "Riga", "Tucson", "Halifax", "Cebu", "Izmir")
+          "Kyoto", "Accra", "Bogota", "Malmo", "Turin", "Riga", "Tucson", "Halifax", "Cebu", "Izmir",
+          "Kraków", "São Paulo", "Reykjavík", "Tromsø", "Washington, D.C.", "St. John's")
 CATEGORIES = {
     "Status": ("Active", "Pending", "Closed", "Suspended"),
     "Department": ("Sales", "Finance", "Engineering", "Marketing", "Support", "Legal"),
@@ -54,6 +59,10 @@ ENTITIES = (("Customers", "Customer", "CU", "Orders", "Order", "OR"),
             ("Stores", "Store", "ST", "Invoices", "Invoice", "IN"))
 
 NUMERIC_KINDS = ("amount", "int")
+# Name and place cells are missing with this probability (never keys, numbers, dates or categories).
+MISSING = "N/A"
+MISSING_RATE = 0.08
+MAY_BE_MISSING = ("name", "place")
 
 
 @dataclass
@@ -164,7 +173,12 @@ def make_rows(rng: random.Random, table: Table, count: int, taken: set, refs: li
     for key in keys:
         row = [key]
         for col in table.columns[1:]:
-            row.append(rng.choice(refs) if col.kind == "ref" else col.make(rng))
+            if col.kind == "ref":
+                row.append(rng.choice(refs))
+            elif col.kind in MAY_BE_MISSING and rng.random() < MISSING_RATE:
+                row.append(MISSING)
+            else:
+                row.append(col.make(rng))
         rows.append(row)
     return rows
 

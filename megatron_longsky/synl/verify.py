@@ -121,6 +121,8 @@ def _keep(row, spec) -> bool:
         return _text(cell) == spec["value"]
     if spec["op"] == "gt":
         return cell > _value(spec["value"])
+    if spec["op"] == "lt":
+        return cell < _value(spec["value"])
     raise VerificationError(f"unknown filter op {spec['op']!r}")
 
 
@@ -159,7 +161,9 @@ def evaluate(query: dict, tables) -> str:
         col = query["column"]
         return _text(sum((r[col] for r in rows if _keep(r, query["filter"])), _zero_like(rows, col)))
     if op == "average":
-        values = [Decimal(r[query["column"]]) for r in rows]
+        values = [Decimal(r[query["column"]]) for r in rows if "filter" not in query or _keep(r, query["filter"])]
+        if not values:
+            raise VerificationError("average: the filter keeps no row")
         return _text((sum(values) / len(values)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
     if op in ("extreme", "top_k"):
         col = query["column"]
@@ -192,7 +196,7 @@ def recompute_answer(record: dict) -> str:
     tables, question = parse_prompt(user)
     query = record["meta"]["query"]
     filter_op = (query.get("filter") or {}).get("op")
-    missing = [s for s in _string_args(query) if s not in question and s not in ("eq", "gt", filter_op)]
+    missing = [s for s in _string_args(query) if s not in question and s not in ("eq", "gt", "lt", filter_op)]
     if missing:
         raise VerificationError(f"the question text does not mention {missing}")
     return evaluate(query, tables)
@@ -247,3 +251,15 @@ def score_answer(predicted: str, record: dict) -> bool:
         return True
     a, b = _number(got), _number(gold)
     return a is not None and b is not None and a == b
+
+
+def partial_credit(predicted: str, record: dict) -> float:
+    """A graded view beside exact match: 1.0 for a correct answer, otherwise the
+    similarity (difflib ratio, 0-1) of the normalised final answer to the reference,
+    so a near miss (one wrong digit of a key) counts partly and an empty reply 0."""
+    if score_answer(predicted, record):
+        return 1.0
+    from difflib import SequenceMatcher
+
+    gold, got = normalise_answer(record["meta"]["answer"]), normalise_answer(predicted)
+    return SequenceMatcher(None, got, gold, autojunk=False).ratio() if got and gold else 0.0

@@ -16,8 +16,13 @@ from megatron_longsky.utils.atomic import atomic_write_text
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path,
+                        split_digits: bool = False) -> Path:
     """Train byte-level BPE on ``texts``; write ``out_dir`` and return it.
+
+    ``split_digits``: every digit is a token of its own (as in Llama's tokenizer), so
+    a number's tokens do not depend on its neighbours and copying it is a fixed
+    per-digit copy.
 
     ``</s>`` is the end-of-document token, ``<s>`` BOS and ``<pad>`` padding. Every byte
     is in the base alphabet, so any text encodes without unknown tokens.
@@ -30,7 +35,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
         raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet plus specials "
                          f"({len(alphabet) + len(specials)})")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                               if split_digits else byte_level)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
