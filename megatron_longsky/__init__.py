@@ -12,7 +12,8 @@ if _os.environ.get("LONGSKY_DEVICE", "").strip().lower() == "cpu":
 
 import warnings as _warnings
 
-# megatron-core warnings that say nothing to our users: the CPU path has no apex by design, and
-# TransformerConfig warns about its own default cuda_graph_scope ("full") on every build.
+# megatron-core warnings that say nothing to our users: the CPU path has neither TE nor apex by
+# design, and TransformerConfig warns about its own default cuda_graph_scope ("full") on every build.
+_warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning)
 _warnings.filterwarnings("ignore", message=r"Apex is not installed\. Falling back to Torch Norm", category=UserWarning)
 _warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
