@@ -365,9 +365,9 @@ def judge(case: Case, rc: int, err: str, before: dict[str, str], left_processes:
     return Outcome("unclear" if problems else "clean", rc, "; ".join(problems) or (lines[0] if lines else ""))
 
 
-def _descendants(pid: int) -> list[int]:
-    """Live processes whose parent chain reaches ``pid`` (Linux /proc)."""
-    parents = {}
+def _live_processes() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/<pid>/stat after the command name, zombies left out (Linux)."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -375,7 +375,13 @@ def _descendants(pid: int) -> list[int]:
             except OSError:
                 continue
             if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
+                found[int(entry.name)] = fields
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live processes whose parent chain reaches ``pid``."""
+    parents = {child: int(fields[1]) for child, fields in _live_processes().items()}
     found = []
     for child in parents:
         p, hops = child, 0
@@ -388,16 +394,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _session_members(sid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
+    return [pid for pid, fields in _live_processes().items() if int(fields[3]) == sid]
 
 
 def run_inprocess(case: Case) -> Outcome:
