@@ -198,6 +198,40 @@ def test_perplexity_by_position_measures_context_use(tmp_path):
         perplexity_by_position(PerplexityConfig(data=str(jsonl), length=5000), backend, BYTE)
 
 
+def test_perplexity_random_windows_are_seeded_slices(tmp_path):
+    # Each document contributes one window at a seeded offset: the same seed the same
+    # windows, another seed other ones, and every window a contiguous slice of its document.
+    docs = [list(range(10 + d, 10 + d + 200)) for d in range(4)] + [list(range(50))]
+    seen = {}
+
+    class Recorder(CopyBackend):
+        def token_nll(self, ids):
+            seen.setdefault(self.tag, []).append(list(ids))
+            return super().token_nll(ids)
+
+    for tag, seed in (("a", 0), ("b", 0), ("c", 1)):
+        backend = Recorder(BYTE.vocab_size)
+        backend.tag = tag
+        cfg = PerplexityConfig(length=101, window="random", seed=seed, add_bos=True)
+        result = perplexity_by_position(cfg, backend, BYTE, documents=docs)
+        assert result.documents == 4  # the 50-token document is too short
+    assert sorted(seen["a"]) == sorted(seen["b"]) and sorted(seen["a"]) != sorted(seen["c"])
+    starts = set()
+    for window in seen["a"] + seen["c"]:
+        assert window[0] == BYTE.bos_id and len(window) == 101
+        body = window[1:]
+        assert body == list(range(body[0], body[0] + 100))  # contiguous
+        starts.add(body[0])
+    assert len(starts - {10, 11, 12, 13}) > 2  # not all at the documents' starts
+    first = PerplexityConfig(length=101)
+    backend = Recorder(BYTE.vocab_size)
+    backend.tag = "start"
+    perplexity_by_position(first, backend, BYTE, documents=docs)
+    assert sorted(w[1] for w in seen["start"]) == [10, 11, 12, 13]
+    with pytest.raises(ValueError, match="window"):
+        PerplexityConfig(window="middle")
+
+
 # -- command lines (tiny Hugging Face model) --------------------------------------------
 
 def test_command_lines_on_a_hf_model(tmp_path, capsys):

@@ -75,47 +75,68 @@ def _wait_for(predicate, timeout: float, what: str, on_timeout=lambda: ""):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
 
 
-@pytest.mark.slow
-@needs_slurm
-def test_cpu_sbatch_trains_on_two_tasks_and_resumes_after_preemption(tmp_path):
+_TINY_MODEL = {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+               "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 64, "vocab_size": 384}
+
+
+def _cpu_tiny_env(tmp_path: Path, job: dict, **env: str) -> dict:
+    """A cpu_tiny.sbatch job: its YAML (the tiny model, built-in data, plus ``job``) and
+    the environment the script reads; job logs go to ``tmp_path/logs``."""
     missing = missing_binaries()
     assert not missing, f"Slurm binaries missing: {missing}; install with apt-get install -y {APT_PACKAGES}"
     job_yaml = tmp_path / "job.yaml"
     job_yaml.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                  "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 64, "vocab_size": 384},
-        "data": {"kind": "gpt", "split": "100,0,0"},
-        "optimizer": {"lr": 1.0e-3, "min_lr": 1.0e-4},
+        "model": _TINY_MODEL, "data": {"kind": "gpt", "split": "100,0,0"},
         "logging": {"log_interval": 1, "tensorboard": False},
-        # cpu_tiny.sbatch trains into OUTPUT_DIR whatever the YAML names.
-        "checkpoint": {"save": str(tmp_path / "not_here")},
-        "train_iters": TRAIN_ITERS, "micro_batch_size": 1, "global_batch_size": 4,
-    }))
+        "micro_batch_size": 1, "global_batch_size": 4, **job}))
     (tmp_path / "logs").mkdir()
-    run_dir = tmp_path / "run"
-    env = {
-        "LONGSKY_ROOT": str(REPO),
-        "LONGSKY_PYTHON": sys.executable,
-        "CONFIG": str(job_yaml),
-        "OUTPUT_DIR": str(run_dir),
-        "DATA_PREFIX": str(tmp_path / "data" / "builtin_text_document"),
-    }
+    return {"LONGSKY_ROOT": str(REPO), "LONGSKY_PYTHON": sys.executable, "CONFIG": str(job_yaml),
+            "OUTPUT_DIR": str(tmp_path / "run"), "DATA_PREFIX": str(tmp_path / "data" / "builtin_text_document"),
+            **env}
+
+
+class _JobLog:
+    """The job's log file as the test waits on it."""
+
+    def __init__(self, tmp_path: Path, slurm: LocalSlurm, job: str):
+        self.path = tmp_path / "logs" / f"longsky-cpu-tiny-{job}.out"
+        self.slurm = slurm
+
+    def text(self) -> str:
+        return self.path.read_text(errors="replace") if self.path.exists() else ""
+
+    def debug(self) -> str:
+        return (f"--- job log ---\n{self.text()[-4000:]}\n{self.slurm.log_tail('slurmctld')}\n"
+                f"{self.slurm.log_tail('slurmd')}")
+
+    def iterations(self, after: str = "") -> list[int]:
+        body = self.text()
+        return [int(n) for n in re.findall(r"\] iter (\d+) \|", body[body.find(after):] if after else body)]
+
+    def wait_for_training(self) -> None:
+        _wait_for(lambda: max(self.iterations(), default=0) >= 3, 240, "training progress in the job log",
+                  self.debug)
+
+
+def _submit_cpu_tiny(tmp_path: Path, slurm: LocalSlurm, env: dict) -> tuple[str, _JobLog]:
+    job = slurm.sbatch([f"--output={tmp_path}/logs/%x-%j.out", str(SLURM_DIR / "cpu_tiny.sbatch")],
+                       cwd=REPO, env=env)
+    return job, _JobLog(tmp_path, slurm, job)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_cpu_sbatch_trains_on_two_tasks_and_resumes_after_preemption(tmp_path):
+    # cpu_tiny.sbatch trains into OUTPUT_DIR whatever the YAML names.
+    env = _cpu_tiny_env(tmp_path, {"optimizer": {"lr": 1.0e-3, "min_lr": 1.0e-4}, "train_iters": TRAIN_ITERS,
+                                   "checkpoint": {"save": str(tmp_path / "not_here")}})
+    run_dir = Path(env["OUTPUT_DIR"])
     with LocalSlurm.start(tmp_path / "cluster", cpus=2) as slurm:
-        job = slurm.sbatch([f"--output={tmp_path}/logs/%x-%j.out", str(SLURM_DIR / "cpu_tiny.sbatch")],
-                           cwd=REPO, env=env)
-        log = tmp_path / "logs" / f"longsky-cpu-tiny-{job}.out"
-
-        def text() -> str:
-            return log.read_text(errors="replace") if log.exists() else ""
-
-        def debug() -> str:
-            return f"--- job log ---\n{text()[-4000:]}\n{slurm.log_tail('slurmctld')}\n{slurm.log_tail('slurmd')}"
-
-        def iterations() -> list[int]:
-            return [int(n) for n in re.findall(r"\] iter (\d+) \|", text())]
+        job, log = _submit_cpu_tiny(tmp_path, slurm, env)
+        text, debug = log.text, log.debug
 
         # Preempt the way Slurm does before a time limit: USR1 to the batch shell.
-        _wait_for(lambda: max(iterations(), default=0) >= 3, 240, "training progress in the job log", debug)
+        log.wait_for_training()
         slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
         info = slurm.wait(job, timeout=300, predicate=lambda i: i.restarts >= 1)
         out = text()
@@ -185,36 +206,11 @@ def test_container_goes_on_each_step_with_the_checkout_mounted(tmp_path):
 def test_torchrun_launcher_requeues_on_usr1_and_scancel_stops_without_requeue(tmp_path):
     """LONGSKY_LAUNCHER=torchrun: one agent per node whose workers save on the preemption
     signal (USR1) and resume after the requeue; a plain `scancel` then stops the job for good."""
-    missing = missing_binaries()
-    assert not missing, f"Slurm binaries missing: {missing}; install with apt-get install -y {APT_PACKAGES}"
-    job_yaml = tmp_path / "job.yaml"
-    job_yaml.write_text(yaml.safe_dump({
-        "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                  "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 64, "vocab_size": 384},
-        "data": {"kind": "gpt", "split": "100,0,0"},
-        "logging": {"log_interval": 1, "tensorboard": False},
-        "train_iters": 100000, "micro_batch_size": 1, "global_batch_size": 4,
-    }))
-    (tmp_path / "logs").mkdir()
-    env = {"LONGSKY_ROOT": str(REPO), "LONGSKY_PYTHON": sys.executable, "LONGSKY_LAUNCHER": "torchrun",
-           "CONFIG": str(job_yaml), "OUTPUT_DIR": str(tmp_path / "run"),
-           "DATA_PREFIX": str(tmp_path / "data" / "builtin_text_document")}
+    env = _cpu_tiny_env(tmp_path, {"train_iters": 100000}, LONGSKY_LAUNCHER="torchrun")
     with LocalSlurm.start(tmp_path / "cluster", cpus=2) as slurm:
-        job = slurm.sbatch([f"--output={tmp_path}/logs/%x-%j.out", str(SLURM_DIR / "cpu_tiny.sbatch")],
-                           cwd=REPO, env=env)
-        log = tmp_path / "logs" / f"longsky-cpu-tiny-{job}.out"
-
-        def text() -> str:
-            return log.read_text(errors="replace") if log.exists() else ""
-
-        def debug() -> str:
-            return f"--- job log ---\n{text()[-4000:]}\n{slurm.log_tail('slurmctld')}\n{slurm.log_tail('slurmd')}"
-
-        def iterations(after: str = "") -> list[int]:
-            body = text()
-            return [int(n) for n in re.findall(r"\] iter (\d+) \|", body[body.find(after):] if after else body)]
-
-        _wait_for(lambda: max(iterations(), default=0) >= 3, 240, "training progress in the job log", debug)
+        job, log = _submit_cpu_tiny(tmp_path, slurm, env)
+        text, debug, iterations = log.text, log.debug, log.iterations
+        log.wait_for_training()
         slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
         slurm.wait(job, states=("RUNNING",), timeout=300, predicate=lambda i: i.restarts >= 1)
         _wait_for(lambda: "resumed from" in text() and iterations(after="resumed from"), 240,

@@ -1,17 +1,20 @@
 """Perplexity by position on long held-out documents.
 
-Each document with at least ``length`` tokens contributes its first ``length``
-tokens (after an optional BOS); the negative log-likelihood of every predicted
-token is grouped by its position into buckets, so one can see whether tokens far
-into the context are predicted better (the context is used) or worse (the model
-breaks past its trained length). Documents are never concatenated: that would
-measure something else.
+Each document with at least ``length`` tokens contributes ``length`` tokens (after
+an optional BOS): its first ones, or (``window: random``) a window at a seeded random
+offset, so that every position sees text of the same kind (documents that open with
+formulaic lines, such as licence headers, make early positions look easy otherwise).
+The negative log-likelihood of every predicted token is grouped by its position
+into buckets, so one can see whether tokens far into the context are predicted
+better (the context is used) or worse (the model breaks past its trained length).
+Documents are never concatenated: that would measure something else.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -34,10 +37,16 @@ class PerplexityConfig:
     buckets: Literal["log2", "linear"] = "log2"
     num_buckets: int = 8
     add_bos: bool = True
+    # "start": each document's first tokens; "random": a window at a random offset
+    # (seeded by ``seed`` and the document's index).
+    window: Literal["start", "random"] = "start"
+    seed: int = 0
 
     def __post_init__(self):
         if self.length < 2 or self.max_documents < 1 or self.num_buckets < 1:
             raise ValueError("length must be >= 2, max_documents and num_buckets >= 1")
+        if self.window not in ("start", "random"):
+            raise ValueError(f"window must be 'start' or 'random', got {self.window!r}")
 
 
 def bucket_edges(length: int, kind: str = "log2", num_buckets: int = 8) -> list[int]:
@@ -135,9 +144,12 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
     from megatron_longsky.eval.distribute import sharded_map
 
     selected = []
-    for doc in documents if documents is not None else iter_documents(cfg, tokenizer):
+    for number, doc in enumerate(documents if documents is not None else iter_documents(cfg, tokenizer)):
         if len(doc) >= body:
-            selected.append(bos + list(doc[:body]))
+            start = 0
+            if cfg.window == "random":
+                start = random.Random(f"ppl/{cfg.seed}/{number}").randrange(len(doc) - body + 1)
+            selected.append(bos + list(doc[start:start + body]))
             if len(selected) == cfg.max_documents:
                 break
     positions = torch.arange(1, cfg.length)

@@ -18,7 +18,9 @@ class QuickstartConfig:
     corpus_bytes: int = 3_000_000
     heldout_bytes: int = 300_000
     # Share of training documents turned into recall documents (facts recalled further on).
-    recall_fraction: float = 0.9
+    # Off by default: at 0.9 the needle stayed at 0% and the training text no longer looked
+    # like the held-out text (held-out perplexity after long SFT 105.7 vs 58.8 at 0.0).
+    recall_fraction: float = 0.0
     # Share of the training bytes that are recall drills: made-up key -> value facts, each
     # asked about further on (dense copy targets). Off by default: at 0.5 the needle stayed
     # at 0% and held-out perplexity after SFT was 118 vs 95 without (each run with its own BPE,

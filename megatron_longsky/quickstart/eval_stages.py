@@ -40,7 +40,10 @@ def perplexity(ctx: Context, model: str, length: int) -> dict:
     ckpt = ctx.runner.results(model)["checkpoint"]
     out = ctx.path(f"eval/{model}/ppl_{length}")
     run_longsky(["eval", "ppl", "--checkpoint", ckpt, "--data", f"indexed:{dataset_prefix(ctx, 'heldout')}",
-                 "--length", str(length), "--max-documents", str(ctx.cfg.ppl_documents), "--output", str(out)],
+                 "--length", str(length), "--max-documents", str(ctx.cfg.ppl_documents), "--output", str(out),
+                 # Windows at random offsets: the built-in documents open with formulaic lines
+                 # ("The X class of module.", licences, imports) that made early positions easy.
+                 "window=random", f"seed={ctx.cfg.seed}"],
                 ctx.path(f"logs/ppl_{model}_{length}.log"))
     files = sorted(out.glob("*.json"))
     if not files:

@@ -63,7 +63,7 @@ def plot_loss_by_position(summary: dict, out_path: Path) -> Path:
         ax.plot(centers, [b["loss"] for b in buckets], "o-", label=TITLES.get(model, model))
     ax.axvline(summary["base_length"], color="gray", linestyle="--", label=f"base length {summary['base_length']}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the held-out document (tokens, bucketed)")
+    ax.set_xlabel("position in a held-out window (tokens, bucketed)")
     ax.set_ylabel("loss (NLL per token)")
     ax.set_title("Held-out loss by position")
     ax.grid(alpha=0.3)
@@ -99,6 +99,10 @@ def _loss_section(ctx: Context, summary: dict) -> str:
             for m in summary["models"]]
     return "\n".join([
         f"## Held-out loss by position (natural text, {summary['long_length']} tokens)", "",
+        f"Each held-out document of at least {summary['long_length']} tokens gives one window at a seeded "
+        "random offset (not its start: the built-in documents open with formulaic lines, such as "
+        "\"The X class of module.\", licences and imports, which made early positions look easy for "
+        "every model).", "",
         image(png, ctx.run_dir, "held-out loss by position, one line per stage"), "",
         table(["model", f"loss at positions < {L}", f"loss at positions >= {L}", "perplexity", "documents"], rows)])
 

@@ -1,0 +1,160 @@
+"""How many steps does a quickstart-sized model need before it retrieves from its context?
+
+The quickstart's retrieval claims (needle, SynL lookup) need the model to copy from
+earlier in its context. This script trains a model of the quickstart's shape (a
+Llama-style decoder: RMSNorm, RoPE, SwiGLU; plain PyTorch, so the steps are cheap) on
+three synthetic tasks side by side, with the same seed, batch and learning rate, and
+prints the argmax accuracy on the tokens that can only be predicted by copying:
+
+- ``fixed``: a random segment repeated at a fixed distance (a positional copy);
+- ``random``: the same segment repeated at a random distance (a content match: what
+  induction heads do, and what the needle test needs);
+- ``needle``: one key -> 7-digit value fact among random tokens, asked again at the end
+  (the needle test's shape with no other digit in the context).
+
+    python benchmarks/retrieval_formation.py --steps 600
+
+Results in benchmarks/RESULTS.md ("Retrieval formation at quickstart size").
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    _, _, t, hd = x.shape
+    inv = 1.0 / (base ** (torch.arange(0, hd, 2).float() / hd))
+    angle = torch.arange(t).float()[:, None] * inv[None]
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.gate_up, self.down = nn.Linear(d, 2 * ffn, bias=False), nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(b, t, d))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class Decoder(nn.Module):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, ffn: int, std: float):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d, heads, ffn) for _ in range(layers))
+        self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=std)  # Megatron's init_method_std
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+DIGITS = 10  # token ids 0-9 are digits in the needle task; 10 is "is", 11 the query mark
+
+
+def make_sample(task: str, rng: random.Random, seq: int, vocab: int, segment: int) -> tuple[list[int], list[bool]]:
+    """Token ids (seq + 1) and which targets can only be predicted by copying."""
+    if task == "needle":
+        key = [rng.randrange(12, 62) for _ in range(2)]
+        value = [rng.randrange(DIGITS) for _ in range(7)]
+        fact, query = key + [10] + value, [11] + key + [10] + value
+        noise = [rng.randrange(62, vocab) for _ in range(seq + 1 - len(fact) - len(query))]
+        at = rng.randrange(len(noise) + 1)
+        ids = noise[:at] + fact + noise[at:] + query
+        copy = [False] * (len(ids) - len(value)) + [True] * len(value)
+        return ids, copy
+    ids = [rng.randrange(vocab) for _ in range(seq + 1)]
+    if task == "fixed":
+        start = rng.randrange(seq + 1 - 2 * segment + 1)
+        again = start + segment
+    else:
+        start = rng.randrange(seq + 1 - 2 * segment + 1)
+        again = rng.randrange(start + segment, seq + 1 - segment + 1)
+    ids[again:again + segment] = ids[start:start + segment]
+    copy = [again < i < again + segment for i in range(seq + 1)]
+    return ids, copy
+
+
+def train(task: str, args: argparse.Namespace) -> list[tuple[int, float]]:
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    model = Decoder(args.vocab, args.hidden, args.layers, args.heads, args.ffn, args.init_std)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    curve = []
+    for step in range(1, args.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, step / args.warmup)
+        ids, copy = zip(*(make_sample(task, rng, args.seq, args.vocab, args.segment) for _ in range(args.batch)))
+        ids, copy = torch.tensor(ids), torch.tensor(copy)
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, args.vocab), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.every == 0:
+            target = copy[:, 1:]
+            accuracy = (logits.argmax(-1)[target] == ids[:, 1:][target]).float().mean().item()
+            curve.append((step, accuracy))
+    return curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="fixed,random,needle")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--every", type=int, default=100)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--segment", type=int, default=48, help="repeated segment length (fixed, random)")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=384)
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    tasks = args.tasks.split(",")
+    curves, seconds = {}, {}
+    for task in tasks:
+        start = time.perf_counter()
+        curves[task] = train(task, args)
+        seconds[task] = time.perf_counter() - start
+    chance = {"fixed": 1 / args.vocab, "random": 1 / args.vocab, "needle": 1 / DIGITS}
+    print(f"copy-target accuracy (argmax), batch {args.batch} x {args.seq}, lr {args.lr}, "
+          f"{args.layers} layers x {args.hidden}")
+    print("| step | " + " | ".join(tasks) + " |")
+    print("|---:|" + "---:|" * len(tasks))
+    for i, (step, _) in enumerate(curves[tasks[0]]):
+        print(f"| {step} | " + " | ".join(f"{curves[t][i][1]:.3f}" for t in tasks) + " |")
+    print("| chance | " + " | ".join(f"{chance[t]:.3f}" for t in tasks) + " |")
+    print("| seconds | " + " | ".join(f"{seconds[t]:.0f}" for t in tasks) + " |")
+
+
+if __name__ == "__main__":
+    main()
