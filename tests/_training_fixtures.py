@@ -27,12 +27,16 @@ def write_token_dataset(prefix: str | Path, num_docs: int = 64, seed: int = 0, m
     return str(prefix)
 
 
+# A tiny fp32 model, small enough for a few steps in well under a second each.
+TINY_MODEL = {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+              "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 32, "vocab_size": 384}
+
+
 def tiny_config_dict(tmp: str | Path, prefix: str, **top) -> dict:
-    """A tiny fp32 model, small enough for a few steps in well under a second each."""
+    """A training config of :data:`TINY_MODEL` on the dataset at ``prefix``."""
     tmp = Path(tmp)
     cfg = {
-        "model": {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                  "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 32, "vocab_size": 384},
+        "model": dict(TINY_MODEL),
         "tokenizer": {"type": "byte"},
         "data": {"kind": "gpt", "prefixes": [prefix], "split": "100,0,0", "cache_dir": str(tmp / "cache")},
         "optimizer": {"lr": 1.0e-2, "min_lr": 1.0e-3, "weight_decay": 0.1, "clip_grad": 1.0},

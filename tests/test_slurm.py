@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _training_fixtures import TINY_MODEL
 
 from megatron_longsky.launch.slurm_local import APT_PACKAGES, LocalSlurm, missing_binaries, render_slurm_conf
 
@@ -75,10 +76,6 @@ def _wait_for(predicate, timeout: float, what: str, on_timeout=lambda: ""):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{on_timeout()}")
 
 
-_TINY_MODEL = {"preset": "tiny", "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-               "num_query_groups": 2, "ffn_hidden_size": 64, "seq_length": 64, "vocab_size": 384}
-
-
 def _cpu_tiny_env(tmp_path: Path, job: dict, **env: str) -> dict:
     """A cpu_tiny.sbatch job: its YAML (the tiny model, built-in data, plus ``job``) and
     the environment the script reads; job logs go to ``tmp_path/logs``."""
@@ -86,7 +83,7 @@ def _cpu_tiny_env(tmp_path: Path, job: dict, **env: str) -> dict:
     assert not missing, f"Slurm binaries missing: {missing}; install with apt-get install -y {APT_PACKAGES}"
     job_yaml = tmp_path / "job.yaml"
     job_yaml.write_text(yaml.safe_dump({
-        "model": _TINY_MODEL, "data": {"kind": "gpt", "split": "100,0,0"},
+        "model": {**TINY_MODEL, "seq_length": 64}, "data": {"kind": "gpt", "split": "100,0,0"},
         "logging": {"log_interval": 1, "tensorboard": False},
         "micro_batch_size": 1, "global_batch_size": 4, **job}))
     (tmp_path / "logs").mkdir()
