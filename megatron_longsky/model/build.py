@@ -56,7 +56,9 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, im
         # Fused kernels exist on GPU only.
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
-        persist_layer_norm=on_gpu,
+        # apex's persistent norm kernel, for TE runs as Megatron-LM sets it; the local spec's norm
+        # (model/norm.py) has no such kernel, and megatron-core's WrappedTorchNorm asserts it off.
+        persist_layer_norm=on_gpu and impl == "transformer_engine",
         bias_dropout_fusion=on_gpu,
         cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
         hierarchical_context_parallel_sizes=parallel.hierarchical_cp_groups,

@@ -53,13 +53,28 @@ def layer_spec(cfg: ModelConfig):
         log.info("layer spec: Transformer Engine (fp8=%s, recipe=%s) [GPU path, untested on CPU CI]",
                  cfg.fp8, cfg.fp8_recipe)
         return get_gpt_layer_with_transformer_engine_spec()
+    log.info("layer spec: megatron-core local modules (no Transformer Engine), LongSkyCoreAttention "
+             "for context parallelism and packed sequences, LongSkyRMSNorm")
+    return local_layer_spec()
+
+
+def local_layer_spec():
+    """megatron-core's local GPT layer spec with our core attention and our RMSNorm.
+
+    megatron-core's local spec puts ``WrappedTorchNorm`` in for RMSNorm
+    (models/backends.py, ``LocalSpecProvider.layer_norm``), which asserts no sequence
+    parallelism and no ``persist_layer_norm`` (transformer/torch_norm.py);
+    :class:`~megatron_longsky.model.norm.LongSkyRMSNorm` computes the same and supports
+    sequence parallelism. The plan dry-run builds its meta model from this same spec."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_longsky.attention.select import install_core_attention
+    from megatron_longsky.model.norm import LongSkyRMSNorm
 
-    log.info("layer spec: megatron-core local modules (no Transformer Engine), LongSkyCoreAttention "
-             "for context parallelism and packed sequences")
-    return install_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec = install_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.input_layernorm = LongSkyRMSNorm
+    spec.submodules.pre_mlp_layernorm = LongSkyRMSNorm
+    return spec
 
 
 def decoder_spec(cfg: ModelConfig, tcfg):

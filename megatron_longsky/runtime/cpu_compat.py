@@ -44,8 +44,34 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     _MOVES = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory, torch.Tensor.type}
 
+    def _backward(self, tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None,
+                  gradient=None):
+        """``torch.autograd.backward`` with this mode active in the backward pass.
+
+        torch >= 2.10 hands ``backward`` to the active modes, and a mode is off while its own
+        handler runs: calling ``func`` here would run the whole backward pass without this
+        mode, and megatron-core's backward functions that allocate on
+        ``torch.cuda.current_device()`` (the sequence-parallel reduce-scatter output in
+        ``tensor_parallel/layers.py``) would ask for CUDA. So the engine is run here, as
+        ``torch.autograd.backward`` runs it, inside the mode."""
+        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+        from torch.autograd.graph import _engine_run_backward
+
+        if gradient is not None:  # Tensor.backward(gradient=...)
+            grad_tensors = gradient
+        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+        grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+        if retain_graph is None:
+            retain_graph = create_graph
+        inputs = () if inputs is None else ((inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs))
+        with self:
+            _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs, allow_unreachable=True,
+                                 accumulate_grad=True)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return self._backward(*args, **kwargs)
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.pin_memory:
