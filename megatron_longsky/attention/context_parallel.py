@@ -154,14 +154,40 @@ def validate_pad_multiple(multiple: int, cp_size: int, fp8: Optional[str] = None
         raise SequenceLengthError(f"{where}={multiple} is not a multiple of {need}: {'; '.join(rules)}")
 
 
-def validate_context_parallel(model, parallel, packed: bool) -> None:
+def validate_fp8_sequence_parallel(seq_length: int, micro_batch_size: int, cp: int, tp: int,
+                                   sequence_parallel: bool, fp8: Optional[str]) -> None:
+    """TE checks FP8 GEMM inputs as each rank holds them (transformer_engine/pytorch/utils.py,
+    ``assert_dim_for_fp8_exec``, called on ``inputmat`` before the sequence-parallel all-gather in
+    module/linear.py and module/layernorm_linear.py): with sequence parallelism that is
+    micro_batch x seq_length / (CP x TP) rows, which must divide by 8."""
+    if not fp8 or not sequence_parallel or tp < 2:
+        return
+    rows, shards = micro_batch_size * seq_length, cp * tp
+    if rows % shards or (rows // shards) % 8:
+        raise SequenceLengthError(
+            f"model.seq_length={seq_length} x micro_batch_size={micro_batch_size} over context_parallel_size={cp} "
+            f"x tensor_model_parallel_size={tp} (sequence parallelism) gives {rows / shards:g} rows per rank; FP8 "
+            f"needs them divisible by 8 (Transformer Engine's assert_dim_for_fp8_exec): use a seq_length multiple "
+            f"of {8 * shards // math.gcd(8 * shards, micro_batch_size)}")
+
+
+def validate_context_parallel(model, parallel, packed: bool, micro_batch_size: int = 1) -> None:
     """Refuse, at config time, a model/parallel/data combination the attention cannot run.
 
     ``model``: ModelConfig; ``parallel``: ParallelConfig; ``packed``: rows hold several
-    documents (THD). Raises ValueError naming the setting.
+    documents (THD). Raises ValueError naming the setting. A config asking for Transformer
+    Engine explicitly is also checked against TE's attention-backend rules
+    (:mod:`megatron_longsky.attention.te_rules`; with ``auto`` that happens at run time, once
+    the machine is known).
     """
+    from megatron_longsky.attention import te_rules
+
     cp, tp = parallel.context_parallel_size, parallel.tensor_model_parallel_size
     validate_sequence_length(model.seq_length, cp, model.fp8, where="model.seq_length")
+    validate_fp8_sequence_parallel(model.seq_length, micro_batch_size, cp, tp, parallel.sequence_parallel,
+                                   model.fp8)
+    if model.transformer_impl == "transformer_engine":
+        te_rules.check_model(model, cp, packed)
     if model.fp8_attention != "off" and packed:
         raise ValueError(f"model.fp8_attention={model.fp8_attention} with packed rows (data.packed=true): "
                          "Transformer Engine's FP8 attention does not take THD (packed) input; use "

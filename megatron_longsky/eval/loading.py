@@ -27,8 +27,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8", choices=["e4m3", "hybrid"], default=None,
                        help="run the GEMMs in FP8 (Transformer Engine, GPU); default: the checkpoint's dtype "
                             "(bf16 for the recipes) without FP8, whatever the training config used")
+    group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="--checkpoint: default bfloat16 on a GPU (float32 with Transformer Engine has no "
+                            "attention backend at --cp > 1), the checkpoint's dtype on CPU; --hf-model: default float32")
     group = parser.add_argument_group("Hugging Face model (--hf-model)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     group.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     add_tokenizer_args(parser)
     # No tokenizer flag means: the model's own tokenizer.
@@ -73,7 +75,7 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     if args.hf_model:
         from megatron_longsky.eval.backends import HFBackend
 
-        backend = HFBackend.from_pretrained(args.hf_model, dtype=args.dtype, device=args.device)
+        backend = HFBackend.from_pretrained(args.hf_model, dtype=args.dtype or "float32", device=args.device)
         return LoadedModel(backend, tokenizer, Path(args.hf_model).name, True, False,
                            source=str(Path(args.hf_model).resolve()))
     from megatron_longsky.eval.megatron_backend import MegatronBackend
@@ -87,7 +89,7 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     runtime = initialize(parallel)
     try:
         backend = MegatronBackend.from_checkpoint(args.checkpoint, parallel, vocab_size=tokenizer.vocab_size,
-                                                  fp8=getattr(args, "fp8", None))
+                                                  fp8=getattr(args, "fp8", None), dtype=getattr(args, "dtype", None))
     except BaseException:
         from megatron_longsky.runtime.distributed import shutdown
 

@@ -21,7 +21,8 @@ prefill pass, then one token per step) when the job has one pipeline stage, CP=1
 sequence parallelism and no FP8; other layouts recompute the prefix for every new token
 (exact, but about (answer tokens) x slower).
 
-Precision: the checkpoint's ``params_dtype`` (bf16 for the cluster recipes) and no FP8,
+Precision: bfloat16 on a GPU and the checkpoint's ``params_dtype`` on CPU (``--dtype``
+chooses), and no FP8,
 whatever the training config said (``fp8: hybrid`` rides along in ``config.yaml``): FP8
 GEMMs need their token count divisible by 16, which one-token decode steps and unpadded
 prompts break. ``fp8=`` asks for FP8 anyway; then sequences are padded to a multiple of
@@ -57,17 +58,28 @@ def padded_vocab_for_checkpoint(ckpt_config: dict, model_cfg, tokenizer_vocab: O
     return model_cfg.padded_vocab_size(int(vocab))
 
 
-def evaluation_model_config(ckpt_config: dict, where: str, fp8: Optional[str] = None):
-    """The checkpoint's model config for evaluation: FP8 (and FP8 attention) only when asked."""
+def evaluation_model_config(ckpt_config: dict, where: str, fp8: Optional[str] = None,
+                            dtype: Optional[str] = None, on_gpu: Optional[bool] = None):
+    """The checkpoint's model config for evaluation: FP8 (and FP8 attention) only when asked;
+    the dtype ``dtype`` if given, else bfloat16 on a GPU (Transformer Engine's Flash and Fused
+    attention take bf16/fp16 only, and a float32 checkpoint, such as an import, would have no
+    attention backend at CP > 1: attention/te_rules.py) and the checkpoint's on CPU."""
     import dataclasses
 
     from megatron_longsky.model import model_config_from_dict
+    from megatron_longsky.runtime.device import use_cuda
 
     model_cfg = model_config_from_dict(ckpt_config.get("model") or {}, where=where)
+    on_gpu = use_cuda() if on_gpu is None else on_gpu
+    chosen = dtype or ("bfloat16" if on_gpu else model_cfg.resolved_dtype(on_gpu=False))
+    if chosen != model_cfg.params_dtype:
+        log.info("evaluating in %s (the checkpoint holds %s%s)", chosen, model_cfg.params_dtype,
+                 "" if dtype else "; pass --dtype to choose")
     if model_cfg.fp8 and not fp8:
         log.info("evaluating in %s without FP8 (the checkpoint trained with fp8=%s; pass --fp8 to keep it)",
-                 model_cfg.params_dtype, model_cfg.fp8)
-    return dataclasses.replace(model_cfg, fp8=fp8, fp8_attention=model_cfg.fp8_attention if fp8 else "off")
+                 chosen, model_cfg.fp8)
+    return dataclasses.replace(model_cfg, fp8=fp8, fp8_attention=model_cfg.fp8_attention if fp8 else "off",
+                               params_dtype=chosen)
 
 
 class MegatronBackend(LogitsBackend):
@@ -98,15 +110,17 @@ class MegatronBackend(LogitsBackend):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, parallel: ParallelConfig,
-                        vocab_size: Optional[int] = None, fp8: Optional[str] = None) -> "MegatronBackend":
+                        vocab_size: Optional[int] = None, fp8: Optional[str] = None,
+                        dtype: Optional[str] = None) -> "MegatronBackend":
         """Build the model the checkpoint describes at this job's TP/PP/CP, on this process's
-        device, in the checkpoint's dtype without FP8 (unless ``fp8`` is given), and load it."""
+        device, without FP8 (unless ``fp8`` is given), in ``dtype`` (default: bfloat16 on a GPU,
+        the checkpoint's on CPU, see :func:`evaluation_model_config`), and load it."""
         from megatron_longsky.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
         from megatron_longsky.model import build_model
 
         ckpt_dir = resolve_checkpoint(path)
         ckpt_config = read_checkpoint_config(ckpt_dir)
-        model_cfg = evaluation_model_config(ckpt_config, f"{ckpt_dir}/config.yaml:model", fp8)
+        model_cfg = evaluation_model_config(ckpt_config, f"{ckpt_dir}/config.yaml:model", fp8, dtype)
         padded = padded_vocab_for_checkpoint(ckpt_config, model_cfg, vocab_size)
         if padded % parallel.tensor_model_parallel_size:
             raise ValueError(f"padded vocabulary {padded} of {ckpt_dir} does not divide by TP="

@@ -27,7 +27,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, im
     if perf is None:
         perf = resolve_perf(cfg, parallel, Environment.detect(), impl)
         log_choices(perf)
-    dtype = dtype_from_name(cfg.params_dtype, "model.params_dtype")
+    dtype = dtype_from_name(cfg.resolved_dtype(on_gpu), "model.params_dtype")
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -149,10 +149,12 @@ def build_model(
         raise RuntimeError("parallel.cp_comm_type=a2a+p2p but megatron-core's hierarchical context-parallel "
                            "groups do not exist: initialise through megatron_longsky.runtime.distributed."
                            "initialize (it creates them from parallel.hierarchical_context_parallel_sizes)")
-    from megatron_longsky.model.perf import Environment, log_choices, resolve_perf
+    from megatron_longsky.model.perf import Environment, check_transformer_engine, log_choices, resolve_perf
 
-    if perf is None:
-        perf = resolve_perf(cfg, parallel, Environment.detect(), resolve_impl(cfg))
+    if perf is None:  # evaluation, conversion (training resolves them in resolve_for_train, with its checks)
+        env, impl = Environment.detect(), resolve_impl(cfg)
+        check_transformer_engine(cfg, parallel.context_parallel_size, False, env, impl)
+        perf = resolve_perf(cfg, parallel, env, impl)
     log_choices(perf)
     # The layout-invariant draw (model/init.py) builds every full weight on the host.
     host_init = perf.use_cpu_initialization and seed is not None

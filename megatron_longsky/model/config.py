@@ -57,8 +57,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_method_std: float = 0.02
     rope: RopeConfig = field(default_factory=RopeConfig)
-    # float32 on CPU; bf16 on GPU.
-    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # 'auto': bfloat16 on a GPU, float32 on CPU (resolved_dtype). An explicit float32 on a GPU
+    # with Transformer Engine has attention backends only at CP=1 (attention/te_rules.py).
+    params_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # 'auto': Transformer Engine when TE and CUDA are present, else megatron-core local modules.
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     # FP8 through Transformer Engine (GPU only); requesting it without TE is an error.
@@ -112,6 +113,13 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups {groups}"
             )
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """The parameter dtype a run uses: ``params_dtype``, with ``auto`` as bfloat16 on a GPU
+        and float32 on CPU."""
+        if self.params_dtype != "auto":
+            return self.params_dtype
+        return "bfloat16" if on_gpu else "float32"
 
     def padded_vocab_size(self, tokenizer_vocab: Optional[int] = None, tensor_parallel: int = 1) -> int:
         """Embedding rows: ``vocab_size`` (else ``tokenizer_vocab``) rounded up to a multiple of

@@ -48,15 +48,22 @@ class Environment:
     cuda: bool
     transformer_engine: bool
     apex_grad_accum_fusion: bool
+    # GPU compute capability and TE (major, minor); None: unknown (then TE's attention rules
+    # are checked for every TE version 2.9-2.11 and without the device rules).
+    capability: Optional[tuple] = None
+    te_version: Optional[tuple] = None
 
     @classmethod
     def detect(cls) -> "Environment":
+        from megatron_longsky.attention.te_rules import device_capability, installed_te_version
         from megatron_longsky.model.spec import transformer_engine_available
         from megatron_longsky.runtime.device import use_cuda
 
         cuda = use_cuda()
         apex = cuda and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
-        return cls(cuda=cuda, transformer_engine=transformer_engine_available(), apex_grad_accum_fusion=apex)
+        te = transformer_engine_available()
+        return cls(cuda=cuda, transformer_engine=te, apex_grad_accum_fusion=apex,
+                   capability=device_capability() if cuda else None, te_version=installed_te_version() if te else None)
 
 
 @dataclass(frozen=True)
@@ -158,7 +165,20 @@ def resolve_for_train(cfg, env: Optional[Environment] = None, impl: Optional[str
     env = env or Environment.detect()
     impl = impl or resolve_impl(cfg.model)
     packed = cfg.data.kind == "sft" and cfg.data.packed
+    check_transformer_engine(cfg.model, cfg.parallel.context_parallel_size, packed, env, impl)
     return resolve_perf(cfg.model, cfg.parallel, env, impl, cfg.optimizer.use_distributed_optimizer, packed)
+
+
+def check_transformer_engine(model, context_parallel: int, packed: bool, env: Environment, impl: str) -> None:
+    """Before anything is built on a TE machine: TE's attention-backend and FP8-recipe rules
+    (attention/te_rules.py) for this model on ``env``'s device and TE version. Raises
+    :class:`~megatron_longsky.attention.te_rules.AttentionBackendError` (a ConfigError)."""
+    if impl != "transformer_engine" or not env.cuda:
+        return
+    from megatron_longsky.attention.te_rules import check_model
+
+    check_model(model, context_parallel, packed, dtype=model.resolved_dtype(on_gpu=True),
+                capability=env.capability, te_version=env.te_version)
 
 
 _LOGGED: set = set()
@@ -173,13 +193,42 @@ def log_choices(choices: PerfChoices) -> None:
     log.info("performance switches: %s", choices.summary())
 
 
+# What the userbuffers of this process were initialised for (None: not initialised by us).
+_UB_KEY: Optional[tuple] = None
+
+
 def initialize_tp_comm_overlap(choices: PerfChoices, seq_length: int, micro_batch_size: int, hidden_size: int,
                                context_parallel: int, tensor_parallel: int, fp8: bool, dtype) -> None:
     """TE's userbuffers for TP communication overlap, as Megatron-LM initialises them:
-    after the parallel groups, before the model. GPU only; untested here (no GPU)."""
+    after the parallel groups, before the model. GPU only.
+
+    Once per process: TE asserts ``UB communicators are already initialized`` on a second
+    ``initialize_ub`` (transformer_engine/pytorch/module/base.py, ``initialize_ub``, TE 2.9-2.11),
+    so a second model build with the same buffers (train then evaluate, one process) reuses
+    them, and other buffers replace them (``destroy_ub`` first). :func:`release_tp_comm_overlap`
+    destroys them when the parallel state goes."""
+    global _UB_KEY
     if not choices.tp_comm_overlap:
         return
     from transformer_engine.pytorch import module as te_module
 
     shape = [seq_length * micro_batch_size // context_parallel, hidden_size]
+    key = (tuple(shape), tensor_parallel, bool(fp8), dtype)
+    if _UB_KEY == key and te_module.base._ub_communicators is not None:
+        return
+    if te_module.base._ub_communicators is not None:
+        te_module.base.destroy_ub()
     te_module.base.initialize_ub(shape=shape, tp_size=tensor_parallel, use_fp8=fp8, dtype=dtype)
+    _UB_KEY = key
+
+
+def release_tp_comm_overlap() -> None:
+    """Destroy the userbuffers :func:`initialize_tp_comm_overlap` made (with the process
+    groups they were bootstrapped on, at teardown); nothing when there are none."""
+    global _UB_KEY
+    if _UB_KEY is None:
+        return
+    from transformer_engine.pytorch import module as te_module
+
+    te_module.base.destroy_ub()
+    _UB_KEY = None

@@ -29,6 +29,7 @@ from megatron_longsky.config import ConfigError
 from megatron_longsky.plan.flops import (
     DEVICE_PEAK_TFLOPS, attention_peak, device_peak_tflops, estimate_step_time, gemm_precision, step_flops,
 )
+from megatron_longsky.plan.inputs import perf_choices, plan_input  # noqa: F401 - re-exported
 from megatron_longsky.plan.memory import GiB, PlanInput, checkpoint_memory, estimate_memory
 
 
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="with --dry-run: a recipe directory (cpt/sft/long_sft/needle YAMLs)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build and validate the stage's megatron-core configs for an H100 with TE (see above)")
+    parser.add_argument("--simulate", choices=["gpu-te", "gpu"], default="gpu-te",
+                        help="with --dry-run: the GPU machine simulated: with Transformer Engine (default) or "
+                             "without (megatron-core local layers)")
     parser.add_argument("--nodes", type=int, default=None, help="nodes (required, except for --recipe)")
     parser.add_argument("--gpus-per-node", type=int, default=8)
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="device memory, GiB (default 80)")
@@ -73,44 +77,6 @@ def _vocab_size(cfg, explicit: int | None) -> int:
         raise ConfigError(f"model.vocab_size is not set and the tokenizer could not be loaded ({exc}); "
                           "pass --vocab-size N") from exc
     return cfg.model.padded_vocab_size(tokenizer.vocab_size, tp)
-
-
-def perf_choices(cfg, attention: str):
-    """The performance switches the run would take: on an H100 with TE and apex for
-    ``attention='te'``, on a machine without TE otherwise."""
-    from megatron_longsky.model.perf import Environment, resolve_perf
-    from megatron_longsky.plan.dry_run import SIMULATED_GPU
-
-    env = SIMULATED_GPU if attention == "te" else Environment(cuda=False, transformer_engine=False,
-                                                              apex_grad_accum_fusion=False)
-    impl = "transformer_engine" if attention == "te" else "local"
-    packed = cfg.data.kind == "sft" and cfg.data.packed
-    return resolve_perf(cfg.model, cfg.parallel, env, impl, cfg.optimizer.use_distributed_optimizer, packed)
-
-
-def plan_input(cfg, world_size: int, vocab_size: int, attention: str) -> PlanInput:
-    import dataclasses
-
-    par = cfg.parallel
-    model_parallel = par.model_parallel_size
-    if world_size % model_parallel:
-        raise ConfigError(f"{world_size} GPUs are not divisible by TP*PP*CP = {model_parallel}")
-    dp = world_size // model_parallel
-    # The recompute the run will do (selective is dropped with TE's fused attention).
-    recompute = perf_choices(cfg, attention).recompute_granularity
-    return PlanInput(
-        model=dataclasses.replace(cfg.model, recompute_granularity=recompute),
-        vocab_size=vocab_size,
-        micro_batch_size=cfg.micro_batch_size,
-        num_microbatches=cfg.num_microbatches(dp),
-        tensor_parallel=par.tensor_model_parallel_size,
-        pipeline_parallel=par.pipeline_model_parallel_size,
-        context_parallel=par.context_parallel_size,
-        data_parallel=dp,
-        sequence_parallel=par.sequence_parallel,
-        use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
-        attention=attention,
-    )
 
 
 def _gib(n: float) -> str:
@@ -202,16 +168,18 @@ def check_plan_args(args: argparse.Namespace) -> None:
 
 
 def dry_run_main(args) -> int:
-    from megatron_longsky.plan.dry_run import DryRunError, dry_run_recipe, dry_run_train_stage
+    from megatron_longsky.plan.dry_run import DryRunError, dry_run_recipe, dry_run_train_stage, simulated_environment
     from megatron_longsky.training.config import load_train_config
 
     try:
+        env = simulated_environment(args.simulate, args.device)
         if args.recipe:
-            results = dry_run_recipe(args.recipe, args.overrides, args.nodes, args.gpus_per_node)
+            results = dry_run_recipe(args.recipe, args.overrides, args.nodes, args.gpus_per_node, env=env)
         else:
             cfg = load_train_config(args.config, args.overrides)
             vocab = _vocab_size(cfg, args.vocab_size)
-            results = [dry_run_train_stage(Path(args.config).stem, cfg, args.nodes * args.gpus_per_node, vocab)]
+            results = [dry_run_train_stage(Path(args.config).stem, cfg, args.nodes * args.gpus_per_node, vocab,
+                                           env=env)]
     except DryRunError as exc:  # megatron-core refused a stage: the check failed (like --require-fit)
         print(f"longsky plan --dry-run: {exc}", file=sys.stderr)
         return 1
@@ -223,7 +191,9 @@ def dry_run_main(args) -> int:
     else:
         for r in results:
             print(r.render())
-        print("dry-run: every stage's TransformerConfig, DDP and optimizer configs validated by megatron-core")
+        print(f"dry-run ({args.simulate}, {args.device}): every stage's TransformerConfig, DDP and optimizer "
+              "configs validated by megatron-core, the model built on the meta device from that TransformerConfig"
+              + (", Transformer Engine's attention-backend rules checked" if args.simulate == "gpu-te" else ""))
     return 0
 
 

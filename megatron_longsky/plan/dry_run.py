@@ -2,20 +2,34 @@
 on a CPU machine before a cluster is booked (``longsky plan --dry-run``).
 
 For each training stage: the job YAML (with the same ``key=value`` overrides as ``longsky
-train``), the cluster shape, the performance switches for an H100 machine with Transformer
-Engine and apex (:data:`SIMULATED_GPU`, FP8 as the stage sets it), then the exact
-``TransformerConfig``, ``DistributedDataParallelConfig`` and ``OptimizerConfig`` the trainer
-would build, each validated by megatron-core's own ``__post_init__``. The model itself is
-then built on the meta device (no memory, no weights) under a fake process group of the
-stage's TP x PP x CP ranks, which runs megatron-core's shape checks (TP divisibility of
-heads, groups, FFN and vocabulary) and gives the parameters per rank, compared with the
-planner's count.
+train``), the cluster shape, the performance switches of the simulated machine
+(``--simulate gpu-te``: an H100 node with Transformer Engine and apex, the default;
+``--simulate gpu``: the same without TE), then the exact ``TransformerConfig``,
+``DistributedDataParallelConfig`` and ``OptimizerConfig`` the trainer would build, each
+validated by megatron-core's own ``__post_init__``; with TE, Transformer Engine's
+attention-backend and FP8-recipe rules for the stage on ``--device``
+(:mod:`megatron_longsky.attention.te_rules`). The model is then built on the meta device
+(no memory, no weights) under a fake process group of the stage's TP x PP x CP ranks, from
+**that same TransformerConfig**: sequence parallelism, FP8, the fusions,
+``persist_layer_norm`` and TP overlap as the run sets them. Only the two fields that say
+where weights are allocated and whether they are drawn differ (``use_cpu_initialization``
+on, so the meta device receives them, and ``perform_initialization`` off). A megatron-core
+construction-time assertion is a stage failure naming the setting. The parameters per rank
+are compared with the planner's count.
 
-Limits, said plainly: TE is not installed here, so TransformerConfig's two TE probes (is
-TE's fused RoPE importable, TE's version) answer as TE 2.9 would
-(:func:`simulated_transformer_engine`), and the meta model uses the local layer spec with
-our core attention (same parameter shapes as the TE spec; sequence parallelism, FP8 and the
-fusions only change activations and kernels, so they are off for that build).
+What is instantiated, said plainly (docs/plan.md):
+
+- ``gpu``: the exact layer spec a GPU run without TE uses (megatron-core local modules,
+  our core attention, our RMSNorm: :func:`megatron_longsky.model.spec.local_layer_spec`).
+- ``gpu-te``: TE is not installed here, so TE's modules cannot be instantiated. The exact
+  TransformerConfig is validated by megatron-core with TransformerConfig's two TE probes (is
+  TE's fused RoPE importable, TE's version) answering as TE 2.9 would
+  (:func:`simulated_transformer_engine`), and the model built is the local-spec stand-in
+  (same parameter shapes as the TE spec) with the exact flags; apex's
+  ``fused_weight_gradient_mlp_cuda`` (needed by megatron-core's output layer for
+  gradient-accumulation fusion) is an importable stand-in without kernels. TE's own
+  construction-time checks are not run; its first-forward attention checks are the rules
+  table's.
 
 The stages chain as the recipes run them: import (vocabulary padded as the importer
 records it) -> CPT -> SFT -> long SFT (each ``init_from`` the previous stage's ``save``,
@@ -34,12 +48,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megatron_longsky.attention.te_rules import DEVICE_CAPABILITY
 from megatron_longsky.config import ConfigError
 from megatron_longsky.model.perf import Environment, resolve_perf
+from megatron_longsky.plan.inputs import SIMULATED_GPU, SIMULATED_GPU_NO_TE, SIMULATIONS, plan_input  # noqa: F401
 
-# An H100 node of an NVIDIA PyTorch container: CUDA, Transformer Engine, apex.
-SIMULATED_GPU = Environment(cuda=True, transformer_engine=True, apex_grad_accum_fusion=True)
 SIMULATED_TE_VERSION = "2.9.0"
+DEFAULT_DEVICE = "h100"
 TRAIN_STAGES = ("cpt", "sft", "long_sft")
 # Fields that must not change along a recipe (the weights are carried over).
 _ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads", "kv_groups", "ffn_hidden_size",
@@ -122,25 +137,42 @@ def _stage_error(stage: str, exc: BaseException) -> DryRunError:
     return DryRunError(f"stage {stage}: {type(exc).__name__}: {exc}")
 
 
+def simulated_environment(simulate: str = "gpu-te", device: str = DEFAULT_DEVICE) -> Environment:
+    """The machine a stage is checked for: ``gpu-te`` / ``gpu`` on ``device`` (a ``--device``
+    name: its compute capability for TE's rules; TE's version unknown, so every rule of TE
+    2.9-2.11 applies)."""
+    if simulate not in SIMULATIONS:
+        raise ConfigError(f"--simulate must be one of {sorted(SIMULATIONS)}, got {simulate!r}")
+    if device not in DEVICE_CAPABILITY:
+        raise ConfigError(f"--device {device!r}: no compute capability known (known: {sorted(DEVICE_CAPABILITY)})")
+    return dataclasses.replace(SIMULATIONS[simulate], capability=DEVICE_CAPABILITY[device])
+
+
 def train_stage_configs(cfg, world_size: int, vocab_size: int, env: Environment = SIMULATED_GPU):
     """(TransformerConfig, DistributedDataParallelConfig, OptimizerConfig, PerfChoices, PlanInput)
-    exactly as the trainer builds them on ``env``; megatron-core validates each."""
+    exactly as the trainer builds them on ``env``; megatron-core validates each, and with TE
+    the attention-backend and FP8-recipe rules are checked for ``env``'s device."""
     from megatron_longsky.model.build import transformer_config
-    from megatron_longsky.plan.cli import plan_input
+    from megatron_longsky.model.perf import check_transformer_engine
     from megatron_longsky.training.optimizer import ddp_config, optimizer_config
 
     impl = "transformer_engine" if env.transformer_engine else "local"
     if cfg.model.transformer_impl == "local":
         impl = "local"
+    elif cfg.model.transformer_impl == "transformer_engine" and impl != "transformer_engine":
+        raise DryRunError("model.transformer_impl=transformer_engine but the simulated machine has no "
+                          "Transformer Engine (--simulate gpu)")
     if cfg.model.fp8 and impl != "transformer_engine":
         raise DryRunError(f"model.fp8={cfg.model.fp8} needs Transformer Engine (transformer_impl={impl})")
     p = plan_input(cfg, world_size, vocab_size, "te" if impl == "transformer_engine" else "longsky")
     packed = cfg.data.kind == "sft" and cfg.data.packed
+    # What the trainer checks before building (model/perf.py resolve_for_train), on env's device.
+    check_transformer_engine(cfg.model, cfg.parallel.context_parallel_size, packed, env, impl)
     perf = resolve_perf(cfg.model, cfg.parallel, env, impl, cfg.optimizer.use_distributed_optimizer, packed)
-    with simulated_transformer_engine() if env.transformer_engine else contextlib.nullcontext():
+    with simulated_transformer_engine() if impl == "transformer_engine" else contextlib.nullcontext():
         tcfg = transformer_config(cfg.model, cfg.parallel, perf=perf, impl=impl, on_gpu=env.cuda)
     ddp = ddp_config(cfg, perf)
-    opt = optimizer_config(cfg)
+    opt = optimizer_config(cfg, on_gpu=env.cuda)
     # What megatron-core checks only once the objects meet (DDP / optimizer construction).
     if ddp.overlap_param_gather and not (ddp.use_distributed_optimizer and ddp.overlap_grad_reduce):
         raise DryRunError("overlap_param_gather needs the distributed optimizer and overlap_grad_reduce")
@@ -149,55 +181,125 @@ def train_stage_configs(cfg, world_size: int, vocab_size: int, env: Environment 
     return tcfg, ddp, opt, perf, p
 
 
-def meta_model_params(cfg, tcfg, vocab_size: int) -> int:
-    """Build this layout's rank-0 model on the meta device; its parameter count."""
+@contextlib.contextmanager
+def simulated_apex():
+    """megatron-core's linear layers see apex's ``fused_weight_gradient_mlp_cuda`` as present
+    (``tensor_parallel/layers.py`` reads ``_grad_accum_fusion_available``, set at its import, when
+    ``gradient_accumulation_fusion`` is on); nothing calls a kernel on the meta device."""
+    from megatron.core.tensor_parallel import layers
+
+    saved = layers._grad_accum_fusion_available
+    layers._grad_accum_fusion_available = True
+    try:
+        yield
+    finally:
+        layers._grad_accum_fusion_available = saved
+
+
+# TransformerConfig fields -> the setting of ours that sets them (model/build.py, model/perf.py).
+_SETTING = {
+    "sequence_parallel": "parallel.sequence_parallel", "tensor_model_parallel_size": "parallel.tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "parallel.pipeline_model_parallel_size",
+    "context_parallel_size": "parallel.context_parallel_size", "cp_comm_type": "parallel.cp_comm_type",
+    "fp8": "model.fp8", "fp8_recipe": "model.fp8_recipe", "tp_comm_overlap": "parallel.tp_comm_overlap",
+    "fp8_dot_product_attention": "model.fp8_attention", "fp8_multi_head_attention": "model.fp8_attention",
+    "params_dtype": "model.params_dtype", "bf16": "model.params_dtype", "fp16": "model.params_dtype",
+    "recompute_granularity": "model.recompute_granularity", "num_query_groups": "model.num_query_groups",
+    "persist_layer_norm": "persist_layer_norm (model/build.py: on for GPU runs with TE)",
+    "gradient_accumulation_fusion": "gradient_accumulation_fusion (model/perf.py)",
+    "apply_rope_fusion": "apply_rope_fusion (model/perf.py)",
+}
+
+
+def construction_failure(exc: BaseException) -> str:
+    """What a construction-time failure in megatron-core says, with the settings the failing
+    line reads (``config.<field>``, mapped to ours) and where it is."""
+    import linecache
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where, fields = "", []
+    for frame in reversed(frames):
+        line = frame.line or linecache.getline(frame.filename, frame.lineno)
+        found = re.findall(r"config\.([A-Za-z_]\w*)", line or "")
+        if "megatron" in frame.filename and (found or not where):
+            where = where or f"{Path(frame.filename).name}:{frame.lineno}"
+            if found:
+                where = f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
+                fields = found
+                break
+    settings = [_SETTING.get(f, f"TransformerConfig.{f}") for f in dict.fromkeys(fields)]
+    named = f" (setting: {', '.join(settings)})" if settings else ""
+    return f"{type(exc).__name__} building the model{named}: {exc or 'assertion failed'}" + (
+        f" [{where}]" if where else "")
+
+
+def meta_model(cfg, tcfg, vocab_size: int, env: Environment = SIMULATED_GPU):
+    """This layout's rank-0 model on the meta device, from the run's own TransformerConfig
+    (``use_cpu_initialization`` on and ``perform_initialization`` off, nothing else changed)
+    and the layer spec the run on ``env`` takes (see the module docstring for ``gpu-te``)."""
     import torch
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from megatron_longsky.attention.select import install_core_attention
     from megatron_longsky.model.rope import apply_rope_config
+    from megatron_longsky.model.spec import local_layer_spec
 
     par = cfg.parallel
-    meta_cfg = dataclasses.replace(
-        tcfg, use_cpu_initialization=True, perform_initialization=False, sequence_parallel=False, fp8=None,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, tp_comm_overlap=False,
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        bias_dropout_fusion=False)
-    for name in ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
-                 "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int"):
-        if hasattr(tcfg, name):
-            setattr(meta_cfg, name, getattr(tcfg, name))
     rope = cfg.model.rope
+    te = env.transformer_engine and cfg.model.transformer_impl != "local"
     with fake_model_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                             par.context_parallel_size), torch.device("meta"):
-        model = GPTModel(
-            config=meta_cfg,
-            transformer_layer_spec=install_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm")),
-            vocab_size=vocab_size,
-            max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
-            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-            position_embedding_type="yarn" if rope.scaling == "yarn" else "rope",
-            rotary_base=rope.base,
-            seq_len_interpolation_factor=rope.factor if rope.scaling == "linear" else None,
-        )
+                             par.context_parallel_size), torch.device("meta"), \
+            (simulated_transformer_engine() if te else contextlib.nullcontext()), \
+            (simulated_apex() if tcfg.gradient_accumulation_fusion else contextlib.nullcontext()):
+        # replace() runs TransformerConfig.__post_init__ again (its TE probes: inside the simulation).
+        meta_cfg = dataclasses.replace(tcfg, use_cpu_initialization=True, perform_initialization=False)
+        for name in ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+                     "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int"):
+            if hasattr(tcfg, name):
+                setattr(meta_cfg, name, getattr(tcfg, name))
+        spec = local_layer_spec()
+        # As model/spec.py decoder_spec gives it to a local-spec run: the layers and our final norm.
+        block = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(meta_cfg),
+                                           layer_norm=spec.submodules.input_layernorm)
+        try:
+            model = GPTModel(
+                config=meta_cfg,
+                transformer_layer_spec=block,
+                vocab_size=vocab_size,
+                max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+                share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+                position_embedding_type="yarn" if rope.scaling == "yarn" else "rope",
+                rotary_base=rope.base,
+                seq_len_interpolation_factor=rope.factor if rope.scaling == "linear" else None,
+            )
+        except (AssertionError, ValueError, RuntimeError, TypeError, ImportError) as exc:
+            raise DryRunError(construction_failure(exc)) from exc
         apply_rope_config(model, rope)
-        return sum(p.numel() for p in model.parameters())
+        return model
 
 
-def dry_run_train_stage(name: str, cfg, world_size: int, vocab_size: int, build_meta: bool = True) -> StageResult:
+def meta_model_params(cfg, tcfg, vocab_size: int, env: Environment = SIMULATED_GPU) -> int:
+    """The parameter count of :func:`meta_model`."""
+    return sum(p.numel() for p in meta_model(cfg, tcfg, vocab_size, env).parameters())
+
+
+def dry_run_train_stage(name: str, cfg, world_size: int, vocab_size: int, build_meta: bool = True,
+                        env: Environment = SIMULATED_GPU) -> StageResult:
     from megatron_longsky.plan.memory import params_on_rank
 
     try:
-        tcfg, ddp, opt, perf, p = train_stage_configs(cfg, world_size, vocab_size)
+        tcfg, ddp, opt, perf, p = train_stage_configs(cfg, world_size, vocab_size, env)
         facts = {"gpus": world_size, "TP": p.tensor_parallel, "PP": p.pipeline_parallel, "CP": p.context_parallel,
                  "DP": p.data_parallel, "micro-batches": p.num_microbatches, "vocab": vocab_size,
+                 "layers": "TE" if env.transformer_engine and cfg.model.transformer_impl != "local" else "local",
+                 "dtype": cfg.model.resolved_dtype(on_gpu=env.cuda), "sp": tcfg.sequence_parallel,
                  "fp8": tcfg.fp8, "recompute": tcfg.recompute_granularity,
                  "rope_fusion": tcfg.apply_rope_fusion, "grad_accum_fusion": tcfg.gradient_accumulation_fusion,
                  "overlap_grad_reduce": ddp.overlap_grad_reduce, "overlap_param_gather": ddp.overlap_param_gather,
                  "tp_comm_overlap": tcfg.tp_comm_overlap, "distributed_optimizer": opt.use_distributed_optimizer}
         if build_meta:
-            params = meta_model_params(cfg, tcfg, vocab_size)
+            params = meta_model_params(cfg, tcfg, vocab_size, env)
             planned = params_on_rank(p, "first") if p.pipeline_parallel == 1 else None
             if planned is not None and planned != params:
                 raise DryRunError(f"the meta model holds {params} parameters per rank, the planner counts {planned}")
@@ -227,7 +329,8 @@ def _record(directory: Path, cfg_model, vocab_size: int) -> Path:
 
 
 def dry_run_recipe(recipe_dir: str | Path, overrides: list[str] = (), nodes: Optional[int] = None,
-                   gpus_per_node: int = 8, build_meta: bool = True) -> list[StageResult]:
+                   gpus_per_node: int = 8, build_meta: bool = True,
+                   env: Environment = SIMULATED_GPU) -> list[StageResult]:
     """Every stage of a recipe directory (cpt/sft/long_sft/needle YAMLs), chained."""
     from megatron_longsky.config import load_config
     from megatron_longsky.convert.hf_config import hf_config_from_model
@@ -279,7 +382,7 @@ def dry_run_recipe(recipe_dir: str | Path, overrides: list[str] = (), nodes: Opt
             stage_nodes = nodes or stated_nodes(recipe_dir / f"{stage}.yaml")
             if not stage_nodes:
                 raise DryRunError(f"stage {stage}: no node count (pass --nodes, or state '# nodes: N' in the YAML)")
-            results.append(dry_run_train_stage(stage, cfg, stage_nodes * gpus_per_node, vocab, build_meta))
+            results.append(dry_run_train_stage(stage, cfg, stage_nodes * gpus_per_node, vocab, build_meta, env))
             previous = _record(tmp / stage, cfg.model, vocab)
             previous_save, previous_model = cfg.checkpoint.save, cfg.model
         final = cfgs[TRAIN_STAGES[-1]]
@@ -295,7 +398,7 @@ def dry_run_recipe(recipe_dir: str | Path, overrides: list[str] = (), nodes: Opt
                                   f"{context} the model was trained for")
             results.append(StageResult("needle", {"lengths": f"{min(needle.lengths)}..{max(needle.lengths)}",
                                                   "context": context}))
-        hf = hf_config_from_model(final.model, vocab, torch_dtype=final.model.params_dtype)
+        hf = hf_config_from_model(final.model, vocab, torch_dtype=final.model.resolved_dtype(on_gpu=env.cuda))
         results.append(StageResult("export", {"rope_theta": hf["rope_theta"],
                                               "max_position_embeddings": hf["max_position_embeddings"],
                                               "vocab": hf["vocab_size"]}))

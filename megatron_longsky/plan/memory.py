@@ -104,11 +104,11 @@ class PlanInput:
 
     @property
     def param_bytes(self) -> int:
-        return _BYTES[self.model.params_dtype]
+        return _BYTES[self.model.resolved_dtype(on_gpu=True)]  # the plan is for a GPU cluster
 
     @property
     def activation_bytes(self) -> int:
-        return _BYTES[self.model.params_dtype]
+        return _BYTES[self.model.resolved_dtype(on_gpu=True)]  # the plan is for a GPU cluster
 
     @property
     def sp_divisor(self) -> int:

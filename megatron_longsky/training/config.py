@@ -220,7 +220,8 @@ class TrainConfig:
         check_parallel_layout(self.model, par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                               par.context_parallel_size)
         # CP communication, FP8 shard and FP8-attention rules, before anything is built.
-        validate_context_parallel(self.model, self.parallel, self.data.kind == "sft" and self.data.packed)
+        validate_context_parallel(self.model, self.parallel, self.data.kind == "sft" and self.data.packed,
+                                  self.micro_batch_size)
         self._check_settings_take_effect()
 
     def _check_settings_take_effect(self) -> None:

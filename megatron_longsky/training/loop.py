@@ -133,7 +133,7 @@ def build_training_model(cfg: TrainConfig, vocab_size: int, initialize: bool = T
     perf = resolve_for_train(cfg)
     initialize_tp_comm_overlap(perf, cfg.seq_length, cfg.micro_batch_size, cfg.model.hidden_size,
                                cfg.parallel.context_parallel_size, cfg.parallel.tensor_model_parallel_size,
-                               bool(cfg.model.fp8), dtype_from_name(cfg.model.params_dtype))
+                               bool(cfg.model.fp8), dtype_from_name(cfg.model.resolved_dtype(on_gpu=True)))
     model = build_model(cfg.model, cfg.parallel, vocab_size, seed=cfg.seed if initialize else None,
                         initialize=initialize, perf=perf)  # on this process's device
     tcfg = model.config
@@ -181,6 +181,9 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
     vocab_size = resolve_vocab_size(cfg, tokenizer, resume_dir or init_dir)
     config_dict = train_config_to_dict(cfg)
     config_dict["model"]["vocab_size"] = vocab_size
+    from megatron_longsky.runtime.device import use_cuda
+
+    config_dict["model"]["params_dtype"] = cfg.model.resolved_dtype(use_cuda())  # 'auto' as this run took it
     # The chat template the model learns (SFT data) or learned (the checkpoint it continues):
     # chat-mode evaluation builds its prompts with it.
     chat_template = dataset_chat_template(cfg.data)
@@ -221,8 +224,10 @@ def teardown(setup: TrainingSetup, barrier: bool = True) -> None:
     """Destroy megatron-core's parallel state; also the process group if this run created it."""
     from megatron.core import parallel_state
 
+    from megatron_longsky.model.perf import release_tp_comm_overlap
     from megatron_longsky.runtime.distributed import shutdown
 
+    release_tp_comm_overlap()  # TE's userbuffers live on these process groups
     if setup.owns_process_group:
         shutdown()
     elif parallel_state.model_parallel_is_initialized():

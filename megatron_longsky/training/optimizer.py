@@ -6,13 +6,14 @@ from __future__ import annotations
 from megatron_longsky.training.config import TrainConfig
 
 
-def optimizer_config(cfg: TrainConfig):
+def optimizer_config(cfg: TrainConfig, on_gpu: bool | None = None):
+    """``on_gpu``: resolve ``model.params_dtype: auto`` as on a GPU (default: this machine)."""
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_longsky.runtime.device import dtype_from_name
+    from megatron_longsky.runtime.device import dtype_from_name, use_cuda
 
     o = cfg.optimizer
-    dtype = cfg.model.params_dtype
+    dtype = cfg.model.resolved_dtype(on_gpu=use_cuda() if on_gpu is None else on_gpu)
     return OptimizerConfig(
         optimizer=o.optimizer,
         lr=o.lr,
