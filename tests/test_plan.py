@@ -174,7 +174,8 @@ def test_estimates_agree_with_measured_cpu_memory(measured):
     for rank_results in measured[:1]:
         for tp, cp, seq, overrides, dist_opt, _ in rank_results:
             m = worst[(tp, cp, seq, str(overrides), dist_opt)]
-            model = model_config_from_dict({"preset": "tiny", "seq_length": seq, **overrides})
+            # The planner reads params_dtype 'auto' as on a GPU (bf16); the measurement ran on CPU.
+            model = model_config_from_dict({"preset": "tiny", "seq_length": seq, "params_dtype": "float32", **overrides})
             est = estimate_memory(PlanInput(
                 model=model, vocab_size=VOCAB, tensor_parallel=tp, context_parallel=cp,
                 data_parallel=2 // (tp * cp), use_distributed_optimizer=dist_opt, attention="longsky"))

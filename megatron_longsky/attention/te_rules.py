@@ -135,6 +135,10 @@ RULES: tuple[Rule, ...] = (
          lambda c: c.fp8_dpa and c.capability is not None and _cap(c) == (12, 0),
          "FP8 attention is not supported on sm120",
          f"{_UTILS} ('FP8 is not supported for compute capability = sm120')", "model.fp8_attention"),
+    Rule("fp8-dpa-sm90", (FUSED,),
+         lambda c: c.fp8_dpa and c.capability is not None and _cap(c) < (9, 0),
+         "cuDNN's FP8 fused attention needs sm90 or newer",
+         f"{_FUSED_CPP} (FP8 branch: sm_arch_ >= 90)", "model.fp8_attention"),
     Rule("fp8-dpa-head-dim", (FUSED,),
          lambda c: c.fp8_dpa and c.capability is not None and (
              (_cap(c) < (10, 0) and c.training and c.head_dim != 128)
@@ -280,10 +284,12 @@ def check_model(model, context_parallel: int = 1, packed: bool = False, **kwargs
 
 
 def device_capability() -> Optional[tuple]:
-    """This process's GPU compute capability (None without CUDA)."""
+    """This process's GPU compute capability (None when it does not compute on CUDA)."""
     import torch
 
-    if not torch.cuda.is_available():
+    from megatron_longsky.runtime.device import use_cuda
+
+    if not use_cuda():
         return None
     return tuple(torch.cuda.get_device_capability())
 

@@ -161,9 +161,23 @@ def diagnose(env: Environment, cfg=None) -> Report:
     fp8 = have_te and capability is not None and capability >= FP8_MIN_CAPABILITY
     paths.append(("FP8 (model.fp8)", "available (Transformer Engine)" if fp8 else
                   "unavailable: needs Transformer Engine on an Ada/Hopper GPU (a config asking for it is refused)"))
-    fp8_attn = fp8 and capability >= FP8_ATTENTION_MIN_CAPABILITY
-    paths.append(("FP8 attention (model.fp8_attention)", "available (Hopper, TE fused attention)" if fp8_attn else
-                  "unavailable: needs Transformer Engine on a Hopper GPU"))
+    fp8_attn = fp8_attn_hardware = fp8 and capability >= FP8_ATTENTION_MIN_CAPABILITY
+    if fp8_attn and cfg is not None and cfg.model.fp8 and cfg.model.fp8_attention == "dot_product":
+        # TE's backend rules for this config's recipe on this GPU (attention/te_rules.py): e.g.
+        # tensorwise (FP8 current scaling) attention has no backend below sm100.
+        from megatron_longsky.attention import te_rules
+
+        case = te_rules.case_for(cfg.model, cfg.parallel.context_parallel_size, _packed(cfg),
+                                 capability=capability, te_version=te[:2] if te else None)
+        fp8_attn = bool(te_rules.available_backends(case))
+        paths.append(("FP8 attention (model.fp8_attention)",
+                      f"available for fp8_recipe={cfg.model.fp8_recipe} ({', '.join(te_rules.available_backends(case))})"
+                      if fp8_attn else f"unavailable for fp8_recipe={cfg.model.fp8_recipe} on sm{capability[0]}"
+                      f"{capability[1]}: Transformer Engine has no attention backend for it"))
+    else:
+        paths.append(("FP8 attention (model.fp8_attention)",
+                      "available (Hopper, TE fused attention; fp8_recipe=delayed, or tensorwise on sm100+)"
+                      if fp8_attn else "unavailable: needs Transformer Engine on a Hopper GPU"))
     paths.append(("fused kernels (bias-activation, softmax, persistent norm)", "on" if on_gpu else "off (CPU)"))
     fused_wgrad = on_gpu and (have_te or env.apex == "nvidia")
     paths.append(("gradient-accumulation fusion", "available (TE / apex)" if fused_wgrad else "unavailable"))
@@ -178,8 +192,31 @@ def diagnose(env: Environment, cfg=None) -> Report:
     if env.einops is None:
         notes.append("einops is missing: cp_comm_type=a2a+p2p cannot create its CP groups (pip install einops)")
     if cfg is not None:
-        _check_config(cfg, report, have_te, fp8, fp8_attn)
+        _check_config(cfg, report, have_te, fp8, fp8_attn_hardware)
+        if have_te and cfg.model.transformer_impl != "local":
+            _check_attention_backends(cfg, report, capability, te, fp8_attention=fp8_attn_hardware)
     return report
+
+
+def _packed(cfg) -> bool:
+    return cfg.data.kind == "sft" and cfg.data.packed
+
+
+def _check_attention_backends(cfg, report: Report, capability, te_release, fp8_attention: bool = True) -> None:
+    """Transformer Engine's attention-backend and FP8-recipe rules (attention/te_rules.py) for
+    this config on this GPU and TE version, as the trainer checks them before building.
+    ``fp8_attention`` False: FP8 attention was already refused for this GPU (not said twice)."""
+    import dataclasses
+
+    from megatron_longsky.attention import te_rules
+
+    model = cfg.model if fp8_attention else dataclasses.replace(cfg.model, fp8_attention="off")
+    try:
+        te_rules.check_model(model, cfg.parallel.context_parallel_size, _packed(cfg), capability=capability,
+                             te_version=te_release[:2] if te_release else None)
+    except te_rules.AttentionBackendError as exc:
+        if str(exc) not in report.problems:
+            report.problems.append(str(exc))
 
 
 def _check_config(cfg, report: Report, have_te: bool, fp8: bool, fp8_attention: bool) -> None:
@@ -200,7 +237,7 @@ def _check_config(cfg, report: Report, have_te: bool, fp8: bool, fp8_attention: 
     if cfg.checkpoint.async_save and not have_te and not report.environment.gpus:
         report.notes.append("checkpoint.async_save is for GPU runs: saves are synchronous on CPU")
     report.paths.append(("this config", f"{'TE' if have_te and m.transformer_impl != 'local' else 'local'} layer spec, "
-                         f"{m.params_dtype}, fp8={m.fp8 or 'off'}, fp8_attention={m.fp8_attention}, "
+                         f"{m.resolved_dtype(on_gpu=bool(report.environment.gpus))}, fp8={m.fp8 or 'off'}, fp8_attention={m.fp8_attention}, "
                          f"CP={parallel.context_parallel_size} ({parallel.cp_comm_type})"))
 
 
