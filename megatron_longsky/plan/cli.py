@@ -100,7 +100,7 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
     fits = mem.peak + reserved_gb * GiB <= memory_gb * GiB
     lines = [
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads} "
-        f"(KV {m.kv_groups}), FFN {m.ffn_hidden_size}, vocab {p.vocab_size}, {m.params_dtype}, "
+        f"(KV {m.kv_groups}), FFN {m.ffn_hidden_size}, vocab {p.vocab_size}, {m.resolved_dtype(on_gpu=True)}, "
         f"seq {m.seq_length}",
         f"layout: TP={p.tensor_parallel} PP={p.pipeline_parallel} CP={p.context_parallel} "
         f"DP={p.data_parallel} SP={'on' if p.sp_divisor > 1 else 'off'} micro-batch {p.micro_batch_size} x "
