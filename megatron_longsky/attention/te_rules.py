@@ -306,4 +306,10 @@ def installed_te_version() -> Optional[tuple]:
             continue
         if found:
             return int(found.group(1)), int(found.group(2))
-    return None
+    try:  # a source build without distribution metadata
+        import transformer_engine
+
+        found = re.match(r"(\d+)\.(\d+)", getattr(transformer_engine, "__version__", ""))
+    except Exception:  # noqa: BLE001 - not importable: unknown
+        return None
+    return (int(found.group(1)), int(found.group(2))) if found else None
