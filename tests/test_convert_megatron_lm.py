@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ CASES = {
 ROUND_TRIP = "tp2pp2_gqa_untied_llama3"
 
 
-def _write_megatron_lm(root: str, tokens: torch.Tensor) -> dict:
+def _write_megatron_lm(root: str, tokens: torch.Tensor, tokenizers: dict) -> dict:
     """4 ranks: for each case, build Megatron-LM's GPT at its layout, take its logits, save it."""
     from megatron.core import parallel_state as ps
 
@@ -48,16 +49,17 @@ def _write_megatron_lm(root: str, tokens: torch.Tensor) -> dict:
         switch_layout(tp, pp)
         args = megatron_lm_args(VOCAB, **COMMON, **flags, tensor_model_parallel_size=tp,
                                 pipeline_model_parallel_size=pp, tokenizer_type="HuggingFaceTokenizer",
-                                tokenizer_model="/cluster/tokenizers/llama")
+                                tokenizer_model=tokenizers[name])
         torch.manual_seed(10 + i)  # the same master weights on every TP rank (CPU initialisation)
         model = build_gpt(args, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()).eval()
         with torch.no_grad():  # random norm weights (replicated: the same on each TP rank)
             for pname, p in model.named_parameters():
                 if p.dim() == 1:
-                    gen = torch.Generator().manual_seed(hash((pname, ps.get_pipeline_model_parallel_rank())) % 2**31)
+                    seed = zlib.crc32(f"{pname}/{ps.get_pipeline_model_parallel_rank()}".encode())
+                    gen = torch.Generator().manual_seed(seed)
                     p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
         logits = full_logits(model, tokens)
-        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+        if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
             out[name] = logits
         save(model, args, str(Path(root) / name), iteration=1200 + i)
     return out
@@ -100,7 +102,9 @@ def _read(imported: dict, megatron_dirs: dict, tokens: torch.Tensor) -> dict:
             load(build_gpt(args).eval(), megatron_args(strictness="assume_ok_unexpected"), directory,
                  te_extra_state=True)
             out["errors"][name] = None
-        except Exception as exc:  # noqa: BLE001 - reported to the test
+        except BaseException as exc:  # noqa: BLE001 - torch's CheckpointException is a BaseException
+            if isinstance(exc, KeyboardInterrupt):
+                raise
             out["errors"][name] = f"{type(exc).__name__}: {exc}"
     return out
 
@@ -118,8 +122,14 @@ def converted(tmp_path_factory):
     from megatron_longsky.cli import main
 
     root = tmp_path_factory.mktemp("mlm")
+    from test_convert import make_tokenizer
+
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
-    ranks = run_distributed(_write_megatron_lm, 4, str(root / "megatron_lm"), tokens)
+    (root / "tok").mkdir()
+    make_tokenizer(root / "tok", VOCAB)
+    # One tokenizer path exists here (its files are copied in), one only on "the cluster".
+    tokenizers = {"tp1pp1_mha_tied": str(root / "tok"), ROUND_TRIP: "/cluster/tokenizers/llama"}
+    ranks = run_distributed(_write_megatron_lm, 4, str(root / "megatron_lm"), tokens, tokenizers)
     reference = {k: v for r in ranks for k, v in r.items()}
     ours = {}
     for name in CASES:
@@ -131,9 +141,13 @@ def converted(tmp_path_factory):
     assert main(["convert", "to-megatron-lm", "--checkpoint", str(ours[ROUND_TRIP]), "--output", str(mlm)]) == 0
     again = root / "ours_again"
     assert main(["convert", "from-megatron-lm", "--checkpoint", str(mlm), "--output", str(again)]) == 0
+    from megatron_longsky.convert import export_checkpoint
+
+    hf = export_checkpoint(ours["tp1pp1_mha_tied"], root / "hf")  # Megatron-LM -> ours -> HF
     read = run_distributed(_read, 1, {**{k: str(v) for k, v in ours.items()}, "again": str(again)},
                            {ROUND_TRIP: str(mlm)}, tokens)[0]
-    return {"root": root, "reference": reference, "ours": ours, "mlm": mlm, "again": again, "read": read}
+    return {"root": root, "reference": reference, "ours": ours, "mlm": mlm, "again": again, "read": read,
+            "hf": hf, "tokens": tokens}
 
 
 @pytest.mark.slow
@@ -143,6 +157,18 @@ def test_imported_logits_match_megatron_lm_model(converted, name):
     ref = converted["reference"][name]
     assert ours.shape == ref.shape  # the padded vocabulary is kept (128 x TP)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_imported_checkpoint_exports_to_hf_with_the_same_logits(converted):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(converted["hf"]).eval()
+    assert model.config.vocab_size == VOCAB and model.config.rms_norm_eps == 1e-6
+    with torch.no_grad():
+        logits = model(converted["tokens"]).logits
+    torch.testing.assert_close(logits, converted["reference"]["tp1pp1_mha_tied"][:, :, :VOCAB], rtol=1e-4, atol=1e-4)
+    assert (converted["hf"] / "tokenizer.json").exists()  # copied in from the args' tokenizer_model
 
 
 @pytest.mark.slow
@@ -157,6 +183,7 @@ def test_imported_config_keeps_megatron_lm_settings(converted):
     assert conf["tokenizer"] == {"type": "hf", "model": "/cluster/tokenizers/llama"}
     mha = yaml.safe_load((converted["ours"]["tp1pp1_mha_tied"] / "iter_0000000" / "config.yaml").read_text())
     assert mha["model"]["num_query_groups"] is None and mha["model"]["tie_embeddings"] is True
+    assert mha["tokenizer"] == {"type": "hf", "model": "tokenizer"}  # copied, relative to the checkpoint
     assert mha["model"]["rope"] == {**mha["model"]["rope"], "base": 50000.0, "scaling": "none"}
     source = json.loads((converted["ours"][ROUND_TRIP] / "iter_0000000" / "megatron_lm_args.json").read_text())
     assert source["iteration"] == 1201 and source["args"]["attention_backend"].startswith("<AttnBackend")

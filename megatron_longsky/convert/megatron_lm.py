@@ -167,7 +167,7 @@ def import_megatron_lm(checkpoint: str | Path, out_root: str | Path, tokenizer_m
     from megatron_longsky.checkpoint import iteration_dir, save_model_weights, write_checkpoint_config, write_latest
     from megatron_longsky.checkpoint.model_io import load_dist_checkpoint_weights
     from megatron_longsky.config import to_dict
-    from megatron_longsky.convert.importer import check_tokenizer_fits, validate_layout
+    from megatron_longsky.convert.importer import check_tokenizer_fits, tokenizer_vocab_size, validate_layout
     from megatron_longsky.convert.session import single_process_runtime
     from megatron_longsky.model import build_model
     from megatron_longsky.runtime.device import dtype_name
@@ -196,7 +196,8 @@ def import_megatron_lm(checkpoint: str | Path, out_root: str | Path, tokenizer_m
         tp = pp = 1
     tokenizer = tokenizer_from_args(args)
     if tokenizer_model:
-        tokenizer = {"type": (tokenizer or {}).get("type", "hf"), "model": str(tokenizer_model)}
+        tokenizer = {"type": "sentencepiece" if str(tokenizer_model).endswith(".model") else "hf",
+                     "model": str(tokenizer_model)}
     if tokenizer is None:
         log.warning("%s: tokenizer_type %r has no megatron_longsky equivalent: give `tokenizer:` in the run's config",
                     where, getattr(args, "tokenizer_type", None))
@@ -228,9 +229,7 @@ def import_megatron_lm(checkpoint: str | Path, out_root: str | Path, tokenizer_m
             save_model_weights(model, tmp_iter)
             del model
         tokenizer = _local_tokenizer(tokenizer, tmp_iter, where)
-        if tokenizer and Path(tmp_iter / tokenizer["model"]).exists():
-            from megatron_longsky.convert.importer import tokenizer_vocab_size
-
+        if (tmp_iter / "tokenizer").is_dir():  # copied in: it must fit the embedding
             check_tokenizer_fits(tokenizer_vocab_size(tmp_iter / "tokenizer"), cfg.vocab_size, where)
         config = {
             "model": to_dict(cfg),
@@ -278,7 +277,9 @@ def export_megatron_lm(checkpoint: str | Path, out_dir: str | Path, dtype: Optio
         raise ConversionError(f"{where}: has no 'model:' section")
     cfg = model_config_from_dict(conf["model"], where=f"{where}: model")
     check_exportable_rope(cfg.rope, where)
-    tokenizer = _load_tokenizer(None, conf, where)
+    # The tokenizer is needed only to size an unset vocabulary; its reference is passed on as is
+    # (it may name a path on the machine Megatron-LM runs on).
+    tokenizer = _load_tokenizer(None, conf, where) if not cfg.vocab_size else None
     padded = _padded_vocab(cfg, tokenizer.vocab_size if tokenizer is not None else None, where)
     cfg = dataclasses.replace(cfg, vocab_size=padded)
     match = re.fullmatch(r"iter_(\d+)", ckpt.name)
@@ -299,6 +300,9 @@ def export_megatron_lm(checkpoint: str | Path, out_dir: str | Path, dtype: Optio
     if args.tokenizer_type is None:
         log.warning("to-megatron-lm: the checkpoint's tokenizer %s has no Megatron-LM equivalent: give "
                     "--tokenizer-type/--tokenizer-model to Megatron-LM", (tok_conf or {}).get("type", "(none)"))
+    if any(c.isspace() for c in str(final)):
+        log.warning("to-megatron-lm: %s contains white space: quote --load yourself, $(cat %s) splits it", final,
+                    FLAGS_FILE)
     flags = ["--load", str(final), "--use-checkpoint-args", "--finetune", "--no-load-optim", "--no-load-rng"]
     flags += [part for flag in unrestored_flags(cfg) for part in flag.split(" ")]
 
