@@ -180,6 +180,9 @@ def add_te_extra_state(model_sd: dict, model) -> None:
             key = f"decoder.layers.{module}._extra_state"
             model_sd[f"decoder.layers.{local}.{module}._extra_state"] = make_sharded_object_for_checkpoint(
                 torch.empty(0, dtype=torch.uint8), key, ((0, offset, total),))
+    if getattr(decoder, "final_layernorm", None) is not None:  # TENorm on the last stage
+        key = "decoder.final_layernorm._extra_state"
+        model_sd[key] = make_sharded_object_for_checkpoint(torch.empty(0, dtype=torch.uint8), key)
 
 
 def rng_state_objects():

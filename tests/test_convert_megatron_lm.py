@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -73,9 +74,10 @@ def _read(imported: dict, megatron_dirs: dict, tokens: torch.Tensor) -> dict:
     from _megatron_lm import apply_flags, build_gpt, command_line_defaults, load, load_args_from_checkpoint
 
     switch_layout(1, 1)
-    out = {"ours": {}, "megatron_lm": {}, "errors": {}}
+    out = {"ours": {}, "megatron_lm": {}, "errors": {}, "tensors": {}}
     for name, root in imported.items():
         out["ours"][name] = full_logits(load_checkpoint_model(root), tokens)
+        out["tensors"][name] = dist_checkpointing.load_plain_tensors(str(Path(root) / "iter_0000000" / "model"))
     for name, directory in megatron_dirs.items():
         flags = (Path(directory) / "megatron_lm_flags.txt").read_text()
         iteration = int((Path(directory) / "latest_checkpointed_iteration.txt").read_text())
@@ -94,6 +96,13 @@ def _read(imported: dict, megatron_dirs: dict, tokens: torch.Tensor) -> dict:
         model = build_gpt(args).eval()
         load(model, args, directory, te_extra_state=True)  # a TE-built model asks for _extra_state too
         out["megatron_lm"][name] = full_logits(model, tokens)
+        # Our own loader on a Megatron-LM dist checkpoint (its common.pt holds args, iteration, ...):
+        # it used to merge those into the weights and fail with a KeyError.
+        plain_it = Path(directory).parent / "plain" / "iter_0000000"
+        plain_it.mkdir(parents=True)
+        (plain_it / "model").symlink_to(Path(directory) / f"iter_{iteration:07d}")
+        shutil.copy(Path(imported[name]) / "iter_0000000" / "config.yaml", plain_it / "config.yaml")
+        out["megatron_lm"][name + "/our_loader"] = full_logits(load_checkpoint_model(plain_it), tokens)
         # Without the flag file: the epsilon and the llama3 switch fall back to Megatron-LM's defaults.
         plain = build_gpt(megatron_args(with_flags=False, strictness="log_unexpected")).eval()
         load(plain, megatron_args(with_flags=False, strictness="log_unexpected"), directory, te_extra_state=True)
@@ -109,12 +118,6 @@ def _read(imported: dict, megatron_dirs: dict, tokens: torch.Tensor) -> dict:
     return out
 
 
-def _model_tensors(root: Path) -> dict:
-    from megatron.core import dist_checkpointing
-
-    from megatron_longsky.checkpoint import resolve_checkpoint
-
-    return dist_checkpointing.load_plain_tensors(str(resolve_checkpoint(root) / "model"))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +159,7 @@ def test_imported_logits_match_megatron_lm_model(converted, name):
     ours = converted["read"]["ours"][name]
     ref = converted["reference"][name]
     assert ours.shape == ref.shape  # the padded vocabulary is kept (128 x TP)
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)  # TP=2 x PP=2 sums in another order
 
 
 @pytest.mark.slow
@@ -191,14 +194,14 @@ def test_imported_config_keeps_megatron_lm_settings(converted):
 
 @pytest.mark.slow
 def test_round_trip_is_bitwise(converted):
-    first, again = _model_tensors(converted["ours"][ROUND_TRIP]), _model_tensors(converted["again"])
+    first, again = converted["read"]["tensors"][ROUND_TRIP], converted["read"]["tensors"]["again"]
     assert set(first) == set(again) and first
     for key, value in first.items():
         assert torch.equal(again[key], value), key
     conf = lambda p: yaml.safe_load((p / "iter_0000000" / "config.yaml").read_text())  # noqa: E731
     assert conf(converted["again"])["model"] == conf(converted["ours"][ROUND_TRIP])["model"]
     torch.testing.assert_close(converted["read"]["ours"]["again"], converted["reference"][ROUND_TRIP],
-                               rtol=1e-5, atol=1e-5)
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -206,6 +209,7 @@ def test_megatron_lm_loads_the_export_with_the_flag_file(converted):
     read = converted["read"]
     ours = read["ours"][ROUND_TRIP]
     torch.testing.assert_close(read["megatron_lm"][ROUND_TRIP], ours, rtol=1e-5, atol=1e-5)
+    assert torch.equal(read["megatron_lm"][ROUND_TRIP + "/our_loader"], ours)
     # The traps: without the flags the model loads and is subtly wrong; without the strictness
     # flag a TE-built Megatron-LM model does not load our local-spec weights.
     assert (read["megatron_lm"][ROUND_TRIP + "/no_flags"] - ours).abs().max() > 1e-3
