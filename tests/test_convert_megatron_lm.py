@@ -351,3 +351,17 @@ def test_exported_args_cover_every_restored_field_and_flags():
     assert args.tokenizer_type == "GPTSentencePieceTokenizer" and not args.add_bias_linear and args.swiglu
     assert unrestored_flags(cfg) == ["--norm-epsilon 1e-06", "--use-rope-scaling", "--make-vocab-size-divisible-by 128",
                                      "--dist-ckpt-strictness log_unexpected", "--bf16"]
+
+
+def test_cli_refuses_an_existing_output_and_one_that_overlaps_the_input(tmp_path, capsys):
+    from megatron_longsky.cli import main
+
+    _write_common_only(tmp_path / "mlm", _args())
+    (tmp_path / "taken").mkdir()
+    for output, message in [(tmp_path / "taken", "already exists"), (tmp_path / "mlm", "overlaps the input"),
+                            (tmp_path, "overlaps the input")]:
+        extra = [] if output == tmp_path / "taken" else ["--overwrite"]
+        rc = main(["convert", "from-megatron-lm", "--checkpoint", str(tmp_path / "mlm"), "--output", str(output),
+                   *extra])
+        assert rc == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "mlm" / "iter_0000007" / "common.pt").exists()

@@ -51,6 +51,15 @@ NOT_WEIGHTS = ("optimizer.", "rng_state", "rerun_state_machine")
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
+def _check_output(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an output that exists (unless ``overwrite``) or that would replace the input."""
+    out_r, src_r = out.resolve(), Path(source).resolve()
+    if out_r == src_r or out_r in src_r.parents or src_r in out_r.parents:
+        raise ConversionError(f"--output {out} overlaps the input checkpoint {source}: choose another output")
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+
+
 def _iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"  # checkpointing.py get_checkpoint_name
 
@@ -176,8 +185,7 @@ def import_megatron_lm(checkpoint: str | Path, out_root: str | Path, tokenizer_m
 
     out_root = Path(out_root)
     ckpt_dir, iteration = resolve_megatron_lm_checkpoint(checkpoint)
-    if out_root.exists() and not overwrite:
-        raise ConversionError(f"{out_root} already exists (pass overwrite=True / --overwrite to replace it)")
+    _check_output(out_root, Path(checkpoint), overwrite)
     where = str(ckpt_dir / "common.pt")
     common = read_common(ckpt_dir, allow_pickle)
     if "args" not in common:
@@ -269,8 +277,7 @@ def export_megatron_lm(checkpoint: str | Path, out_dir: str | Path, dtype: Optio
 
     out_dir = Path(out_dir)
     ckpt = resolve_checkpoint(checkpoint)
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    _check_output(out_dir, Path(checkpoint), overwrite)
     conf = read_checkpoint_config(ckpt)
     where = str(ckpt / "config.yaml")
     if "model" not in conf:
