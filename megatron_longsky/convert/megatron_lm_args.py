@@ -268,7 +268,7 @@ def megatron_args(cfg: ModelConfig, padded_vocab: int, tensor_parallel: int, pip
     values.update(
         # Not restored by --use-checkpoint-args (see unrestored_flags); core_v0.16.1 spells the
         # epsilon `layernorm_epsilon` (TransformerConfig field behind --norm-epsilon), earlier
-        # versions `norm_epsilon`.
+        # versions (core_v0.15 and before) `norm_epsilon`.
         layernorm_epsilon=cfg.norm_epsilon, norm_epsilon=cfg.norm_epsilon, layernorm_zero_centered_gamma=False,
         use_rope_scaling=cfg.rope.scaling == "llama3", rope_scaling_factor=MEGATRON_LLAMA3["factor"],
         make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by,
