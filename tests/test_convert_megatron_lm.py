@@ -282,6 +282,10 @@ def test_import_maps_epsilon_gqa_and_scaling_switch():
     # gpt_builders.py passes use_rope_scaling but not rope_scaling_factor: the model ran with factor 8
     assert (cfg.rope.scaling, cfg.rope.factor, cfg.rope.original_max_position_embeddings) == ("llama3", 8.0, 8192)
     assert model_config_from_args(_args(group_query_attention=False, num_query_groups=2), "c").num_query_groups is None
+    older = _args()  # core_v0.15 and before: --norm-epsilon was stored as norm_epsilon
+    del older.layernorm_epsilon
+    older.norm_epsilon = 1e-6
+    assert model_config_from_args(older, "c").norm_epsilon == 1e-6
 
 
 def _write_common_only(directory: Path, args) -> None:
