@@ -308,7 +308,7 @@ def test_cli_from_megatron_lm_refuses_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_from_megatron_lm_refuses_unsafe_pickles_unless_allowed(tmp_path, capsys):
+def test_cli_from_megatron_lm_refuses_unsafe_pickles(tmp_path, capsys):
     from megatron_longsky.cli import main
 
     _write_common_only(tmp_path / "mlm", _args(custom=_Custom()))
