@@ -79,18 +79,43 @@ def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None
     the model needs and the checkpoint lacks is an error. ``sharded_strategy``: e.g. the
     fully parallel load wrapper (training/checkpointing.py).
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
     source = Path(ckpt_dir) / MODEL
     if not source.is_dir():
         raise FileNotFoundError(f"{source} not found: not a checkpoint with model weights")
+    return load_dist_checkpoint_weights(model_chunks, source, sharded_strategy=sharded_strategy)
+
+
+def load_dist_checkpoint_weights(model_chunks, source: str | Path, sharded_strategy=None, key: str | None = None,
+                                 metadata: dict | None = None, common_strategy=None,
+                                 not_weights: tuple[str, ...] = ()) -> LoadReport:
+    """Collective: load the model from the dist checkpoint directory ``source``.
+
+    ``key``: the entry the model's state sits under in that checkpoint (Megatron-LM saves it
+    under ``'model'``, beside its args and optimizer); ``metadata``: the checkpoint's content
+    metadata, handed to ``sharded_state_dict`` as the saver did. Entries of ``common.pt``
+    that are not the model's (args, iteration, ...) are never put into the model.
+    ``not_weights``: key prefixes of checkpoint entries known not to be model weights (e.g.
+    the optimizer state of a training checkpoint), left out of ``unused_checkpoint_keys``.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    source = Path(source)
     chunks = [unwrap(m) for m in _as_list(model_chunks)]
+    if len(chunks) != 1:
+        raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported")
+    requested = chunks[0].sharded_state_dict(metadata=metadata) if metadata is not None \
+        else model_sharded_state_dict(chunks)
+    names = set(requested)
     # missing: in the checkpoint, asked by no rank; unexpected: asked here, not in the checkpoint
     # (megatron-core has already dropped those from what it loads).
-    state, missing, unexpected = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source),
-                                                         sharded_strategy=sharded_strategy,
-                                                         strict=StrictHandling.RETURN_ALL)
+    state, missing, unexpected = dist_checkpointing.load(
+        {key: requested} if key else requested, str(source), sharded_strategy=sharded_strategy,
+        common_strategy=common_strategy, strict=StrictHandling.RETURN_ALL)
+    if key:
+        state = state.get(key, {})
+    # dist_checkpointing.load merges the checkpoint's common.pt into what it returns.
+    state = {k: v for k, v in state.items() if k in names}
     lacking = sorted(k for k in unexpected if not is_extra_state_key(k))
     if lacking:
         raise KeyError(f"{source} lacks {len(lacking)} weight(s) this model needs, e.g. {lacking[:4]}: "
@@ -98,7 +123,8 @@ def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None
     report = LoadReport(
         extra_state_not_in_checkpoint=sorted(unexpected),
         extra_state_not_in_model=sorted(k for k in missing if is_extra_state_key(k)),
-        unused_checkpoint_keys=sorted(k for k in missing if not is_extra_state_key(k)),
+        unused_checkpoint_keys=sorted(k for k in missing if not is_extra_state_key(k)
+                                      and not k.startswith(not_weights)),
     )
     result = chunks[0].load_state_dict(state, strict=False)
     wrong = [k for k in list(result.missing_keys) + list(result.unexpected_keys) if not is_extra_state_key(k)]

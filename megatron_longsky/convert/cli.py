@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="dtype of the exported weights (default: the model's params_dtype)")
     exp.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    from megatron_longsky.convert import megatron_lm_cli
+
+    megatron_lm_cli.add_parsers(sub)  # from-megatron-lm / to-megatron-lm
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -43,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        if args.direction == "import":
+        if args.direction in ("from-megatron-lm", "to-megatron-lm"):
+            from megatron_longsky.convert import megatron_lm_cli
+
+            out = megatron_lm_cli.run(args)
+        elif args.direction == "import":
             from megatron_longsky.convert.importer import import_checkpoint
 
             out = import_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
