@@ -7,13 +7,14 @@ checkpoint written at one TP/PP layout loads at any other.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from megatron_longsky.checkpoint.layout import MODEL
+from megatron_longsky.checkpoint.layout import MODEL, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,16 @@ def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None
     chunks = [unwrap(m) for m in _as_list(model_chunks)]
     # missing: in the checkpoint, asked by no rank; unexpected: asked here, not in the checkpoint
     # (megatron-core has already dropped those from what it loads).
-    state, missing, unexpected = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source),
-                                                         sharded_strategy=sharded_strategy,
-                                                         strict=StrictHandling.RETURN_ALL)
+    try:
+        state, missing, unexpected = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source),
+                                                             sharded_strategy=sharded_strategy,
+                                                             strict=StrictHandling.RETURN_ALL)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            raise  # a file that cannot be read: named by the caller's error handling
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"{source}: the weights cannot be read ({type(exc).__name__}: {first}): "
+                              "a truncated or corrupt checkpoint, or one written for another model") from exc
     lacking = sorted(k for k in unexpected if not is_extra_state_key(k))
     if lacking:
         raise KeyError(f"{source} lacks {len(lacking)} weight(s) this model needs, e.g. {lacking[:4]}: "
