@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron_longsky.errors import UserError
-from megatron_longsky.utils.atomic import fsync_dir, pid_alive
+from megatron_longsky.utils.atomic import fsync_dir, pid_alive, temp_path_for
 
 JOURNAL_SUFFIX = ".switch"
 
@@ -60,7 +60,7 @@ def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
 
 
 def _write_journal(path: Path, record: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path_for(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
