@@ -350,3 +350,41 @@ def test_ctrl_c_while_workers_start_is_not_lost(monkeypatch):
     for proc in started:
         proc.join(timeout=10)
         assert not proc.is_alive()
+
+
+@pytest.mark.slow
+def test_sigterm_to_convert_import_and_export_exits_143_and_leaves_no_temporary(tmp_path):
+    proc = _run_and_terminate(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from test_convert import make_hf_model
+        from megatron_longsky.cli import main
+        from megatron_longsky import checkpoint as importer  # import_checkpoint takes iteration_dir from here
+        import safetensors.torch
+
+        def terminating(real):
+            def call(*args, **kwargs):
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives while the output is half written
+                return real(*args, **kwargs)
+            return call
+
+        make_hf_model(__import__("pathlib").Path("hf"))
+        real_iteration_dir, real_save = importer.iteration_dir, safetensors.torch.save_file
+        importer.iteration_dir = terminating(real_iteration_dir)
+        codes = [main(["convert", "import", "--hf-dir", "hf", "--output", "ck"])]
+        importer.iteration_dir = real_iteration_dir
+        codes.append(main(["convert", "import", "--hf-dir", "hf", "--output", "ck"]))
+        safetensors.torch.save_file = terminating(real_save)
+        codes.append(main(["convert", "export", "--checkpoint", "ck", "--output", "out"]))
+        print(codes)
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[143, 0, 143]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "hf"]  # no .tmp-*, no half output
+    assert stat.S_IMODE((tmp_path / "ck").stat().st_mode) == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
