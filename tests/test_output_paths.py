@@ -388,3 +388,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_report_directories_are_never_an_input(tmp_path, capsys, monkeypatch):
+    """needle / eval / synl-eval / quickstart: the report directory is checked against the
+    command's inputs before any model is loaded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck" / "iter_0000001" / "model").mkdir(parents=True)
+    Path("data.jsonl").write_text("{}\n")
+    Path("job.yaml").write_text("base_iters: 1\n")
+    for argv, name in (
+        (["needle", "--checkpoint", "ck", "--output", "./ck"], "also an input (ck)"),
+        (["needle", "--checkpoint", "ck", "--output", "ck/needle"], "inside the input directory ck"),
+        (["eval", "ppl", "--checkpoint", "ck", "--data", "data.jsonl", "--output", "./data.jsonl"],
+         "also an input (data.jsonl)"),
+        (["quickstart", "--config", "job.yaml", "--output", "./job.yaml"], "also an input (job.yaml)"),
+        (["quickstart", "--output", "/dev/null"], "/dev/null is a character device"),
+    ):
+        assert longsky(argv) == 2, argv
+        assert name in one_error_line(capsys), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "data.jsonl", "job.yaml"]
+    assert [p.name for p in (tmp_path / "ck").iterdir()] == ["iter_0000001"]

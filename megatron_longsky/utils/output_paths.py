@@ -81,10 +81,26 @@ def check_prefix(prefix: str | Path, flag: str = "--output-prefix") -> str:
 
 def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = (), overwrite: bool = False,
                   flag: str = "--overwrite", *, tree_inputs: Iterable[str | Path] = (),
-                  tree_outputs: Iterable[str | Path] = (), unique_inputs: bool = False) -> None:
+                  tree_outputs: Iterable[str | Path] = (), unique_inputs: bool = False,
+                  report_dirs: Iterable[str | Path] = ()) -> None:
     """Refuse any collision between ``outputs`` (files), ``tree_outputs`` (directories the
     command creates or replaces whole), ``inputs`` (files) and ``tree_inputs`` (directories
-    read as a whole), or an existing output without ``overwrite`` (see the module doc)."""
+    read as a whole), or an existing output without ``overwrite`` (see the module doc).
+    ``report_dirs`` are directories the command writes a few named files into, keeping the
+    rest (evaluation reports): one may not be an input nor lie inside an input directory,
+    and an existing one must be a directory."""
+    for report in map(os.fspath, report_dirs):
+        real = _real(report)
+        for src in [*map(os.fspath, inputs), *map(os.fspath, tree_inputs)]:
+            if real == _real(src):
+                raise OutputExistsError(f"output directory {report} is also an input ({src}): choose another output")
+        for src in map(os.fspath, tree_inputs):
+            if _inside(real, _real(src)):
+                raise OutputExistsError(f"output directory {report} lies inside the input directory {src}: "
+                                        "choose an output outside it")
+        if os.path.exists(report) and not os.path.isdir(report):
+            raise OutputExistsError(f"output directory {report} is {_kind(os.stat(report).st_mode)}, not a directory: "
+                                    "choose another output")
     # as the user spelled them (pathlib would drop a "./"), for the messages
     files_out = [os.fspath(p) for p in outputs]
     trees_out = [os.fspath(p) for p in tree_outputs]
