@@ -61,11 +61,14 @@ def signals_deferred(signals=(signal.SIGINT, signal.SIGTERM)):
 
 def _write_journal(path: Path, record: dict) -> None:
     tmp = temp_path_for(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def switch_files(groups: Sequence[tuple[Sequence[Path], Sequence[Path]]], _step=None) -> None:
