@@ -192,7 +192,10 @@ def atomic_directory(path: str | Path, overwrite: bool | None = None, flag: str 
                     os.replace(old, path)
                 raise
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.is_symlink():
+                    old.unlink()
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
