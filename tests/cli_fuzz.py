@@ -383,7 +383,7 @@ def _issue22_cases(root: Path, good: str, byte_meta: dict, docs) -> list[Case]:
                                                      out, *cip_common], [f"meta_{name}.meta.json"], [out + ".idx"],
                           [bad + ".meta.json"]))
     cases.append(Case("merge-datasets/same_input_twice", ["merge-datasets", "--input", good, "--input",
-                                                          str(root / "." / "x" / ".." / "good"), "--output-prefix",
+                                                          f"{root}/./good", "--output-prefix",
                                                           str(root / "twice")], ["good.idx"],
                       [str(root / "twice.idx")]))
     cases.append(Case("build-cip/eod_id_out_of_range", ["build-cip", "--input-prefix", good, "--output-prefix",
@@ -400,7 +400,7 @@ def _issue22_cases(root: Path, good: str, byte_meta: dict, docs) -> list[Case]:
                           ["--output-prefix"], [str(root / "_text_document.idx")], [str(text)]))
     metrics = root / "issue22_metrics.jsonl"
     _put(metrics, b'{"iteration": 1, "loss": 2.0}\n')
-    cases.append(Case("plot-loss/output_is_input", ["plot-loss", str(metrics), "-o", str(root / "." / metrics.name),
+    cases.append(Case("plot-loss/output_is_input", ["plot-loss", str(metrics), "-o", f"{root}/./{metrics.name}",
                                                     "--overwrite"], [metrics.name], unchanged=[str(metrics)]))
     cases.append(Case("plot-loss/output_device", ["plot-loss", str(metrics), "-o", "/dev/null", "--overwrite"],
                       ["/dev/null"], unchanged=[str(metrics)]))
@@ -408,7 +408,7 @@ def _issue22_cases(root: Path, good: str, byte_meta: dict, docs) -> list[Case]:
     if _WRITE["on"]:
         hf.mkdir(exist_ok=True)
     _put(hf / "config.json", b"{}")
-    for name, out in (("output_is_input", hf / "."), ("output_is_parent", root)):
+    for name, out in (("output_is_input", f"{hf}/."), ("output_is_parent", root)):
         cases.append(Case(f"convert-import/{name}", ["convert", "import", "--hf-dir", str(hf), "--output", str(out),
                                                      "--overwrite"], ["hf_issue22"], unchanged=[str(hf / "config.json")]))
     synl_jsonl = root / "o22_tokens_document.bin"
