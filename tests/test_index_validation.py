@@ -190,3 +190,21 @@ def test_a_truncated_checkpoint_is_refused_by_name(tmp_path, capsys):
             call(tmp_path / "ck")
     assert longsky(["convert", "export", "--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "hf")]) == 2
     assert "incomplete" in one_error_line(capsys) and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_export_from_a_checkpoint_with_truncated_weights_is_one_line(tmp_path, capsys):
+    from test_convert import make_hf_model
+
+    make_hf_model(tmp_path / "hf")
+    assert longsky(["convert", "import", "--hf-dir", str(tmp_path / "hf"), "--output", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    shards = sorted((tmp_path / "ck" / "iter_0000000" / "model").glob("*.distcp"))
+    assert shards
+    for shard in shards:
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+    assert longsky(["convert", "export", "--checkpoint", str(tmp_path / "ck"), "--output", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert "iter_0000000/model" in line and "truncated or corrupt" in line
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,12 @@ from megatron_longsky.checkpoint.layout import MODEL, CheckpointError
 
 log = logging.getLogger(__name__)
 
+try:  # a BaseException (not an Exception) in torch: what a load of a truncated shard raises
+    from torch.distributed.checkpoint.api import CheckpointException as _TorchCheckpointException
+except ImportError:  # pragma: no cover - older torch
+    class _TorchCheckpointException(Exception):
+        pass
+
 
 def unwrap(model):
     """The bare GPTModel under DDP / Float16Module wrappers."""
@@ -93,10 +99,11 @@ def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None
         state, missing, unexpected = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source),
                                                              sharded_strategy=sharded_strategy,
                                                              strict=StrictHandling.RETURN_ALL)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, _TorchCheckpointException) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:
             raise  # a file that cannot be read: named by the caller's error handling
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        # torch's CheckpointException carries each rank's traceback: its last line is the cause
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()[:300]
         raise CheckpointError(f"{source}: the weights cannot be read ({type(exc).__name__}: {first}): "
                               "a truncated or corrupt checkpoint, or one written for another model") from exc
     lacking = sorted(k for k in unexpected if not is_extra_state_key(k))
