@@ -208,3 +208,14 @@ def test_export_from_a_checkpoint_with_truncated_weights_is_one_line(tmp_path, c
     line = one_error_line(capsys)
     assert "iter_0000000/model" in line and "truncated or corrupt" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b'{"iteration": ', b"\xff\xfe", b"[1]", b'{"scheduler": 3}'])
+def test_a_corrupt_trainer_state_is_one_line_naming_it(tmp_path, content):
+    from megatron_longsky.checkpoint.layout import CheckpointError
+    from megatron_longsky.training.checkpointing import read_trainer_state
+
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "state.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match="trainer/state.json: "):
+        read_trainer_state(tmp_path)

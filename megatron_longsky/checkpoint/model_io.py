@@ -6,6 +6,7 @@ checkpoint written at one TP/PP layout loads at any other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
@@ -76,6 +77,21 @@ class LoadReport:
     unused_checkpoint_keys: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def reading_checkpoint(source: Path, what: str):
+    """Errors of reading a ``dist_checkpointing`` directory (a truncated or corrupt shard) as
+    one :class:`CheckpointError` naming it."""
+    try:
+        yield
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, _TorchCheckpointException) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None or isinstance(exc, CheckpointError):
+            raise  # already names its file
+        # torch's CheckpointException carries each rank's traceback: its last line is the cause
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()[:300]
+        raise CheckpointError(f"{source}: {what} cannot be read ({type(exc).__name__}: {cause}): a truncated "
+                              "or corrupt checkpoint, or one written for another model") from exc
+
+
 def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None) -> LoadReport:
     """Collective: load ``<ckpt_dir>/model/`` into the model, resharding to this layout.
 
@@ -95,17 +111,10 @@ def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None
     chunks = [unwrap(m) for m in _as_list(model_chunks)]
     # missing: in the checkpoint, asked by no rank; unexpected: asked here, not in the checkpoint
     # (megatron-core has already dropped those from what it loads).
-    try:
+    with reading_checkpoint(source, "the weights"):
         state, missing, unexpected = dist_checkpointing.load(model_sharded_state_dict(chunks), str(source),
                                                              sharded_strategy=sharded_strategy,
                                                              strict=StrictHandling.RETURN_ALL)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, _TorchCheckpointException) as exc:
-        if isinstance(exc, OSError) and exc.filename is not None:
-            raise  # a file that cannot be read: named by the caller's error handling
-        # torch's CheckpointException carries each rank's traceback: its last line is the cause
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()[:300]
-        raise CheckpointError(f"{source}: the weights cannot be read ({type(exc).__name__}: {first}): "
-                              "a truncated or corrupt checkpoint, or one written for another model") from exc
     lacking = sorted(k for k in unexpected if not is_extra_state_key(k))
     if lacking:
         raise KeyError(f"{source} lacks {len(lacking)} weight(s) this model needs, e.g. {lacking[:4]}: "
