@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli_fuzz import Case, _write_dataset, run_inprocess
-from megatron_longsky.data.index_format import _FIXED, INDEX_HEADER, IndexedDatasetError, validate_index
+from megatron_longsky.data.index_format import INDEX_HEADER, IndexedDatasetError, validate_index
 from megatron_longsky.tokenizer import ByteTokenizer
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True,

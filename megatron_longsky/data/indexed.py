@@ -25,7 +25,6 @@ from megatron_longsky.data.index_format import (
     IndexedDatasetError,
     check_pair,
     optimal_dtype,
-    read_header,
     read_index,
 )
 from megatron_longsky.data.metadata import meta_path
