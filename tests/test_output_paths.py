@@ -409,3 +409,15 @@ def test_report_directories_are_never_an_input(tmp_path, capsys, monkeypatch):
         assert name in one_error_line(capsys), argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "data.jsonl", "job.yaml"]
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["iter_0000001"]
+
+
+def test_a_file_system_without_locks_writes_unlocked(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with OutputLock(tmp_path / "x"):
+        pass
+    assert "no file locks" in caplog.text

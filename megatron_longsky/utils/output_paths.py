@@ -21,7 +21,9 @@ both paths. :class:`OutputLock` keeps two runs from writing one output at the sa
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import stat
 import sys
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from megatron_longsky.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class OutputExistsError(UserError, ValueError):
@@ -189,6 +193,14 @@ class OutputLock:
                 os.close(fd)
                 raise OutputLockedError(f"output {self.output} is being written by another run ({holder}; lock "
                                         f"file {self.path}): wait for it to finish or choose another output") from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                # a file system without flock (e.g. Lustre mounted without it): write unlocked
+                log.warning("%s: this file system has no file locks (%s); two runs on this output are not "
+                            "kept apart", self.path, exc.strerror)
+                break
             except BaseException:
                 os.close(fd)
                 raise
