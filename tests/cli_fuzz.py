@@ -334,6 +334,89 @@ def _build_corpus(root: Path) -> list[Case]:
         cases.append(Case(f"plot-loss/{name}", ["plot-loss", str(path), "-o", str(root / f"loss_{name}.png")],
                           [path.name], [str(root / f"loss_{name}.png")]))
     cases.append(Case("plot-loss/missing", ["plot-loss", str(missing / "m.jsonl")], [str(missing / "m.jsonl")]))
+    cases += _issue22_cases(root, good, byte_meta, docs)
+    return cases
+
+
+def _corrupt_copy(good: str, dst: Path, how: str) -> str:
+    """A copy of ``good`` whose .idx breaks one invariant (same size, so only the validator sees it)."""
+    _copy_dataset(good, dst)
+    if not _WRITE["on"]:
+        return str(dst)
+    raw = bytearray(Path(good + ".idx").read_bytes())
+    n, d = np.frombuffer(bytes(raw[18:34]), np.uint64).astype(np.int64)
+    lengths, docs_at = 34, 34 + 12 * n
+    if how == "negative_length":
+        raw[lengths:lengths + 4] = np.int32(-5).tobytes()
+    elif how == "doc_idx_decreasing":
+        raw[docs_at + 8:docs_at + 24] = np.array([3, 1], np.int64).tobytes()
+    elif how == "doc_idx_out_of_range":
+        raw[docs_at + 8 * (d - 1):docs_at + 8 * d] = np.int64(n + 7).tobytes()
+    Path(str(dst) + ".idx").write_bytes(bytes(raw))
+    return str(dst)
+
+
+def _issue22_cases(root: Path, good: str, byte_meta: dict, docs) -> list[Case]:
+    """Issue 22: corrupt indices and sidecars for every reader, and outputs that collide with inputs."""
+    cases: list[Case] = []
+    cip_common = ["--seq-length", "64", "--docs-per-seq", "2", "--chunks-per-doc", "2"]
+    for how in ("negative_length", "doc_idx_decreasing", "doc_idx_out_of_range"):
+        bad = _corrupt_copy(good, root / f"idx_{how}", how)
+        unchanged = [bad + ".idx", bad + ".bin"]
+        out = str(root / f"merged_idx_{how}")
+        cases.append(Case(f"merge-datasets/idx_{how}", ["merge-datasets", "--input", good, "--input", bad,
+                                                         "--output-prefix", out], [f"idx_{how}.idx"],
+                          [out + ".idx"], unchanged))
+        out = str(root / f"cip_idx_{how}")
+        cases.append(Case(f"build-cip/idx_{how}", ["build-cip", "--input-prefix", bad, "--output-prefix", out,
+                                                    *cip_common], [f"idx_{how}.idx"], [out + ".idx"], unchanged))
+    for name, content in (("invalid_json", b'{"tokenizer": '), ("wrong_shape", b'{"tokenizer": "byte"}'),
+                          ("invalid_utf8", b'{"tokenizer": {"fingerprint": "\xff"}}'), ("list", b"[]")):
+        bad = _copy_dataset(good, root / f"meta_{name}")
+        _put(Path(bad + ".meta.json"), content)
+        out = str(root / f"merged_meta_{name}")
+        cases.append(Case(f"merge-datasets/meta_{name}", ["merge-datasets", "--input", good, "--input", bad,
+                                                           "--output-prefix", out], [f"meta_{name}.meta.json"],
+                          [out + ".idx"], [bad + ".meta.json"]))
+        out = str(root / f"cip_meta_{name}")
+        cases.append(Case(f"build-cip/meta_{name}", ["build-cip", "--input-prefix", good, bad, "--output-prefix",
+                                                     out, *cip_common], [f"meta_{name}.meta.json"], [out + ".idx"],
+                          [bad + ".meta.json"]))
+    cases.append(Case("merge-datasets/same_input_twice", ["merge-datasets", "--input", good, "--input",
+                                                          f"{root}/./good", "--output-prefix",
+                                                          str(root / "twice")], ["good.idx"],
+                      [str(root / "twice.idx")]))
+    cases.append(Case("build-cip/eod_id_out_of_range", ["build-cip", "--input-prefix", good, "--output-prefix",
+                                                        str(root / "cip_eod"), *cip_common, "--separator", "eod",
+                                                        "eod_id=70000"], ["eod_id"], [str(root / "cip_eod.idx")]))
+    cases.append(Case("build-cip/num_sequences_1e12", ["build-cip", "--input-prefix", good, "--output-prefix",
+                                                       str(root / "cip_huge"), *cip_common, "--num-sequences",
+                                                       "1000000000000"], ["num_sequences"],
+                      [str(root / "cip_huge.idx")]))
+    text = root / "prefix_input.jsonl"
+    _put(text, b'{"text": "hello"}\n')
+    for name, prefix in (("empty_prefix", ""), ("directory_prefix", str(root) + "/")):
+        cases.append(Case(f"preprocess/{name}", ["preprocess", "--input", str(text), "--output-prefix", prefix],
+                          ["--output-prefix"], [str(root / "_text_document.idx")], [str(text)]))
+    metrics = root / "issue22_metrics.jsonl"
+    _put(metrics, b'{"iteration": 1, "loss": 2.0}\n')
+    cases.append(Case("plot-loss/output_is_input", ["plot-loss", str(metrics), "-o", f"{root}/./{metrics.name}",
+                                                    "--overwrite"], [metrics.name], unchanged=[str(metrics)]))
+    cases.append(Case("plot-loss/output_device", ["plot-loss", str(metrics), "-o", "/dev/null", "--overwrite"],
+                      ["/dev/null"], unchanged=[str(metrics)]))
+    hf = root / "hf_issue22"
+    if _WRITE["on"]:
+        hf.mkdir(exist_ok=True)
+    _put(hf / "config.json", b"{}")
+    for name, out in (("output_is_input", f"{hf}/."), ("output_is_parent", root)):
+        cases.append(Case(f"convert-import/{name}", ["convert", "import", "--hf-dir", str(hf), "--output", str(out),
+                                                     "--overwrite"], ["hf_issue22"], unchanged=[str(hf / "config.json")]))
+    synl_jsonl = root / "o22_tokens_document.bin"
+    _put(synl_jsonl, b"keep")
+    cases.append(Case("build-synl/outputs_collide", ["build-synl", "--output", str(synl_jsonl), "--sft-output-prefix",
+                                                     str(root / "o22"), "--overwrite", "--num-samples", "1",
+                                                     "--no-progress"], ["o22_tokens_document.bin"],
+                      unchanged=[str(synl_jsonl)]))
     return cases
 
 

@@ -310,10 +310,10 @@ def test_pickle_weights_refused_unless_allowed(converted, tmp_path):
 @pytest.mark.slow
 def test_existing_output_is_not_overwritten(converted, tmp_path):
     from megatron_longsky.convert import import_checkpoint
-    from megatron_longsky.convert.hf_config import ConversionError
+    from megatron_longsky.utils.output_paths import OutputExistsError
 
     (tmp_path / "ckpt").mkdir()
-    with pytest.raises(ConversionError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         import_checkpoint(converted["root"] / "hf_mha_untied_theta", tmp_path / "ckpt")
 
 

@@ -54,23 +54,38 @@ def read_latest(root: str | Path) -> Path | None:
     path = Path(root) / LATEST
     if not path.exists():
         return None
-    name = path.read_text(encoding="utf-8").strip()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (it should name an iteration directory)")
+    data = path.read_bytes()[:4096]
+    try:
+        name = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not UTF-8 text ({data[:40]!r}): it should name an iteration "
+                              "directory such as iter_0000100") from None
     if not _ITER_RE.match(name):
-        raise CheckpointError(f"{path}: does not name an iteration directory: {name!r}")
+        raise CheckpointError(f"{path}: does not name an iteration directory: {name[:80]!r}")
     target = Path(root) / name
     if not (target / MODEL).is_dir():
         raise CheckpointError(f"{path} points at {target}, which has no {MODEL}/ directory")
+    if not is_complete_iteration(target):
+        missing = [str(p.relative_to(target)) for p in _required_files(target) if not p.is_file()]
+        raise CheckpointError(f"{path} points at {target}, which is incomplete (missing {', '.join(missing)}): "
+                              "a truncated or half-copied checkpoint")
     return target
 
 
 def is_complete_iteration(ckpt_dir: str | Path) -> bool:
     """Whether ``ckpt_dir`` holds every file a save writes last in each part (so not a
     directory a killed prune left half deleted)."""
+    return all(path.is_file() for path in _required_files(ckpt_dir))
+
+
+def _required_files(ckpt_dir: str | Path) -> list[Path]:
     ckpt_dir = Path(ckpt_dir)
     required = [ckpt_dir / CONFIG, ckpt_dir / MODEL / "metadata.json"]
     if (ckpt_dir / "trainer").exists() or (ckpt_dir / "optimizer").exists():  # a training checkpoint
         required += [ckpt_dir / "trainer" / "state.json", ckpt_dir / "optimizer" / "metadata.json"]
-    return all(path.is_file() for path in required)
+    return required
 
 
 def list_iterations(root: str | Path) -> list[int]:
@@ -133,6 +148,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if (path / MODEL).is_dir():
+        if not is_complete_iteration(path):
+            missing = [str(p.relative_to(path)) for p in _required_files(path) if not p.is_file()]
+            raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}): "
+                                  "a truncated or half-copied checkpoint")
         return path
     latest = read_latest(path)
     if latest is not None:

@@ -6,16 +6,24 @@ checkpoint written at one TP/PP layout loads at any other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from megatron_longsky.checkpoint.layout import MODEL
+from megatron_longsky.checkpoint.layout import MODEL, CheckpointError
 
 log = logging.getLogger(__name__)
+
+try:  # a BaseException (not an Exception) in torch: what a load of a truncated shard raises
+    from torch.distributed.checkpoint.api import CheckpointException as _TorchCheckpointException
+except ImportError:  # pragma: no cover - older torch
+    class _TorchCheckpointException(Exception):
+        pass
 
 
 def unwrap(model):
@@ -69,6 +77,21 @@ class LoadReport:
     unused_checkpoint_keys: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def reading_checkpoint(source: Path, what: str):
+    """Errors of reading a ``dist_checkpointing`` directory (a truncated or corrupt shard) as
+    one :class:`CheckpointError` naming it."""
+    try:
+        yield
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, _TorchCheckpointException) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None or isinstance(exc, CheckpointError):
+            raise  # already names its file
+        # torch's CheckpointException carries each rank's traceback: its last line is the cause
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].strip()[:300]
+        raise CheckpointError(f"{source}: {what} cannot be read ({type(exc).__name__}: {cause}): a truncated "
+                              "or corrupt checkpoint, or one written for another model") from exc
+
+
 def load_model_weights(model_chunks, ckpt_dir: str | Path, sharded_strategy=None) -> LoadReport:
     """Collective: load ``<ckpt_dir>/model/`` into the model, resharding to this layout.
 
@@ -109,9 +132,10 @@ def load_dist_checkpoint_weights(model_chunks, source: str | Path, sharded_strat
     names = set(requested)
     # missing: in the checkpoint, asked by no rank; unexpected: asked here, not in the checkpoint
     # (megatron-core has already dropped those from what it loads).
-    state, missing, unexpected = dist_checkpointing.load(
-        {key: requested} if key else requested, str(source), sharded_strategy=sharded_strategy,
-        common_strategy=common_strategy, strict=StrictHandling.RETURN_ALL)
+    with reading_checkpoint(source, "the weights"):
+        state, missing, unexpected = dist_checkpointing.load(
+            {key: requested} if key else requested, str(source), sharded_strategy=sharded_strategy,
+            common_strategy=common_strategy, strict=StrictHandling.RETURN_ALL)
     if key:
         state = state.get(key, {})
     # dist_checkpointing.load merges the checkpoint's common.pt into what it returns.

@@ -41,30 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from megatron_longsky.convert.hf_config import ConversionError
     from megatron_longsky.checkpoint.layout import CheckpointError
+    from megatron_longsky.data.workers import stop_on_signals
     from megatron_longsky.utils.logging import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        if args.direction in ("from-megatron-lm", "to-megatron-lm"):
-            from megatron_longsky.convert import megatron_lm_cli
-
-            out = megatron_lm_cli.run(args)
-        elif args.direction == "import":
-            from megatron_longsky.convert.importer import import_checkpoint
-
-            out = import_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                    allow_pickle=args.allow_pickle, overwrite=args.overwrite)
-        else:
-            from megatron_longsky.convert.exporter import export_checkpoint
-
-            out = export_checkpoint(args.checkpoint, args.output, tokenizer_dir=args.tokenizer_dir,
-                                    dtype=args.dtype, overwrite=args.overwrite)
+        with stop_on_signals():  # SIGTERM / Ctrl-C: exit 130/143 with the temporary tree removed
+            out = _convert(args)
     except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"longsky convert {args.direction}: error: {exc}", file=sys.stderr)
         return 2
     print(out)
     return 0
+
+
+def _convert(args: argparse.Namespace):
+    if args.direction in ("from-megatron-lm", "to-megatron-lm"):
+        from megatron_longsky.convert import megatron_lm_cli
+
+        return megatron_lm_cli.run(args)
+    if args.direction == "import":
+        from megatron_longsky.convert.importer import import_checkpoint
+
+        return import_checkpoint(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                 allow_pickle=args.allow_pickle, overwrite=args.overwrite)
+    from megatron_longsky.convert.exporter import export_checkpoint
+
+    return export_checkpoint(args.checkpoint, args.output, tokenizer_dir=args.tokenizer_dir,
+                             dtype=args.dtype, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

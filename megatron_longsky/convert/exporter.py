@@ -77,10 +77,12 @@ def export_checkpoint(
     from megatron_longsky.runtime.distributed import ParallelConfig
     from megatron_longsky.convert.session import single_process_runtime
     from megatron_longsky.utils.atomic import atomic_directory
+    from megatron_longsky.utils.output_paths import check_outputs
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    # never over, around or inside the checkpoint or the tokenizer directory (any spelling)
+    named = [Path(ckpt_path)] + ([Path(tokenizer_dir)] if tokenizer_dir else [])
+    check_outputs([], tree_outputs=[out_dir], tree_inputs=named, overwrite=overwrite)
     ckpt = resolve_checkpoint(ckpt_path)
     conf = read_checkpoint_config(ckpt)
     where = str(ckpt / "config.yaml")
@@ -104,8 +106,10 @@ def export_checkpoint(
         raise ConversionError(f"{where}: vocabulary {vocab} is larger than the model's {padded} embedding rows")
     check_tokenizer_fits(tok_vocab, vocab, str(tok_dir))
     out_dtype = dtype_from_name(dtype or cfg.params_dtype, "dtype")
+    check_outputs([], tree_outputs=[out_dir], overwrite=overwrite,
+                  tree_inputs=named + [ckpt] + ([tok_dir] if tok_dir is not None else []))
 
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with single_process_runtime():
             build_cfg = dataclasses.replace(cfg, transformer_impl="local", fp8=None)
             model = build_model(build_cfg, ParallelConfig(), padded, pre_process=True, post_process=True,

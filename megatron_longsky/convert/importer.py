@@ -157,12 +157,13 @@ def import_checkpoint(
     from megatron_longsky.runtime.distributed import ParallelConfig
     from megatron_longsky.convert.session import single_process_runtime
     from megatron_longsky.utils.atomic import atomic_directory
+    from megatron_longsky.utils.output_paths import check_outputs
 
     hf_dir, out_root = Path(hf_dir), Path(out_root)
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
-    if out_root.exists() and not overwrite:
-        raise ConversionError(f"{out_root} already exists (pass overwrite=True / --overwrite to replace it)")
+    # never over, around or inside the HF directory (any spelling), nor over a device or a file
+    check_outputs([], tree_outputs=[out_root], tree_inputs=[hf_dir], overwrite=overwrite)
     hf = read_hf_config(hf_dir)
     where = str(hf_dir / "config.json")
     cfg = model_config_from_hf(hf, where, params_dtype=dtype)
@@ -173,7 +174,7 @@ def import_checkpoint(
     saved_cfg = dataclasses.replace(cfg, vocab_size=padded)
     weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
 
-    with atomic_directory(out_root) as tmp_root:
+    with atomic_directory(out_root, overwrite=overwrite) as tmp_root:
         tmp_iter = iteration_dir(tmp_root, 0)
         with single_process_runtime():
             build_cfg = dataclasses.replace(saved_cfg, transformer_impl="local", fp8=None)

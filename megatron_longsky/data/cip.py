@@ -25,6 +25,9 @@ import argparse
 import hashlib
 import json
 import logging
+import math
+import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -89,7 +92,10 @@ class CIPConfig:
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
         check(self.num_sequences is None or self.num_sequences >= 1, "num_sequences", "must be >= 1")
         for name in ("cip_ratio", "natural_ratio", "short_ratio"):
-            check(getattr(self, name) >= 0, name, "must be >= 0")
+            value = getattr(self, name)
+            check(value >= 0 and math.isfinite(value), name, f"must be a finite number >= 0, got {value}")
+        check(math.isfinite(self.cip_ratio + self.natural_ratio + self.short_ratio), "cip_ratio",
+              "cip_ratio + natural_ratio + short_ratio overflows: use smaller ratios (only their proportions count)")
         check(self.cip_ratio + self.natural_ratio + self.short_ratio > 0, "cip_ratio",
               "cip_ratio, natural_ratio and short_ratio are all zero")
         if self.chunking == "fixed":
@@ -438,20 +444,50 @@ def output_paths(prefix: str) -> dict[str, Path]:
 
 def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -> dict:
     """Build the CIP dataset described by ``cfg``; return the manifest (also written to disk).
-    An existing output is replaced only with ``overwrite``; an input never."""
-    from megatron_longsky.data.indexed import dataset_files, remove_stale_temps, switch_files
-    from megatron_longsky.utils.atomic import check_outputs
+    An existing output is replaced only with ``overwrite``; an input never. The run holds
+    the output's lock (a second run on the same prefix refuses)."""
+    from megatron_longsky.data.indexed import dataset_files, prepare_dataset_output
+    from megatron_longsky.utils.output_paths import check_outputs, check_prefix
 
-    started = time.perf_counter()
     if not cfg.input_prefixes:
         raise ConfigError("input_prefixes: at least one input dataset prefix is required")
-    if not cfg.output_prefix:
-        raise ConfigError("output_prefix: required")
+    check_prefix(cfg.output_prefix, "output_prefix")
     paths = output_paths(cfg.output_prefix)
     named = list(cfg.input_prefixes) + list(cfg.natural_prefixes) + list(cfg.short_prefixes)
-    check_outputs(list(paths.values()), [f for p in named for f in dataset_files(p)], overwrite)
-    for stale in remove_stale_temps(list(paths.values())):
+    input_files = [f for p in dict.fromkeys(named) for f in dataset_files(p)]
+    check_outputs(list(paths.values()), input_files, overwrite)  # before any work
+    lock = prepare_dataset_output(cfg.output_prefix, input_files, overwrite, files=list(paths.values()))
+    try:
+        return _build_cip(cfg, paths, progress)
+    finally:
+        lock.release()
+
+
+def _check_plan_size(cfg: CIPConfig) -> None:
+    """Refuse a ``num_sequences`` whose plan cannot fit in this machine's memory, before planning."""
+    if cfg.num_sequences is None:
+        return
+    segments = cfg.num_sequences * cfg.n_range[1] * cfg.k_range[1]
+    need = segments * 40 + cfg.num_sequences * 24  # seg_doc/off/len + order, per-sequence arrays
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if need > memory:
+        raise ConfigError(f"num_sequences={cfg.num_sequences}: planning that many sequences needs about "
+                          f"{need / 2**30:,.0f} GiB of memory (this machine has {memory / 2**30:,.0f} GiB); "
+                          "build fewer sequences per run and merge the outputs")
+
+
+def _build_cip(cfg: CIPConfig, paths: dict[str, Path], progress: bool) -> dict:
+    from megatron_longsky.data.index_format import check_pair
+    from megatron_longsky.data.indexed import journal_path, remove_stale_temps
+    from megatron_longsky.data.switch import switch_files
+
+    started = time.perf_counter()
+    for stale in remove_stale_temps([*paths.values(), journal_path(paths["idx"])]):
         log.info("removed %s left by an interrupted run", stale)
+    _check_plan_size(cfg)
     pools = {"cip": list(cfg.input_prefixes)}
     for kind in ("natural", "short"):
         prefixes, ratio = getattr(cfg, f"{kind}_prefixes"), getattr(cfg, f"{kind}_ratio")
@@ -462,10 +498,13 @@ def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -
     if cfg.cip_ratio == 0:
         pools.pop("cip")
     all_prefixes = list(dict.fromkeys(p for ps in pools.values() for p in ps))
+    for prefix in all_prefixes:
+        check_pair(prefix)  # a missing or corrupt dataset is named as such, before its sidecar
     tokenizer = common_tokenizer(all_prefixes, cfg.require_meta)
     eod_id = cfg.eod_id if cfg.eod_id is not None else (tokenizer or {}).get("eod_id")
     if cfg.separator == "eod" and eod_id is None:
         raise ConfigError("separator=eod needs an EOD id: the inputs' meta.json has none; set eod_id")
+    _check_eod_id(eod_id, tokenizer, check_pair(all_prefixes[0]).dtype)
 
     from megatron_longsky.utils.progress import progress_bar
 
@@ -524,6 +563,11 @@ def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -
     tmps = [temp_path_for(p) for p in finals]
     bin_tmp, meta_tmp, manifest_tmp, idx_tmp = tmps
     paths["idx"].parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(paths["idx"].parent).free
+    need = num_seqs * cfg.sequence_tokens * table.sources[0].dtype.itemsize
+    if need > free:
+        raise CIPInputError(f"{cfg.output_prefix}.bin needs {need:,} bytes ({num_seqs:,} sequences x "
+                            f"{cfg.sequence_tokens:,} tokens) but {paths['idx'].parent} has {free:,} free")
     try:
         write_sequences(plan, table, (bin_tmp, idx_tmp), cfg.sequence_tokens,
                         eod_id if eod_id is not None else 0, cfg.workers, progress)
@@ -535,11 +579,24 @@ def build_cip(cfg: CIPConfig, progress: bool = False, overwrite: bool = False) -
         manifest_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         switch_files([(tmps, finals)])
     finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
+        if not journal_path(paths["idx"]).exists():  # else a switch to finish needs them
+            for tmp in tmps:
+                tmp.unlink(missing_ok=True)
     log.info("wrote %s in %.2f s (%.2f s in all)", cfg.output_prefix, time.perf_counter() - planned,
              time.perf_counter() - started)
     return manifest
+
+
+def _check_eod_id(eod_id: Optional[int], tokenizer: Optional[dict], dtype: np.dtype) -> None:
+    """The separator / padding id must be a token the inputs' vocabulary and dtype can hold."""
+    if eod_id is None:
+        return
+    vocab = (tokenizer or {}).get("vocab_size")
+    top = int(vocab) - 1 if isinstance(vocab, int) and vocab > 0 else int(np.iinfo(np.dtype(dtype)).max)
+    if not isinstance(eod_id, (int, np.integer)) or isinstance(eod_id, bool) or not 0 <= eod_id <= top:
+        where = f"the tokenizer's vocabulary ({vocab} ids)" if top != int(np.iinfo(np.dtype(dtype)).max) \
+            else f"the inputs' {np.dtype(dtype).name} tokens"
+        raise ConfigError(f"eod_id={eod_id}: must be a token id in 0..{top} ({where})")
 
 
 def format_summary(manifest: dict) -> str:

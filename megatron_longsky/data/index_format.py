@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import struct
 from array import array
 from dataclasses import dataclass
@@ -77,35 +78,91 @@ def read_header(idx: str | Path) -> IndexHeader:
     return header
 
 
-def expected_bin_size(header: IndexHeader) -> int:
-    """Bytes the ``.bin`` must hold: the last sequence's pointer plus its length (two small reads)."""
-    if header.sequences == 0:
-        return 0
-    with open(header.path, "rb") as f:
-        f.seek(_FIXED + 4 * (header.sequences - 1))
-        (last_length,) = struct.unpack("<i", f.read(4))
-        f.seek(_FIXED + 4 * header.sequences + 8 * (header.sequences - 1))
-        (last_pointer,) = struct.unpack("<q", f.read(8))
-    return last_pointer + last_length * np.dtype(header.dtype).itemsize
-
-
 def check_pair(prefix: str | Path) -> IndexHeader:
-    """Both files exist and the ``.bin`` has exactly the size its ``.idx`` describes (one stat)."""
+    """Both files exist and the ``.idx`` passes :func:`validate_index` against its ``.bin``.
+
+    The one validator every reader goes through (merge-datasets, build-cip, train's dataset
+    checks, eval, preflight); the result is cached per (path, size, mtime, inode)."""
+    from megatron_longsky.data.switch import finish_interrupted_switch
+
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    finish_interrupted_switch(prefix)
     if not idx.exists():
         hint = " (an interrupted run leaves only hidden temporary files)" if bin_.exists() else ""
         raise IndexedDatasetError(f"indexed dataset {prefix}: {idx} does not exist{hint}")
-    header = read_header(idx)
     try:
-        size = bin_.stat().st_size
+        bin_stat = bin_.stat()
     except FileNotFoundError:
         raise IndexedDatasetError(f"indexed dataset {prefix}: {bin_} does not exist") from None
-    expected = expected_bin_size(header)
-    if size != expected:
+    if not stat.S_ISREG(bin_stat.st_mode):
+        raise IndexedDatasetError(f"indexed dataset {prefix}: {bin_} is not a regular file")
+    idx_stat = idx.stat()
+    key = (os.path.abspath(idx), idx_stat.st_size, idx_stat.st_mtime_ns, idx_stat.st_ino,
+           bin_stat.st_size, bin_stat.st_mtime_ns, bin_stat.st_ino)
+    header = _VALID.get(key)
+    if header is None:
+        header = validate_index(idx, bin_stat.st_size, bin_)
+        if len(_VALID) > 256:
+            _VALID.clear()
+        _VALID[key] = header
+    return header
+
+
+_VALID: dict = {}
+
+
+def validate_index(idx: str | Path, bin_size: int | None = None, bin_: str | Path | None = None) -> IndexHeader:
+    """Every invariant of megatron-core's index format, or an :class:`IndexedDatasetError`
+    naming the file and the first broken one: the header, version and dtype code
+    (:func:`read_header`), the file size, sequence lengths >= 0, byte pointers starting at 0
+    and each one the previous plus its length times the dtype size, the last sequence
+    ending exactly at the ``.bin``'s size, and ``doc_idx`` non-empty, sorted, starting at 0
+    and ending at the sequence count."""
+    header = read_header(idx)
+    idx = header.path
+    n, d = header.sequences, header.documents
+    itemsize = np.dtype(header.dtype).itemsize
+    if d < 1:
+        raise IndexedDatasetError(f"{idx}: corrupt index: no document index entries (doc_idx must start at 0)")
+    data = np.memmap(idx, dtype=np.uint8, mode="r") if header.expected_size > _FIXED else np.zeros(0, np.uint8)
+    lengths = data[_FIXED:_FIXED + 4 * n].view(np.int32)
+    pointers = data[_FIXED + 4 * n:_FIXED + 12 * n].view(np.int64)
+    docs = data[_FIXED + 12 * n:_FIXED + 12 * n + 8 * d].view(np.int64)
+
+    def bad(what: str):
+        raise IndexedDatasetError(f"{idx}: corrupt index: {what}")
+
+    if n:
+        negative = np.flatnonzero(lengths < 0)
+        if negative.size:
+            bad(f"sequence {int(negative[0])} has length {int(lengths[negative[0]])} (< 0)")
+        if pointers[0] != 0:
+            bad(f"the first sequence starts at byte {int(pointers[0])}, not 0")
+        ends = pointers.astype(np.int64) + lengths.astype(np.int64) * itemsize
+        broken = np.flatnonzero(pointers[1:] != ends[:-1])
+        if broken.size:
+            k = int(broken[0]) + 1
+            bad(f"sequence {k} starts at byte {int(pointers[k])} but sequence {k - 1} ends at {int(ends[k - 1])} "
+                "(pointers must follow the lengths)")
+        expected = int(ends[-1])
+    else:
+        expected = 0
+    if int(docs[0]) != 0:
+        bad(f"doc_idx starts at {int(docs[0])}, not 0")
+    if d > 1:
+        down = np.flatnonzero(docs[1:] < docs[:-1])
+        if down.size:
+            k = int(down[0]) + 1
+            bad(f"doc_idx decreases at entry {k} ({int(docs[k - 1])} -> {int(docs[k])})")
+    if int(docs[-1]) != n:
+        bad(f"doc_idx ends at {int(docs[-1])}, not at the sequence count {n}")
+    del data
+    if bin_size is not None and bin_size != expected:
+        where = Path(bin_) if bin_ is not None else Path(str(idx)[: -len(".idx")] + ".bin")
         raise IndexedDatasetError(
-            f"{bin_}: {size:,} bytes, but {idx.name} describes {expected:,} bytes "
-            f"({expected // np.dtype(header.dtype).itemsize:,} {np.dtype(header.dtype).name} tokens): the .bin is "
-            f"{'truncated' if size < expected else 'longer than its index'} or belongs to another .idx")
+            f"{where}: {bin_size:,} bytes, but {idx.name} describes {expected:,} bytes "
+            f"({expected // itemsize:,} {np.dtype(header.dtype).name} tokens): the .bin is "
+            f"{'truncated' if bin_size < expected else 'longer than its index'} or belongs to another .idx")
     return header
 
 

@@ -2,13 +2,13 @@
 
 The files are megatron-core's format (:mod:`megatron_longsky.data.index_format` writes
 them byte for byte like its ``IndexedDatasetBuilder``, without importing megatron-core).
-Every file is written under a temporary name first. :func:`commit_datasets` then switches
-the finished datasets in one order that never shows a mix of old and new files: first
-every existing ``.idx`` of the outputs is removed (an old dataset stops looking
-complete), then the ``.bin`` and sidecars are renamed into place, and the ``.idx``
-files last. A dataset is complete when its ``.idx`` exists, and every reader also
-checks the ``.bin`` size against the ``.idx`` (:func:`check_dataset`), so an
-interrupted switch is refused, never read.
+Every file is written under a temporary name first, while the run holds the output's
+lock (:class:`~megatron_longsky.utils.output_paths.OutputLock`: a second run on the same
+prefix refuses). :func:`commit_datasets` then switches the finished datasets in with a
+journal (:mod:`megatron_longsky.data.switch`), so a kill at any point leaves the old
+datasets or the new ones, never a mix and never neither. A dataset is complete when its
+``.idx`` exists; every reader validates the ``.idx`` against its ``.bin``
+(:func:`check_dataset`, :func:`~megatron_longsky.data.index_format.validate_index`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from megatron_longsky.data.index_format import (
     IndexedDatasetError,
     check_pair,
     optimal_dtype,
-    read_header,
     read_index,
 )
 from megatron_longsky.data.metadata import meta_path
-from megatron_longsky.utils.atomic import check_outputs, fsync_dir, temp_path_for
+from megatron_longsky.data.switch import finish_interrupted_switch, journal_path, switch_files
+from megatron_longsky.utils.atomic import remove_stale_temps, temp_path_for
+from megatron_longsky.utils.output_paths import OutputLock, check_outputs, check_prefix
 
 __all__ = ["IndexedDatasetError", "IndexedDatasetWriter", "bin_path", "check_dataset", "commit_datasets",
            "dataset_files", "dataset_prefix", "idx_path", "index_dtype", "open_indexed",
@@ -61,11 +62,12 @@ def dataset_files(prefix: str | Path) -> list[Path]:
 
 def index_dtype(prefix: str | Path) -> type[np.number]:
     """The token dtype recorded in ``<prefix>.idx`` (read from its header only)."""
-    return read_header(idx_path(prefix)).dtype
+    return check_pair(prefix).dtype
 
 
 def check_dataset(prefix: str | Path) -> None:
-    """Refuse a dataset whose files are missing or whose ``.bin`` size does not match its ``.idx``."""
+    """Refuse a dataset whose files are missing or whose ``.idx`` breaks an invariant of the
+    format against its ``.bin`` (:func:`~megatron_longsky.data.index_format.validate_index`)."""
     check_pair(prefix)
 
 
@@ -79,28 +81,6 @@ def open_indexed(prefix: str | Path, mmap: bool = True):
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
     return IndexedDataset(str(prefix), multimodal=False, mmap=mmap)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(paths: Sequence[str | Path]) -> list[Path]:
-    """Delete temporary files of ``paths`` left by runs that were killed (their pid is gone)."""
-    removed = []
-    for final in map(Path, paths):
-        for tmp in final.parent.glob(f".{final.name}.tmp-*"):
-            pid = tmp.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
 
 
 class IndexedDatasetWriter:
@@ -118,10 +98,14 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype).type
         self.final_paths = dataset_files(prefix)
         self.temp_paths = [temp_path_for(p) for p in self.final_paths]
-        check_outputs(self.final_paths, inputs, overwrite)
-        self.final_paths[0].parent.mkdir(parents=True, exist_ok=True)
-        self.stale_removed = remove_stale_temps(self.final_paths)
-        self._builder: Optional[BinIdxBuilder] = BinIdxBuilder(self.temp_paths[0], self.dtype)
+        self._builder: Optional[BinIdxBuilder] = None
+        self._lock = prepare_dataset_output(prefix, inputs, overwrite)
+        self.stale_removed = remove_stale_temps([*self.final_paths, journal_path(self.final_paths[-1])])
+        try:
+            self._builder = BinIdxBuilder(self.temp_paths[0], self.dtype)
+        except BaseException:
+            self._lock.release()
+            raise
         self.documents = 0
         self.sequences = 0
         self.tokens = 0
@@ -162,26 +146,37 @@ class IndexedDatasetWriter:
         commit_datasets([self])
 
     def abort(self) -> None:
-        if self._builder is not None:
-            self._builder.close()
-            self._builder = None
-        for tmp in self.temp_paths:
-            tmp.unlink(missing_ok=True)
+        """Remove the temporary files (also when closing the ``.bin`` fails, e.g. a full disk)
+        and release the output lock; safe after a commit and when called twice."""
+        try:
+            if self._builder is not None:
+                builder, self._builder = self._builder, None
+                builder.close()
+        finally:
+            try:
+                if not journal_path(self.final_paths[-1]).exists():  # else a switch to finish needs them
+                    for tmp in self.temp_paths:
+                        tmp.unlink(missing_ok=True)
+            finally:
+                self._lock.release()
 
 
-def switch_files(groups: Sequence[tuple[Sequence[Path], Sequence[Path]]]) -> None:
-    """Rename ``(temporaries, finals)`` groups into place together; each group's last file
-    marks it complete. Existing markers go first, so no moment shows an old marker beside
-    new data (or one group new and another old, looking complete)."""
-    for _, finals in groups:
-        Path(finals[-1]).unlink(missing_ok=True)
-    for temps, finals in groups:
-        for tmp, final in zip(temps[:-1], finals[:-1]):
-            os.replace(tmp, final)
-    for temps, finals in groups:
-        os.replace(temps[-1], finals[-1])
-    for directory in {Path(finals[-1]).parent for _, finals in groups}:
-        fsync_dir(directory)
+def prepare_dataset_output(prefix: str | Path, inputs: Sequence[str | Path] = (), overwrite: bool = False,
+                           flag: str = "--overwrite", files: Optional[Sequence[Path]] = None) -> OutputLock:
+    """Lock the dataset output ``prefix``, finish a switch a killed run left there, and check
+    it (:func:`~megatron_longsky.utils.output_paths.check_outputs`) under the lock, so two
+    runs never both pass the check (``files``: the output's files, default ``.bin``, ``.meta.json``,
+    ``.idx``). Returns the held lock (release it when done)."""
+    check_prefix(prefix, "output prefix")
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(prefix).acquire()
+    try:
+        finish_interrupted_switch(prefix)
+        check_outputs(files if files is not None else dataset_files(prefix), inputs, overwrite, flag)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def commit_datasets(writers: Sequence[IndexedDatasetWriter]) -> None:
@@ -190,4 +185,6 @@ def commit_datasets(writers: Sequence[IndexedDatasetWriter]) -> None:
         if not w._finalized:
             raise RuntimeError(f"dataset {w.prefix} was not finalized before commit")
     switch_files([(w.temp_paths, w.final_paths) for w in writers])
+    for w in writers:
+        w._lock.release()
 

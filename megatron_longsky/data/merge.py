@@ -52,13 +52,16 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str, overwrite: bool = 
     """Merge ``inputs`` (prefixes or directories) into ``output_prefix``; returns its counts.
     An existing output is replaced only with ``overwrite``."""
     from megatron_longsky.data.indexed import IndexedDatasetWriter, check_dataset, dataset_files, index_dtype
-    from megatron_longsky.utils.atomic import check_outputs
+    from megatron_longsky.utils.output_paths import check_outputs, check_prefix
 
     prefixes = expand_prefixes(inputs)
     if not prefixes:
         raise MergeError("nothing to merge")
+    check_prefix(output_prefix)
     if str(output_prefix) in prefixes:
         raise MergeError(f"the output {output_prefix} is also an input")
+    # an input named twice under two spellings (a and ./a, a symlink) is the same files
+    check_outputs(dataset_files(output_prefix), [f"{p}.idx" for p in prefixes], overwrite, unique_inputs=True)
     input_files = [f for prefix in prefixes for f in dataset_files(prefix)]
     check_outputs(dataset_files(output_prefix), input_files, overwrite)
     metas, dtypes = [], []

@@ -246,10 +246,11 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessStats:
         dataset_prefix,
         token_dtype,
     )
-    from megatron_longsky.utils.atomic import check_outputs
+    from megatron_longsky.utils.output_paths import check_outputs, check_prefix
     from megatron_longsky.utils.progress import progress_bar
 
     start = time.perf_counter()
+    check_prefix(cfg.output_prefix)
     paths = expand_inputs(cfg.inputs)
     prefixes = {key: dataset_prefix(cfg.output_prefix, key) for key in cfg.json_keys}
     # before any work: never over an input, never over an existing dataset without overwrite

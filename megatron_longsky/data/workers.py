@@ -101,16 +101,23 @@ class OrderedProcessPool:
         self._procs = [ctx.Process(target=_worker_main, daemon=True,
                                    args=(self._tasks, self._results, initializer, initargs, func))
                        for _ in range(workers)]
-        # Children inherit an ignored SIGINT through exec, so a Ctrl-C during their start-up
-        # cannot print a KeyboardInterrupt traceback from each of them.
+        # SIGINT is blocked (not ignored) while the workers start: the children inherit the
+        # blocked mask through exec, so a Ctrl-C during their start-up cannot print a
+        # KeyboardInterrupt traceback from each of them, and in this process it stays pending
+        # and is delivered when the mask is restored (an ignored one would be lost, and the
+        # run would go on to finish as if never interrupted).
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
         try:
-            for proc in self._procs:
-                proc.start()
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
+            try:
+                for proc in self._procs:
+                    proc.start()
+            finally:
+                if main:  # a pending Ctrl-C's handler runs inside this call (it raises here)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        except BaseException:
+            self.close(graceful=False)
+            raise
 
     def __enter__(self) -> "OrderedProcessPool":
         return self
@@ -156,15 +163,16 @@ class OrderedProcessPool:
             yield value
 
     def close(self, graceful: bool = True) -> None:
+        procs = [proc for proc in self._procs if proc.pid is not None]  # started ones
         if graceful:
-            for _ in self._procs:
+            for _ in procs:
                 self._tasks.put(None)
-            for proc in self._procs:
+            for proc in procs:
                 proc.join(timeout=10)
-        for proc in self._procs:
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
-        for proc in self._procs:
+        for proc in procs:
             proc.join(timeout=5)
         for q in (self._tasks, self._results):
             q.cancel_join_thread()  # never wait at exit to flush items no one will read

@@ -19,7 +19,7 @@ import sys
 from megatron_longsky.config import ConfigError, load_config
 from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
 from megatron_longsky.utils.logging import setup_logging
-from megatron_longsky.utils.paths import ensure_writable_dir
+from megatron_longsky.utils.paths import ensure_report_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ensure_writable_dir("--output", args.output)  # before the model is loaded
+    ensure_report_dir(args)  # before the model is loaded: writable, and no input
     model = load_model(args)
     if cfg.mode == "chat" and not cfg.chat_template:
         use_trained_chat_template(model.tokenizer, model.chat_template)

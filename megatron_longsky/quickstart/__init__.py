@@ -102,6 +102,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"longsky quickstart: {exc}", file=sys.stderr)
         return 2
-    report = run(cfg, Path(args.output), fresh=args.fresh)
+    from megatron_longsky.utils.output_paths import OutputLock, check_outputs
+    from megatron_longsky.utils.paths import ensure_writable_dir
+
+    # the run directory: never the config file, a device or a file; writable; one run at a time
+    check_outputs([], inputs=[args.config] if args.config else [], report_dirs=[args.output])
+    ensure_writable_dir("--output", args.output)
+    with OutputLock(args.output):
+        report = run(cfg, Path(args.output), fresh=args.fresh)
     print(f"report: {report}")
     return 0

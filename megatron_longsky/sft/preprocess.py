@@ -31,12 +31,20 @@ from megatron_longsky.data.jsonl import expand_inputs, iter_line_batches, total_
 from megatron_longsky.data.workers import stop_on_signals
 from megatron_longsky.sft.encode import RecordEncoder, encode_batches
 from megatron_longsky.sft.formats import FORMATS, SFTFormatError
-from megatron_longsky.utils.atomic import check_outputs
+from megatron_longsky.utils.output_paths import check_outputs, check_prefix
 
 log = logging.getLogger(__name__)
 
 TOKENS_KEY = "tokens"
 LOSS_MASK_KEY = "loss_mask"
+
+
+def check_sft_outputs(output_prefix: str | Path, inputs: Sequence[str | Path] = (), overwrite: bool = False,
+                      flag: str = "--output-prefix") -> None:
+    """Both datasets of ``output_prefix`` may be written (before any work; see ``check_outputs``)."""
+    check_prefix(output_prefix, flag)
+    tokens_prefix, mask_prefix = sft_prefixes(output_prefix)
+    check_outputs(dataset_files(tokens_prefix) + dataset_files(mask_prefix), inputs, overwrite)
 
 
 def sft_prefixes(output_prefix: str | Path) -> tuple[str, str]:
@@ -93,8 +101,8 @@ class SFTWriter:
         self.template = self.encoder.template
         self.summary = SFTSummary()
         self._bad: Counter = Counter()
+        check_sft_outputs(cfg.output_prefix, inputs, cfg.overwrite)
         tokens_prefix, mask_prefix = sft_prefixes(cfg.output_prefix)
-        check_outputs(dataset_files(tokens_prefix) + dataset_files(mask_prefix), inputs, cfg.overwrite)
         self.tokens = IndexedDatasetWriter(tokens_prefix, token_dtype(tokenizer.vocab_size),
                                            overwrite=cfg.overwrite, inputs=inputs)
         try:
@@ -242,6 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             output_prefix=args.output_prefix, format=args.format, system_prompt=args.system_prompt,
             chat_template=args.chat_template, max_length=args.max_length, overlong=args.overlong,
             skip_bad_lines=args.skip_bad_lines, workers=args.workers, overwrite=args.overwrite)
+        check_sft_outputs(args.output_prefix, expand_inputs(args.input), args.overwrite)  # before any work
         tokenizer_cfg = tokenizer_config_from_args(args)
         tokenizer = build_tokenizer(tokenizer_cfg)
         with stop_on_signals():  # Ctrl-C / SIGTERM unwind like an exception: temporary outputs are removed

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_longsky.utils.atomic import atomic_write_json, atomic_write_text
-from megatron_longsky.utils.paths import ensure_writable_dir
+from megatron_longsky.utils.paths import ensure_report_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     records = read_records(args.data, args.max_samples)
-    ensure_writable_dir("--output", args.output)  # before the model is loaded
+    ensure_report_dir(args)  # before the model is loaded: writable, and no input
     model = load_model(args)
     try:
         # Generation never picks ids beyond the tokenizer's vocabulary (padded model vocabularies).

@@ -302,7 +302,42 @@ def config_from_args(args: argparse.Namespace) -> SynLConfig:
     return load_config(SynLConfig, args.config, args.overrides, flags=flags, where="command line")
 
 
+def _build(cfg: SynLConfig, args: argparse.Namespace, build_tokenizer, tokenizer_config_from_args) -> Counter:
+    """The jsonl and, with ``--sft-output-prefix``, the SFT datasets: the jsonl appears under its
+    name only once the datasets are in place too (a failed SFT step leaves no finished jsonl)."""
+    from megatron_longsky.utils.atomic import atomic_path
+    from megatron_longsky.utils.output_paths import OutputLock, check_outputs, check_prefix
+
+    outputs = [args.output]
+    if args.sft_output_prefix is not None:
+        from megatron_longsky.data.indexed import dataset_files
+        from megatron_longsky.sft.preprocess import sft_prefixes
+
+        check_prefix(args.sft_output_prefix, "--sft-output-prefix")
+        outputs += [f for prefix in sft_prefixes(args.sft_output_prefix) for f in dataset_files(prefix)]
+    if args.sft_max_length is not None and args.sft_max_length < 1:
+        raise ValueError(f"--sft-max-length={args.sft_max_length}: must be >= 1")
+    check_outputs(outputs, [args.config] if args.config else [], args.overwrite)  # before any work
+    with OutputLock(args.output):
+        check_outputs(outputs, [args.config] if args.config else [], args.overwrite)  # again, under the lock
+        tokenizer = build_tokenizer(tokenizer_config_from_args(args))
+        with atomic_path(args.output) as jsonl:
+            counts = write_synl_jsonl(cfg, tokenizer, jsonl, progress=not args.no_progress)
+            if args.sft_output_prefix is not None:
+                from megatron_longsky.sft.preprocess import SFTPreprocessConfig, preprocess_records
+
+                sft_cfg = SFTPreprocessConfig(output_prefix=args.sft_output_prefix, format="messages",
+                                              max_length=args.sft_max_length, overlong="drop",
+                                              overwrite=args.overwrite)
+                with open(jsonl, encoding="utf-8") as f:
+                    records = ((f"{args.output}:{n}", json.loads(line)) for n, line in enumerate(f, start=1))
+                    summary = preprocess_records(records, tokenizer, sft_cfg, {"synl": {"source": args.output}})
+                print(f"wrote SFT datasets {args.sft_output_prefix}_*: {summary.text()}", file=sys.stderr)
+    return counts
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    from megatron_longsky.data.workers import stop_on_signals
     from megatron_longsky.tokenizer import build_tokenizer, tokenizer_config_from_args
     from megatron_longsky.utils.logging import setup_logging
 
@@ -310,27 +345,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        from megatron_longsky.utils.atomic import check_outputs
-
-        outputs = [args.output]
-        if args.sft_output_prefix:
-            from megatron_longsky.data.indexed import dataset_files
-            from megatron_longsky.sft.preprocess import sft_prefixes
-
-            outputs += [f for prefix in sft_prefixes(args.sft_output_prefix) for f in dataset_files(prefix)]
-        check_outputs(outputs, [args.config] if args.config else [], args.overwrite)  # before any work
-        tokenizer = build_tokenizer(tokenizer_config_from_args(args))
-        counts = write_synl_jsonl(cfg, tokenizer, args.output, progress=not args.no_progress)
-        if args.sft_output_prefix:
-            from megatron_longsky.sft.preprocess import SFTPreprocessConfig, preprocess_records
-
-            sft_cfg = SFTPreprocessConfig(output_prefix=args.sft_output_prefix, format="messages",
-                                          max_length=args.sft_max_length, overlong="drop",
-                                          overwrite=args.overwrite)
-            with open(args.output, encoding="utf-8") as f:
-                records = ((f"{args.output}:{n}", json.loads(line)) for n, line in enumerate(f, start=1))
-                summary = preprocess_records(records, tokenizer, sft_cfg, {"synl": {"source": args.output}})
-            print(f"wrote SFT datasets {args.sft_output_prefix}_*: {summary.text()}", file=sys.stderr)
+        with stop_on_signals():  # SIGTERM / Ctrl-C unwind like an exception: no temporary file is left
+            counts = _build(cfg, args, build_tokenizer, tokenizer_config_from_args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -48,7 +48,12 @@ import torch
 from megatron_longsky.checkpoint.layout import (
     MODEL, CheckpointError, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
 )
-from megatron_longsky.checkpoint.model_io import load_model_weights, model_sharded_state_dict, save_model_weights
+from megatron_longsky.checkpoint.model_io import (
+    load_model_weights,
+    model_sharded_state_dict,
+    reading_checkpoint,
+    save_model_weights,
+)
 from megatron_longsky.runtime.device import use_cuda
 from megatron_longsky.utils.atomic import atomic_write_json
 
@@ -411,7 +416,14 @@ def read_trainer_state(ckpt_dir: str | Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path} is missing: {ckpt_dir} is a weights-only checkpoint "
                                 "(start from it with checkpoint.init_from instead of resuming)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}): a truncated or corrupt checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("scheduler"), dict):
+        raise CheckpointError(f"{path}: not a trainer state (an object with a 'scheduler' object): a truncated "
+                              "or corrupt checkpoint")
+    return state
 
 
 def check_optimizer_kind(ckpt_dir: Path, saved: dict, distributed: bool) -> None:
@@ -452,8 +464,9 @@ def load_checkpoint(ckpt_dir: str | Path, model_chunks, optimizer, scheduler,
                                 checkpoint_layout(model_chunks, "auto"), ckpt_dir)
     load_model_weights(model_chunks, ckpt_dir, sharded_strategy=fully_parallel_load_strategy(ckpt_dir / MODEL))
     sharded = _optimizer_sharded_state_dict(optimizer, model_chunks, True, fmt)
-    loaded = dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER),
-                                     sharded_strategy=fully_parallel_load_strategy(ckpt_dir / OPTIMIZER))
+    with reading_checkpoint(ckpt_dir / OPTIMIZER, "the optimizer state"):
+        loaded = dist_checkpointing.load(sharded, str(ckpt_dir / OPTIMIZER),
+                                         sharded_strategy=fully_parallel_load_strategy(ckpt_dir / OPTIMIZER))
     # no_grad: megatron-core 0.16.1 copies the dp_reshardable state into the main params
     # without it, which autograd refuses when they are views of fp32 model params.
     with _keep_adam_step_on_reshardable_load(optimizer), torch.no_grad():

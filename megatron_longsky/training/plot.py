@@ -15,8 +15,15 @@ def _valid_points(path: Path) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
-def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str | None = None) -> Path:
-    """Training loss per iteration (skipped steps left out), plus valid loss if recorded."""
+def plot_loss(metrics_path: str | Path, out_path: str | Path, title: str | None = None,
+              overwrite: bool = True) -> Path:
+    """Training loss per iteration (skipped steps left out), plus valid loss if recorded.
+
+    ``out_path`` is never the metrics file (any spelling) nor a device or directory; an
+    existing PNG is replaced only with ``overwrite`` (the command line's ``--overwrite``)."""
+    from megatron_longsky.utils.output_paths import check_outputs
+
+    check_outputs([out_path], [metrics_path], overwrite)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +56,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("metrics", help="metrics.jsonl written by longsky train")
     parser.add_argument("-o", "--output", default=None, help="PNG path (default: beside metrics, loss.png)")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     args = parser.parse_args(argv)
     out = args.output or str(Path(args.metrics).with_name("loss.png"))
-    print(plot_loss(args.metrics, out, args.title))
+    print(plot_loss(args.metrics, out, args.title, overwrite=args.overwrite))
     return 0

@@ -11,33 +11,38 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from megatron_longsky.errors import UserError
+from megatron_longsky.utils.output_paths import OutputExistsError, check_outputs  # noqa: F401 - the one place
 
 
-class OutputExistsError(UserError, ValueError):
-    """An output already exists (and ``--overwrite`` was not given) or is also an input."""
-
-
-def _same_file(a: Path, b: Path) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
-        return os.path.samefile(a, b)  # also catches hard links and symlinks
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def check_outputs(outputs, inputs=(), overwrite: bool = False, flag: str = "--overwrite") -> None:
-    """Refuse to write ``outputs`` over any of ``inputs``, or over existing files unless ``overwrite``."""
-    outputs, inputs = [Path(p) for p in outputs], [Path(p) for p in inputs]
-    for out in outputs:
-        for source in inputs:
-            if _same_file(out, source):
-                raise OutputExistsError(f"output {out} is also an input ({source}): choose another output")
-    existing = [out for out in outputs if out.exists() or out.is_symlink()]
-    if existing and not overwrite:
-        raise OutputExistsError(f"output {existing[0]} already exists: pass {flag} to replace it")
+def remove_stale_temps(paths) -> list[Path]:
+    """Delete temporary files and directories of ``paths`` (``.<name>.tmp-<pid>``) left by
+    runs that were killed: their pid is no longer alive."""
+    removed = []
+    for final in map(Path, paths):
+        if not final.parent.is_dir():
+            continue
+        for pattern in (f".{final.name}.tmp-*",):
+            for tmp in final.parent.glob(pattern):
+                pid = tmp.name.rsplit("-", 1)[-1]
+                if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                    if tmp.is_dir() and not tmp.is_symlink():
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    else:
+                        tmp.unlink(missing_ok=True)
+                    removed.append(tmp)
+    return removed
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -64,6 +69,7 @@ def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it to ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps([path])
     tmp = temp_path_for(path)
     try:
         yield tmp
@@ -118,36 +124,78 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def make_temp_dir_beside(path: str | Path) -> Path:
+    """A fresh ``.<name>.tmp-<pid>`` directory beside ``path``, created with the umask's mode
+    (``mkdtemp`` would make it 0700, and the renamed output would keep that). Temporary
+    trees of killed runs are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temps([path])
+    tmp = temp_path_for(path)
+    if tmp.exists():  # our pid, reused from a process that died: nothing of ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp)
+    return tmp
+
+
+def recover_directory_swap(path: str | Path) -> list[Path]:
+    """Finish what a killed :func:`atomic_directory` swap left: with ``path`` missing, the
+    old tree (``.<name>.old-<pid>``) is put back; with ``path`` present, the old tree is
+    deleted. Only trees of dead pids are touched. Returns what was restored or removed."""
+    path = Path(path)
+    done = []
+    if not path.parent.is_dir():
+        return done
+    for old in sorted(path.parent.glob(f".{path.name}.old-*")):
+        pid = old.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        if not os.path.lexists(path):
+            os.replace(old, path)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+        done.append(old)
+    return done
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path):
+def atomic_directory(path: str | Path, overwrite: bool | None = None, flag: str = "--overwrite"):
     """Yield a fresh temporary directory beside ``path``; when the block succeeds, swap it in.
 
-    An existing ``path`` is renamed aside first and deleted only once the new tree is in
-    place, so ``path`` never holds a partial tree: a failure during the swap puts the old
-    tree back, and a hard kill between the two renames leaves it under ``.<name>.old-*``.
-    On failure the temporary tree is removed and ``path`` is untouched."""
+    The run holds ``path``'s :class:`~megatron_longsky.utils.output_paths.OutputLock` for the
+    whole block (a second run refuses); with ``overwrite=False`` an existing ``path`` is
+    refused under the lock. An existing ``path`` is renamed aside first and deleted only
+    once the new tree is in place, so ``path`` never holds a partial tree: a failure during
+    the swap puts the old tree back, and after a hard kill between the two renames the next
+    run (:func:`recover_directory_swap`) puts it back. On failure (also SIGTERM under
+    ``stop_on_signals``) the temporary tree is removed and ``path`` is untouched."""
+    from megatron_longsky.utils.output_paths import OutputLock
+
     path = Path(path)
-    tmp = make_temp_dir_beside(path)
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rmdir(old)
-            os.replace(path, old)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with OutputLock(path):
+        recover_directory_swap(path)
+        if overwrite is False and os.path.lexists(path):
+            raise OutputExistsError(f"output {path} already exists: pass {flag} to replace it")
+        tmp = make_temp_dir_beside(path)
         try:
-            os.replace(tmp, path)
-        except BaseException:
+            yield tmp
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                if old.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, path)
+                raise
             if old is not None:
-                os.replace(old, path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+                if old.is_symlink():
+                    old.unlink()
+                else:
+                    shutil.rmtree(old, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
