@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_longsky.config import ConfigError, load_yaml
 from megatron_longsky.errors import UserError
 
 from megatron_longsky.utils.atomic import atomic_write_text
@@ -154,9 +155,10 @@ def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / CONFIG
     if not path.exists():
         raise CheckpointError(f"{path} is missing: not a megatron_longsky checkpoint")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: the top level must be a mapping")
+    try:
+        data = load_yaml(path)
+    except ConfigError as exc:  # invalid YAML or text, a top level that is not a mapping
+        raise CheckpointError(f"checkpoint config {exc}") from None
     tokenizer = data.get("tokenizer")
     if isinstance(tokenizer, dict) and isinstance(tokenizer.get("model"), str):
         inside = Path(ckpt_dir) / tokenizer["model"]

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from megatron_longsky.config import ConfigError
+from megatron_longsky.utils.logging import LOG_LEVELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                      help="dtype of the exported weights (default: the model's params_dtype)")
     exp.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     return parser
 
 

@@ -182,10 +182,11 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
         backend = "gloo"
 
     if launch.world_size % parallel.model_parallel_size:
-        raise ValueError(
-            f"world size {launch.world_size} is not divisible by TP*PP*CP = "
+        raise ConfigError(
+            f"{launch.world_size} process(es) do not divide by tensor x pipeline x context parallel size "
             f"{parallel.tensor_model_parallel_size}*{parallel.pipeline_model_parallel_size}*"
-            f"{parallel.context_parallel_size}"
+            f"{parallel.context_parallel_size} (--tp/--pp/--cp or parallel.*): launch with torchrun/srun "
+            "for more processes"
         )
     if not dist.is_initialized():
         timeout = timedelta(minutes=parallel.timeout_minutes)

@@ -158,6 +158,8 @@ def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, ra
     check_world_size(cfg, launch.world_size if world_size is None else world_size)
     ensure_writable_dir("output_dir", cfg.output_dir)
     ensure_writable_dir("checkpoint.save", cfg.checkpoint_root)
+    if cfg.data.cache_dir:
+        ensure_writable_dir("data.cache_dir", cfg.data.cache_dir)
     if (launch.rank if rank is None else rank) == 0:
         removed = clean_checkpoint_root(cfg.checkpoint_root)
         if removed:

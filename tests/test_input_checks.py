@@ -1,0 +1,215 @@
+"""No input trusted (issue 22): configs, overrides, flags and file contents a user gets wrong are
+one line naming the culprit and exit 2, found before a model is built; values a user means
+(``lr: 3e-3``) are read as meant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_longsky.cli import main as longsky
+from megatron_longsky.config import ConfigError, load_yaml, parse_override
+from megatron_longsky.training.config import load_train_config
+
+
+@pytest.fixture
+def nothing_built(monkeypatch):
+    """Fail the test's command if it gets as far as initialising the process group."""
+    import megatron_longsky.runtime.distributed as distributed
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was about to be built although the inputs are wrong")
+
+    monkeypatch.setattr(distributed, "initialize", refuse)
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "LONGSKY_DEBUG"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and " INFO] " not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# --- YAML: exponent floats, duplicate keys, where a value came from -------------------------
+
+def test_exponent_floats_are_floats_in_yaml_files_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("optimizer:\n  lr: 3e-3\n  min_lr: 1E-5\n")
+    cfg = load_train_config(path, ["optimizer.weight_decay=1e-2", "schedule.init_lr=-0e0"])
+    assert (cfg.optimizer.lr, cfg.optimizer.min_lr, cfg.optimizer.weight_decay) == (3e-3, 1e-5, 1e-2)
+    assert parse_override("a=1e-4") == (["a"], 1e-4)
+    assert parse_override("a=12") == (["a"], 12) and parse_override("a=v1e3") == (["a"], "v1e3")
+
+
+def test_duplicate_yaml_keys_name_the_file_and_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("seed: 1\nmodel:\n  num_layers: 2\n  num_layers: 4\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:4:3: .*duplicate key 'num_layers' \(first given on line 3"):
+        load_yaml(path)
+    path.write_text("seed: 1\nmodel: {}\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"job.yaml:3:1: .*duplicate key 'seed' \(first given on line 1"):
+        load_yaml(path)
+    path.write_text("base: &b {x: 1}\nother:\n  <<: *b\n  x: 2\n")  # a merge key overridden: not a duplicate
+    assert load_yaml(path)["other"] == {"x": 2}
+
+
+def test_an_override_error_names_the_command_line_not_the_yaml_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("optimizer:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_train_config(path, ["optimizer.lr=fast"])
+    assert "optimizer.lr: expected a number, got 'fast'" in str(exc.value)
+    assert "the command line: optimizer.lr=fast" in str(exc.value)
+    path.write_text("optimizer:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"job.yaml.optimizer.lr: expected a number") as exc:
+        load_train_config(path)
+    assert "command line" not in str(exc.value)
+
+
+# --- values that were accepted silently or ended in a traceback ------------------------------
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.rope=10000", "model.rope: expected a mapping such as {base: 10000}"),
+    ("seed=-1", "seed=-1 must be in [0, 2**32)"),
+    ("seed=4294967296", "seed=4294967296 must be in [0, 2**32)"),
+    ("data.weights=[0]", "data.weights=[0.0] sum to 0"),
+    ("data.weights=[.nan]", "data.weights[0]: expected a finite number"),
+    ("logging.level=BOGUS", "logging.level='BOGUS' is not one of DEBUG"),
+    ("train_iters=100000000000000000000", "check train_iters"),
+    ("train_iters=1e20", "train_iters: expected an integer"),
+])
+def test_bad_train_values_are_one_line(capsys, nothing_built, override, expected):
+    assert longsky(["train", "data.prefixes=[x]", override]) == 2
+    assert expected in _error(capsys)
+
+
+def test_cache_dir_that_is_a_file_is_refused_before_the_run(tmp_path, capsys, nothing_built):
+    from _training_fixtures import tiny_config_dict, write_token_dataset
+
+    prefix = write_token_dataset(tmp_path / "ds", num_docs=8)
+    (tmp_path / "file").write_text("")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, prefix)))
+    assert longsky(["train", "--config", str(job), f"data.cache_dir={tmp_path / 'file'}"]) == 2
+    assert "data.cache_dir=" in _error(capsys)
+
+
+def test_usage_errors_are_two_lines_not_the_whole_usage(capsys):
+    assert longsky(["preprocess", "--input", "x", "--output-prefix", "y", "--bogus"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("usage: longsky preprocess") and "--bogus" in lines[1]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lang", "klingon"], "--lang 'klingon' is not a Punkt language"),
+    (["--log-level", "BOGUS"], "argument --log-level: invalid choice"),
+])
+def test_preprocess_flags_are_checked(tmp_path, capsys, argv, expected):
+    (tmp_path / "in.jsonl").write_text('{"text": "hello"}\n')
+    out = tmp_path / "out"
+    assert longsky(["preprocess", "--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(out), *argv]) == 2
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(tmp_path.glob("out*"))
+
+
+# --- evaluation commands: refused before the model is loaded ---------------------------------
+
+@pytest.fixture
+def fake_checkpoint(tmp_path) -> Path:
+    """An iteration directory with a config (byte tokenizer) and no weights: a command that
+    reached the model would fail differently."""
+    ckpt = tmp_path / "iter_0000001"
+    (ckpt / "model").mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump({"tokenizer": {"type": "byte"}, "model": {"vocab_size": 384}}))
+    return ckpt
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--lengths", "8"], "--lengths 8 is too short for this tokenizer"),
+    (["--haystack", "{tmp}/missing.txt"], "haystack file does not exist: {tmp}/missing.txt"),
+    (["--haystack", "{tmp}/empty.txt"], "empty.txt: no sentences"),
+    (["--mode", "chat"], "chat mode needs a chat template"),
+    (["--mode", "chat", "--chat-template", "{tmp}/bad.jinja"], "chat template {tmp}/bad.jinja:1: invalid Jinja"),
+    (["--mode", "chat", "--chat-template", "{tmp}/latin1.jinja"], "{tmp}/latin1.jinja: not UTF-8"),
+    (["--tokenizer-type", "hf", "--tokenizer-model", "{tmp}/nothere"], "tokenizer model does not exist"),
+])
+def test_needle_inputs_are_checked_before_the_model(tmp_path, capsys, nothing_built, fake_checkpoint, extra,
+                                                    expected):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad.jinja").write_text("{% if %}")
+    (tmp_path / "latin1.jinja").write_bytes(b"caf\xe9 {{ messages }}")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    argv = ["needle", "--checkpoint", str(fake_checkpoint), "--output", str(tmp_path / "out"), *extra]
+    if "--lengths" not in extra:
+        argv += ["--lengths", "400"]
+    assert longsky(argv) == 2
+    assert expected.replace("{tmp}", str(tmp_path)) in _error(capsys)
+
+
+def test_tp_larger_than_the_world_is_a_config_error():
+    from megatron_longsky.runtime.distributed import ParallelConfig, initialize
+
+    with pytest.raises(ConfigError, match=r"do not divide by tensor x pipeline x context parallel size 2\*1\*1"):
+        initialize(ParallelConfig(tensor_model_parallel_size=2))
+
+
+@pytest.mark.parametrize("data, expected", [
+    ("{tmp}/missing.jsonl", "--data {tmp}/missing.jsonl: no such file"),
+    ("{tmp}/short.jsonl", "no document in {tmp}/short.jsonl has 99 tokens"),
+    ("{tmp}/latin1.txt", "{tmp}/latin1.txt: not UTF-8"),
+    ("{tmp}/number.jsonl", "number.jsonl:1: not a JSON object with a 'text' string"),
+])
+def test_eval_ppl_data_is_checked_before_the_model(tmp_path, capsys, nothing_built, fake_checkpoint, data, expected):
+    (tmp_path / "short.jsonl").write_text('{"text": "short"}\n')
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    (tmp_path / "number.jsonl").write_text('{"text": 5}\n')
+    argv = ["eval", "ppl", "--checkpoint", str(fake_checkpoint), "--output", str(tmp_path / "out"),
+            "--data", data.replace("{tmp}", str(tmp_path)), "--length", "100"]
+    assert longsky(argv) == 2
+    assert expected.replace("{tmp}", str(tmp_path)) in _error(capsys)
+
+
+_TURNS = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+_META = {"answer": "a", "family": "f", "kind": "k", "id": "x"}
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": _TURNS, "meta": {k: v for k, v in _META.items() if k != "answer"}}, "'meta' has no 'answer'"),
+    ({"messages": "hi", "meta": _META}, "'messages' must be a list"),
+    ({"messages": [1, 2], "meta": _META}, "'messages' must be a list"),
+    ({"messages": _TURNS, "meta": {**_META, "answer": 5}}, "'meta.answer' must be a string"),
+])
+def test_synl_eval_records_are_checked(tmp_path, capsys, nothing_built, fake_checkpoint, record, expected):
+    (tmp_path / "d.jsonl").write_text(json.dumps(record) + "\n")
+    argv = ["synl-eval", "--checkpoint", str(fake_checkpoint), "--output", str(tmp_path / "o"), "--data",
+            str(tmp_path / "d.jsonl")]
+    assert longsky(argv) == 2
+    assert f"d.jsonl:1: {expected}" in _error(capsys)
+
+
+@pytest.mark.parametrize("flag", ["--max-samples", "--max-new-tokens"])
+def test_synl_eval_counts_must_be_positive(tmp_path, capsys, fake_checkpoint, flag):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"messages": _TURNS, "meta": _META}) + "\n")
+    argv = ["synl-eval", "--checkpoint", str(fake_checkpoint), "--output", str(tmp_path / "o"), "--data",
+            str(tmp_path / "d.jsonl"), flag, "0"]
+    assert longsky(argv) == 2
+    assert "expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+# --- tokenizer files: the file is named -------------------------------------------------------
+
+def test_invalid_utf8_in_tokenizer_files_names_the_file(tmp_path):
+    from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
+    from megatron_longsky.tokenizer.base import TokenizerError
+    from megatron_longsky.tokenizer.train import train_bpe_tokenizer
+
+    directory = Path(train_bpe_tokenizer(["hello world, the quick brown fox"] * 20, vocab_size=300,
+                                         out_dir=tmp_path / "bpe"))
+    (directory / "tokenizer_config.json").write_bytes(b'{"eos_token": "\xff"}')
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not UTF-8"):
+        build_tokenizer(TokenizerConfig("hf", str(directory)))
