@@ -213,3 +213,59 @@ def test_invalid_utf8_in_tokenizer_files_names_the_file(tmp_path):
     (directory / "tokenizer_config.json").write_bytes(b'{"eos_token": "\xff"}')
     with pytest.raises(TokenizerError, match="tokenizer_config.json: not UTF-8"):
         build_tokenizer(TokenizerConfig("hf", str(directory)))
+
+
+# --- HF config.json and weights: strict types, one RoPE reading -------------------------------
+
+_HF = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 384,
+       "max_position_embeddings": 64, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    ({"hidden_size": "32"}, "hidden_size must be an integer, got '32'"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers must be an integer"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps must be a finite number"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+      "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "contradict"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}, "rope_theta"),
+    ({"rope_scaling": {"factor": 4.0}}, "without a scaling rope_type"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "4"}}, "factor must be a finite number"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic' is not supported"),
+])
+def test_hf_config_fields_are_strict(changes, message):
+    from megatron_longsky.convert.hf_config import ConversionError, model_config_from_hf
+
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace("[", r"\[")) as exc:
+        model_config_from_hf({**_HF, **changes}, where="hf/config.json")
+    assert str(exc.value).startswith("hf/config.json: ")
+
+
+def test_hf_config_rope_settings_that_agree_are_read():
+    from megatron_longsky.convert.hf_config import hf_config_from_model, model_config_from_hf
+
+    linear = {"rope_type": "linear", "factor": 4.0}
+    both = {**_HF, "rope_scaling": {"type": "linear", "factor": 4.0},
+            "rope_parameters": {"rope_theta": 10000.0, **linear}}
+    cfg = model_config_from_hf(both)
+    assert (cfg.rope.scaling, cfg.rope.factor, cfg.tie_embeddings) == ("linear", 4.0, False)
+    again = model_config_from_hf(hf_config_from_model(cfg, 384)).rope  # what export writes: both spellings
+    assert (again.scaling, again.factor, again.base) == ("linear", 4.0, 10000.0)
+
+
+def test_weight_index_and_missing_tensors_are_conversion_errors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_longsky.convert.hf_config import ConversionError
+    from megatron_longsky.convert.hf_weights import HFWeights
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(ConversionError, match="'weight_map' must map each tensor name to a shard file name"):
+        HFWeights(tmp_path)
+    (tmp_path / "model.safetensors.index.json").unlink()
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    weights = HFWeights(tmp_path)
+    with pytest.raises(ConversionError, match="tensor 'model.norm.weight' not found"):
+        weights.shape("model.norm.weight")
