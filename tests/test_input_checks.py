@@ -269,3 +269,58 @@ def test_weight_index_and_missing_tensors_are_conversion_errors(tmp_path):
     weights = HFWeights(tmp_path)
     with pytest.raises(ConversionError, match="tensor 'model.norm.weight' not found"):
         weights.shape("model.norm.weight")
+
+
+# --- plan --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def plan_job(tmp_path) -> str:
+    from _training_fixtures import tiny_config_dict
+
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, str(tmp_path / "none"))))
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb must be a finite number > 0, got inf"),
+    (["--peak-tflops", "inf"], "--peak-tflops must be a finite number > 0, got inf"),
+    (["--nodes", "2", "--vocab-size", "7", "parallel.tensor_model_parallel_size=2"],
+     "--vocab-size 7 is not divisible by tensor_model_parallel_size 2"),
+])
+def test_plan_refuses_impossible_cluster_numbers(capsys, plan_job, argv, expected):
+    argv = ["plan", "--config", plan_job, "--gpus-per-node", "1", *argv]
+    assert longsky(argv if "--nodes" in argv else [*argv, "--nodes", "1"]) == 2
+    assert expected in _error(capsys)
+
+
+def test_plan_of_a_needle_config_says_what_it_expects(capsys):
+    needle = Path(__file__).resolve().parents[1] / "examples/configs/recipes/skywork13b_200k/needle.yaml"
+    assert longsky(["plan", "--config", str(needle), "--nodes", "1"]) == 2
+    assert "longsky plan --config takes a training config" in _error(capsys)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: None, "no such directory"),
+    (lambda d: d.mkdir(), "no cpt.yaml, sft.yaml, long_sft.yaml"),
+    (lambda d: (d.mkdir(), *[(d / f"{s}.yaml").write_text("model: [\n") for s in ("cpt", "sft", "long_sft")]),
+     "cpt.yaml:2:1: invalid YAML"),
+])
+def test_plan_dry_run_recipe_dir_errors_exit_2(tmp_path, capsys, make, expected):
+    make(tmp_path / "recipe")
+    assert longsky(["plan", "--dry-run", "--recipe", str(tmp_path / "recipe")]) == 2
+    assert expected in _error(capsys)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("base_iters=-5", "base_iters must be >= 1, got -5"),
+    ("recall_fraction=2", "recall_fraction must be in [0, 1]"),
+    ("micro_batch_size=3", "global_batch_size 16 is not a multiple of micro_batch_size 3"),
+    ("lr=0", "lr must be > 0"),
+])
+def test_quickstart_config_is_checked_when_loaded(tmp_path, capsys, monkeypatch, override, expected):
+    import megatron_longsky.quickstart as quickstart
+
+    monkeypatch.setattr(quickstart, "run", lambda *a, **k: pytest.fail("the quickstart started"))
+    assert longsky(["quickstart", "--output", str(tmp_path / "qs"), override]) == 2
+    assert expected in _error(capsys)
