@@ -324,3 +324,103 @@ def test_quickstart_config_is_checked_when_loaded(tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(quickstart, "run", lambda *a, **k: pytest.fail("the quickstart started"))
     assert longsky(["quickstart", "--output", str(tmp_path / "qs"), override]) == 2
     assert expected in _error(capsys)
+
+
+# --- checkpoints: their tokenizer travels with them; a model of another shape is refused ------
+
+def test_resume_with_another_seed_is_refused_unless_allowed(tmp_path):
+    from _training_fixtures import tiny_config_dict
+    from megatron_longsky.training.resume_check import check_same_run, run_differences
+
+    saved = tiny_config_dict(tmp_path, "data/a_text_document")
+    assert run_differences(saved, {**saved, "seed": saved["seed"]}) == []
+    with pytest.raises(ConfigError, match=r"seed: checkpoint 7, this run 8"):
+        check_same_run(saved, {**saved, "seed": 8}, "runs/x/iter_0000002")
+    assert check_same_run(saved, {**saved, "seed": 8}, "x", allow_mismatch=True) == ["seed: checkpoint 7, this run 8"]
+
+
+def test_init_from_a_checkpoint_of_another_shape_is_refused_before_the_run(tmp_path, capsys, nothing_built,
+                                                                          fake_checkpoint):
+    from _training_fixtures import tiny_config_dict, write_token_dataset
+
+    (fake_checkpoint / "config.yaml").write_text(yaml.safe_dump({"tokenizer": {"type": "byte"}, "model": {
+        "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 384}}))
+    prefix = write_token_dataset(tmp_path / "ds", num_docs=8)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, prefix, checkpoint={"init_from": str(fake_checkpoint)})))
+    assert longsky(["train", "--config", str(job)]) == 2
+    line = _error(capsys)
+    assert "checkpoint.init_from=" in line and "model.hidden_size: checkpoint 64, this config 32" in line
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    """A tiny model trained one step with a BPE tokenizer (a tokenizer with files)."""
+    import numpy as np
+
+    from _training_fixtures import tiny_config_dict
+    from megatron_longsky.data.indexed import IndexedDatasetWriter
+    from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
+    from megatron_longsky.tokenizer.train import train_bpe_tokenizer
+    from megatron_longsky.training.config import train_config_from_dict
+    from megatron_longsky.training.loop import train
+
+    tmp = tmp_path_factory.mktemp("bpe_run")
+    texts = [f"document {i}: the quick brown fox jumps over the lazy dog {i}" for i in range(200)]
+    bpe = train_bpe_tokenizer(texts, vocab_size=300, out_dir=tmp / "bpe")
+    tok = build_tokenizer(TokenizerConfig("hf", str(bpe)))
+    writer = IndexedDatasetWriter(tmp / "ds", np.uint16)
+    for text in texts:
+        ids = np.array(tok.encode(text) + [tok.eod_id], dtype=np.uint16)
+        writer.add_document(ids, [len(ids)])
+    writer.finalize({"tokenizer": tok.metadata()})
+    writer.commit()
+    data = tiny_config_dict(tmp, str(tmp / "ds"), tokenizer={"type": "hf", "model": str(bpe)}, train_iters=1,
+                            global_batch_size=2, micro_batch_size=1)
+    data["model"] = {k: v for k, v in data["model"].items() if k != "vocab_size"}
+    result = train(train_config_from_dict(data))
+    return tmp, data, result.checkpoint_dir
+
+
+@pytest.mark.slow
+def test_trained_checkpoints_carry_their_tokenizer(bpe_run, tmp_path, monkeypatch):
+    from megatron_longsky.checkpoint.layout import read_checkpoint_config
+    from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
+    from megatron_longsky.training.config import train_config_from_dict
+    from megatron_longsky.training.loop import train
+
+    tmp, data, ckpt = bpe_run
+    raw = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert raw["tokenizer"] == {"type": "hf", "model": "tokenizer", "merges": None}
+    assert (ckpt / "tokenizer" / "tokenizer.json").is_file()
+    original = build_tokenizer(TokenizerConfig("hf", data["tokenizer"]["model"]))
+    # The same run resumes (the copy and the original are one tokenizer: same fingerprint).
+    resumed = train(train_config_from_dict({**data, "train_iters": 2}))
+    assert resumed.iterations == [2]
+    # The checkpoint, moved elsewhere with its tokenizer's original files gone, still has it.
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(resumed.checkpoint_dir, moved)
+    shutil.move(data["tokenizer"]["model"], tmp_path / "bpe_elsewhere")
+    monkeypatch.chdir(tmp_path)
+    entry = read_checkpoint_config(moved)["tokenizer"]
+    assert entry["model"] == str(moved / "tokenizer")
+    assert build_tokenizer(TokenizerConfig(entry["type"], entry["model"])).fingerprint == original.fingerprint
+    shutil.move(tmp_path / "bpe_elsewhere", data["tokenizer"]["model"])
+
+
+@pytest.mark.slow
+def test_export_of_a_checkpoint_whose_config_disagrees_with_its_weights(bpe_run, tmp_path, capsys):
+    import shutil
+
+    _, _, ckpt = bpe_run
+    edited = tmp_path / "iter_0000001"
+    shutil.copytree(ckpt, edited)
+    conf = yaml.safe_load((edited / "config.yaml").read_text())
+    conf["model"]["ffn_hidden_size"] = 96
+    (edited / "config.yaml").write_text(yaml.safe_dump(conf))
+    assert longsky(["convert", "export", "--checkpoint", str(edited), "--output", str(tmp_path / "hf")]) == 2
+    line = _error(capsys)
+    assert "has shape" in line and "needs" in line and str(edited) in line
+    assert not (tmp_path / "hf").exists()

@@ -181,6 +181,7 @@ def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
     vocab_size = resolve_vocab_size(cfg, tokenizer, resume_dir or init_dir)
     config_dict = train_config_to_dict(cfg)
     config_dict["model"]["vocab_size"] = vocab_size
+    config_dict["tokenizer_fingerprint"] = tokenizer.fingerprint  # the resume check compares it
     # The chat template the model learns (SFT data) or learned (the checkpoint it continues):
     # chat-mode evaluation builds its prompts with it.
     chat_template = dataset_chat_template(cfg.data)

@@ -145,6 +145,35 @@ def resolve_start(cfg: TrainConfig) -> tuple[Optional[Path], Optional[Path]]:
     return resume, init
 
 
+# The fields that give the weights their shapes (layout, precision and RoPE may differ).
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "tie_embeddings")
+
+
+def check_init_from_shapes(cfg: TrainConfig, init: Path) -> None:
+    """``checkpoint.init_from`` must hold weights of the model the config builds."""
+    from megatron_longsky.checkpoint.layout import read_checkpoint_config
+
+    try:
+        saved = read_checkpoint_config(init).get("model") or {}
+    except CheckpointError as exc:
+        raise ConfigError(f"checkpoint.init_from: {exc}") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"checkpoint.init_from: {init}/config.yaml: 'model' is not a mapping")
+
+    def value(source, name):
+        got = source.get(name) if isinstance(source, dict) else getattr(source, name)
+        if name == "num_query_groups" and got is None:  # None: one group per head
+            got = source.get("num_attention_heads") if isinstance(source, dict) else source.num_attention_heads
+        return got
+
+    differ = [f"model.{name}: checkpoint {value(saved, name)!r}, this config {value(cfg.model, name)!r}"
+              for name in _SHAPE_FIELDS if name in saved and value(saved, name) != value(cfg.model, name)]
+    if differ:
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} holds another model than this config "
+                          f"builds ({'; '.join(differ)}): use the model settings it was saved with")
+
+
 def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, rank: Optional[int] = None) -> None:
     """Everything about ``cfg`` that can be known before building: raises ConfigError naming the key.
 
@@ -171,6 +200,8 @@ def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, ra
         check_dataset_files(key, prefix)
     check_dataset_tokenizers(cfg.data, tokenizer)
     resume, init = resolve_start(cfg)
+    if init is not None:
+        check_init_from_shapes(cfg, init)
     if resume is not None:
         from megatron_longsky.training.checkpointing import check_optimizer_kind, read_trainer_state
 
