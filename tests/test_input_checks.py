@@ -283,8 +283,8 @@ def plan_job(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb must be a finite number > 0, got inf"),
-    (["--peak-tflops", "inf"], "--peak-tflops must be a finite number > 0, got inf"),
+    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb must be > 0 and finite, got inf"),
+    (["--peak-tflops", "inf"], "--peak-tflops must be > 0 and finite, got inf"),
     (["--nodes", "2", "--vocab-size", "7", "parallel.tensor_model_parallel_size=2"],
      "--vocab-size 7 is not divisible by tensor_model_parallel_size 2"),
 ])

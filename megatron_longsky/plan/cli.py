@@ -193,7 +193,7 @@ def check_plan_args(args: argparse.Namespace) -> None:
         raise ConfigError("--nodes and --gpus-per-node must be >= 1")
     for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--peak-tflops", args.peak_tflops)):
         if value is not None and not (value > 0 and math.isfinite(value)):  # also refuses NaN and inf
-            raise ConfigError(f"{flag} must be a finite number > 0, got {value:g}")
+            raise ConfigError(f"{flag} must be > 0 and finite, got {value:g}")
     if not args.reserved_gb >= 0 or not args.reserved_gb < args.gpu_memory_gb:
         raise ConfigError(f"--reserved-gb must be >= 0 and below --gpu-memory-gb, got {args.reserved_gb:g}")
     if not 0 < args.efficiency <= 1:
