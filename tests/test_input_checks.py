@@ -424,3 +424,47 @@ def test_export_of_a_checkpoint_whose_config_disagrees_with_its_weights(bpe_run,
     line = _error(capsys)
     assert "has shape" in line and "needs" in line and str(edited) in line
     assert not (tmp_path / "hf").exists()
+
+
+# --- a single process binds no TCP port (docs/slurm.md) ----------------------------------------
+
+def _listening_sockets() -> int:
+    """TCP sockets of this process in the LISTEN state (Linux /proc)."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                count += fields[3] == "0A" and fields[9] in inodes
+    return count
+
+
+def test_a_single_cpu_process_binds_no_tcp_port(monkeypatch):
+    import torch
+
+    from megatron_longsky.runtime.distributed import ParallelConfig, initialize, shutdown
+
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    before = _listening_sockets()
+    initialize(ParallelConfig())
+    try:
+        assert _listening_sockets() == before  # gloo bound one listener per group (21)
+        # The one-rank collectives still do what a one-rank group does.
+        t = torch.arange(4.0)
+        torch.distributed.all_reduce(t)
+        out = torch.empty(4)
+        torch.distributed.all_gather_into_tensor(out, torch.arange(4.0))
+        assert torch.equal(t, torch.arange(4.0)) and torch.equal(out, torch.arange(4.0))
+    finally:
+        shutdown()

@@ -148,6 +148,7 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
         f"   (distributed optimizer {'on' if p.use_distributed_optimizer else 'off'})",
         f"    without distributed optimizer {_gib(mem.optimizer_without_distributed)}",
         f"    with distributed optimizer    {_gib(mem.optimizer_with_distributed)}",
+        *([f"  FP8 weight copies (TE cache)    {_gib(mem.fp8_weights)}"] if mem.fp8_weights else []),
         f"  activations per layer           {_gib(mem.activations_per_layer)}"
         f"   (no recompute: {_gib(mem.activations_per_layer_no_recompute).strip()})",
         f"  activations                     {_gib(mem.activations)}"

@@ -32,7 +32,7 @@ from megatron_longsky.training.config import TrainConfig, train_config_to_dict
 from megatron_longsky.training.data import (
     build_gpt_splits, build_sft_splits, check_dataset_tokenizers, dataset_chat_template, micro_batch_loader,
 )
-from megatron_longsky.plan.flops import step_flops, utilization
+from megatron_longsky.plan.flops import attention_peak, step_flops, utilization
 from megatron_longsky.training.metrics import MetricsLogger, peak_memory_gib, resolve_peak_tflops
 from megatron_longsky.training.optimizer import build_optimizer, current_lr, ddp_config
 from megatron_longsky.training.resume_check import check_same_run
@@ -346,6 +346,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
     flops = step_flops(cfg.model, setup.vocab_size, cfg.global_batch_size,
                        pipeline_parallel=cfg.parallel.pipeline_model_parallel_size)
     peak, peak_source = resolve_peak_tflops(cfg.logging.peak_tflops_per_device, cfg.model)
+    peaks = (peak, attention_peak(cfg.model, peak) if peak else None)  # MFU: each FLOP at its own peak
     if rank == 0:
         log.info("MFU/HFU: %s", peak_source)
     result = TrainResult(metrics_path=metrics.path, resumed_from=resume_dir)
@@ -398,7 +399,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
                     "iteration": state.iteration, "loss": loss, "loss_tokens": loss_tokens,
                     "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                     "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed,
-                    **utilization(flops, elapsed, world, peak),
+                    **utilization(flops, elapsed, world, *peaks),
                     "peak_memory_gib": peak_memory_gib(), "data_wait_s": wait,
                     "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
                     "consumed_samples": state.consumed_samples,
@@ -438,7 +439,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
         mean = sum(timed) / len(timed)
         result.steps_per_s = 1.0 / mean
         result.tokens_per_s = tokens_per_step / mean
-        result.tflops_per_device = utilization(flops, mean, world, peak)["tflops_per_device"]
+        result.tflops_per_device = utilization(flops, mean, world, *peaks)["tflops_per_device"]
         result.data_wait_fraction = sum(timed_waits) / sum(timed)
     result.skipped_steps = state.skipped_steps
     result.final_iteration = state.iteration
