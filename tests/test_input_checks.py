@@ -468,3 +468,31 @@ def test_a_single_cpu_process_binds_no_tcp_port(monkeypatch):
         assert torch.equal(t, torch.arange(4.0)) and torch.equal(out, torch.arange(4.0))
     finally:
         shutdown()
+
+
+def test_sigterm_to_the_local_slurm_helper_stops_its_daemons(tmp_path):
+    """`slurm_local.main` used sigwait without blocking SIGTERM: the signal's default action
+    ended the process and left munged/slurmctld/slurmd running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stopped = tmp_path / "stopped"
+    script = f"""
+import sys
+import megatron_longsky.launch.slurm_local as sl
+class Fake:
+    conf = "fake.conf"
+    def stop(self):
+        open({str(stopped)!r}, "w").write("stopped")
+sl.missing_binaries = lambda: []
+sl.LocalSlurm.start = staticmethod(lambda *a, **k: Fake())
+sys.exit(sl.main([]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "export SLURM_CONF=fake.conf"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert stopped.read_text() == "stopped"

@@ -250,7 +250,8 @@ class TrainConfig:
                 f"eval_interval={self.eval_interval} but there is no validation data "
                 + ("(data.kind=sft has no validation split)" if self.data.kind == "sft"
                    else f"(data.split={self.data.split!r} gives the validation part 0)")
-                + "; set eval_interval=0 or use `longsky evaluate`")
+                + "; set eval_interval=0 (held-out perplexity of a checkpoint: `longsky eval ppl`)"
+                + ("" if self.data.kind == "sft" else " or give data.split a validation part, e.g. 98,2,0"))
         if self.parallel.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
                              "(it shards activations over the TP group); set it to false")
