@@ -496,3 +496,53 @@ sys.exit(sl.main([]))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert stopped.read_text() == "stopped"
+
+
+# --- each run resolved once (the checks hand their results to the set-up) -----------------------
+
+@pytest.mark.slow
+def test_train_resolves_tokenizer_and_checkpoint_once(tmp_path, monkeypatch):
+    import megatron_longsky.checkpoint.layout as layout
+    import megatron_longsky.tokenizer as tokenizer_pkg
+    import megatron_longsky.training.loop as loop
+    import megatron_longsky.training.preflight as preflight
+    from _training_fixtures import tiny_config_dict, write_token_dataset
+    from megatron_longsky.training.config import train_config_from_dict
+
+    monkeypatch.setenv("MASTER_PORT", "0")
+    prefix = write_token_dataset(tmp_path / "ds", num_docs=16)
+    cfg = train_config_from_dict(tiny_config_dict(tmp_path, prefix, train_iters=1))
+    loop.train(cfg)  # a checkpoint to resume
+    calls: dict[str, int] = {}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(tokenizer_pkg, "build_tokenizer", counting("tokenizer", tokenizer_pkg.build_tokenizer))
+    for name in ("read_latest", "resolve_checkpoint", "read_checkpoint_config"):
+        original = getattr(layout, name)
+        for module in (layout, preflight, loop):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counting(name, original))
+    resumed = train_config_from_dict(tiny_config_dict(tmp_path, prefix, train_iters=2))
+    setup, state, resume_dir = loop.setup_training(resumed)
+    try:
+        assert resume_dir is not None and state.iteration == 1
+        # was: the tokenizer built twice, `latest` read twice and config.yaml three times
+        assert calls == {"tokenizer": 1, "read_latest": 1, "read_checkpoint_config": 1}, calls
+    finally:
+        loop.teardown(setup)
+
+
+def test_preflight_does_not_import_the_loop():
+    """The loop imports the checks; the checks never import the loop (no import cycle)."""
+    import ast
+
+    import megatron_longsky.training.preflight as preflight
+
+    tree = ast.parse(Path(preflight.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "megatron_longsky.training.loop" not in imported
