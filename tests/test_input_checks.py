@@ -130,7 +130,7 @@ def fake_checkpoint(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--lengths", "8"], "--lengths 8 is too short for this tokenizer"),
+    (["--lengths", "8"], "--lengths: length 8 is too short for this tokenizer"),
     (["--haystack", "{tmp}/missing.txt"], "haystack file does not exist: {tmp}/missing.txt"),
     (["--haystack", "{tmp}/empty.txt"], "empty.txt: no sentences"),
     (["--mode", "chat"], "chat mode needs a chat template"),

@@ -217,7 +217,7 @@ class NeedleBuilder:
             needles = self._draw_needles(rng, targets, distractors)
             budget = length - frames[0].overhead - sum(len(n["ids"]) for n in needles)
             if budget < 0:
-                raise EvalInputError(f"--lengths {length} is too short for this tokenizer: the question, template and "
+                raise EvalInputError(f"--lengths: length {length} is too short for this tokenizer: the question, template and "
                                      f"needles alone take {length - budget} tokens")
             pieces, fragment_first = self.haystack.window(tok, budget, start)
             # A value must occur only in its needle: redraw if the haystack contains one.
@@ -226,7 +226,7 @@ class NeedleBuilder:
                 break
         else:
             raise EvalInputError(f"haystack {self.haystack.source} keeps containing the drawn needle values; "
-                             "use more value_digits")
+                                 "use more value_digits")
         boundaries, usable = sentence_boundaries(pieces, fragment_first)
 
         # Target depths: d, then evenly spread over the rest of the context.
