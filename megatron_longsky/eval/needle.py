@@ -217,8 +217,8 @@ class NeedleBuilder:
             needles = self._draw_needles(rng, targets, distractors)
             budget = length - frames[0].overhead - sum(len(n["ids"]) for n in needles)
             if budget < 0:
-                raise EvalInputError(f"--lengths: length {length} is too short for this tokenizer: the question, template and "
-                                     f"needles alone take {length - budget} tokens")
+                raise EvalInputError(f"--lengths: length {length} is too short for this tokenizer: the question, "
+                                     f"template and needles alone take {length - budget} tokens")
             pieces, fragment_first = self.haystack.window(tok, budget, start)
             # A value must occur only in its needle: redraw if the haystack contains one.
             text = tok.decode([t for p in pieces for t in p])
