@@ -13,6 +13,8 @@ the command line (or ``LONGSKY_DEBUG=1``) shows the traceback of user errors too
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -78,12 +80,31 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
+def _short_usage_error(parser: argparse.ArgumentParser, message: str):
+    """argparse's usage error as two lines (argparse prints the whole usage, 10-16 lines for
+    most commands, before the one line that matters): where to look, then the error."""
+    parser.exit(2, f"usage: {parser.prog} [options] (`{parser.prog} --help` lists them)\n"
+                   f"{parser.prog}: error: {message}\n")
+
+
+@contextlib.contextmanager
+def short_usage_errors():
+    """Within the block, every argparse parser reports a usage error in two lines."""
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _short_usage_error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved
+
+
 def run_command(prog: str, fn: Callable[[list[str]], int | None], argv: list[str], debug: bool = False) -> int:
     """Run one subcommand's ``main(argv)`` with the shared error handling (see the module doc)."""
     argv, flag = split_debug_flag(list(argv))
     debug = debug or flag
     try:
-        return int(fn(argv) or 0)
+        with short_usage_errors():
+            return int(fn(argv) or 0)
     except SystemExit as exc:  # argparse usage errors exit 2 themselves; --help exits 0
         code = exc.code
         if code is None or isinstance(code, int):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -23,6 +24,42 @@ T = TypeVar("T")
 
 class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema."""
+
+
+class _Loader(yaml.SafeLoader):
+    """The one YAML loader of every config file, override and checkpoint ``config.yaml``:
+    PyYAML's safe YAML 1.1 loader with two changes. ``1e-3`` / ``3e-3`` are floats (YAML 1.2
+    and what Megatron-LM users write; YAML 1.1 needs a dot, ``1.0e-3``, and reads them as
+    strings), and a key given twice in one mapping is an error naming its line (YAML 1.1
+    lets the last one win silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given on line {first.line + 1}; "
+                        "YAML would silently keep the last)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# Exponent floats without a dot (1e-3, -2E+5): YAML 1.2's float syntax.
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def yaml_load(stream):
+    """Parse YAML text (or an open file) with the project's loader (see :class:`_Loader`)."""
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -48,6 +85,8 @@ def _coerce(value: Any, tp, where: str):
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own error says what is wrong
+            raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
         options = get_args(tp)
@@ -135,7 +174,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -159,7 +198,7 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = yaml_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except UnicodeDecodeError as exc:
@@ -190,21 +229,48 @@ def _split_swallowed_overrides(flags: dict, overrides: list[str], keys: set[str]
 
 
 def merge_config_sources(path: str | Path | None = None, flags: dict | None = None,
-                         overrides: list[str] = (), keys: set[str] | None = None) -> dict:
+                         overrides: list[str] = (), keys: set[str] | None = None,
+                         origins: dict[str, str] | None = None) -> dict:
     """The one way every command builds its config data: the YAML file (optional), then the
     command-line flags that were given (``None`` means not given), then ``key=value``
     overrides. ``keys``: the config's top-level keys, to recover overrides that a
-    multi-valued flag swallowed."""
+    multi-valued flag swallowed. ``origins`` (optional) receives, for each dotted key set on
+    the command line, where it came from (see :func:`name_origin`)."""
     data = load_yaml(path) if path else {}
     flags, overrides = _split_swallowed_overrides(flags or {}, list(overrides), keys or set())
-    data.update({k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    data.update(given)
+    if origins is not None:
+        origins.update({k: "a command-line flag" for k in given})
+        for text in overrides:
+            origins[".".join(parse_override(text)[0])] = f"the command line: {' '.join(text.split())}"
     return apply_overrides(data, overrides)
+
+
+def name_origin(exc: ConfigError, where: str, origins: dict[str, str], from_file: bool = True) -> ConfigError:
+    """``exc`` about key ``<where>.a.b`` when ``a.b`` (or a parent) came from the command line:
+    the same error naming the command line instead of the YAML file ``where`` (``from_file``)."""
+    text = str(exc)
+    if not origins or not text.startswith(f"{where}."):
+        return exc
+    key = re.match(r"[A-Za-z0-9_.\-]*", text[len(where) + 1:]).group(0).rstrip(".")
+    for candidate in sorted(origins, key=len, reverse=True):
+        if key == candidate or key.startswith(candidate + "."):
+            not_file = f", not {where}" if from_file else ""
+            return ConfigError(f"{key}{text[len(where) + 1 + len(key):]} (from {origins[candidate]}{not_file})")
+    return exc
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = (),
                 flags: dict | None = None, where: str | None = None) -> T:
     """Build ``cls`` from a YAML file (optional), given command-line flags and ``key=value``
-    overrides (later sources win); errors name the file, else ``where``."""
+    overrides (later sources win); errors name the file, else ``where``, and for a value
+    given on the command line, the command line."""
     keys = {f.name for f in dataclasses.fields(cls)}
-    data = merge_config_sources(path, flags, overrides, keys)
-    return from_dict(cls, data, where=str(path) if path else (where or "config"))
+    origins: dict[str, str] = {}
+    data = merge_config_sources(path, flags, overrides, keys, origins)
+    where = str(path) if path else (where or "config")
+    try:
+        return from_dict(cls, data, where=where)
+    except ConfigError as exc:
+        raise name_origin(exc, where, origins, from_file=bool(path)) from None

@@ -335,6 +335,7 @@ def _build_corpus(root: Path) -> list[Case]:
                           [path.name], [str(root / f"loss_{name}.png")]))
     cases.append(Case("plot-loss/missing", ["plot-loss", str(missing / "m.jsonl")], [str(missing / "m.jsonl")]))
     cases += _issue22_cases(root, good, byte_meta, docs)
+    cases += _untrusted_value_cases(root, configs["bom"][0], missing)
     return cases
 
 
@@ -417,6 +418,42 @@ def _issue22_cases(root: Path, good: str, byte_meta: dict, docs) -> list[Case]:
                                                      str(root / "o22"), "--overwrite", "--num-samples", "1",
                                                      "--no-progress"], ["o22_tokens_document.bin"],
                       unchanged=[str(synl_jsonl)]))
+    return cases
+
+
+def _untrusted_value_cases(root: Path, job: Path, missing: Path) -> list[Case]:
+    """Values that were accepted silently or ended in a traceback (issue 22)."""
+    _put(root / "job_duplicate_key.yaml", job.read_bytes() + b"seed: 1\nseed: 2\n" if _WRITE["on"] else b"")
+    hf = root / "hf_tie_string"
+    if _WRITE["on"]:
+        hf.mkdir(exist_ok=True)
+    _put(hf / "config.json", json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 100, "tie_word_embeddings": "false"}).encode())
+    latest = str(root / "run" / "checkpoints" / "latest")
+    cases = [Case(f"train/{name}", ["train", "--config", str(job), override], names, [latest])
+             for name, override, names in (
+                 ("rope_scalar", "model.rope=10000", ["model.rope"]),
+                 ("seed_negative", "seed=-1", ["seed"]),
+                 ("seed_2_32", "seed=4294967296", ["seed"]),
+                 ("weights_zero", "data.weights=[0]", ["data.weights"]),
+                 ("log_level", "logging.level=BOGUS", ["logging.level"]),
+                 ("train_iters_huge", "train_iters=100000000000000000000", ["train_iters"]))]
+    cases.append(Case("train/duplicate_yaml_key", ["train", "--config", str(root / "job_duplicate_key.yaml")],
+                      ["job_duplicate_key.yaml"], [latest]))
+    for flag in ("--gpu-memory-gb", "--peak-tflops"):
+        cases.append(Case(f"plan/{flag[2:]}=inf", ["plan", "--config", str(job), "--nodes", "1", flag, "inf"],
+                          [flag]))
+    cases.append(Case("plan/dry_run_missing_recipe", ["plan", "--dry-run", "--recipe", str(missing)],
+                      [str(missing)]))
+    cases.append(Case("preprocess/unknown_lang", ["preprocess", "--input", str(root / "text_bom.jsonl"),
+                                                  "--output-prefix", str(root / "o_lang"), "--lang", "klingon"],
+                      ["--lang"], [str(root / "o_lang_text_document.idx")]))
+    cases.append(Case("convert-import/tie_as_string", ["convert", "import", "--hf-dir", str(hf), "--output",
+                                                       str(root / "conv_tie")], ["tie_word_embeddings"],
+                      [str(root / "conv_tie")]))
+    cases.append(Case("quickstart/negative_iters", ["quickstart", "--output", str(root / "qs"), "base_iters=-5"],
+                      ["base_iters"], [str(root / "qs")]))
     return cases
 
 

@@ -3,6 +3,7 @@ items 4, 5, 7-9; issue 14.11; issue 15.6)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -342,7 +343,9 @@ def test_eval_commands_check_their_output_before_loading_a_model(tmp_path, capsy
     out = tmp_path / "file" / "report"
     argv = [*command[:2], "--checkpoint", str(tmp_path / "ckpt"), "--output", str(out), *command[2:]]
     if command[0] == "synl-eval":
-        (tmp_path / "x.jsonl").write_text('{"messages": [], "meta": {}}\n')
+        record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                  "meta": {"answer": "a", "family": "f", "kind": "k", "id": "x"}}
+        (tmp_path / "x.jsonl").write_text(json.dumps(record) + "\n")
         argv = [command[0], "--checkpoint", str(tmp_path / "ckpt"), "--output", str(out), "--data",
                 str(tmp_path / "x.jsonl")]
     assert longsky(argv) == 2

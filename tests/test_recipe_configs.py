@@ -80,3 +80,18 @@ def test_needle_config_sweeps_to_the_target_length(recipe):
     _, long_length = RECIPES[recipe]
     assert max(needle.lengths) <= long_length and max(needle.lengths) >= 0.95 * long_length
     assert needle.num_depths >= 11 and needle.mode == "chat"
+
+
+def test_documented_plan_figures_are_what_plan_says(capsys):
+    """docs/recipes.md's per-GPU figures and the sbatch header's are `longsky plan` output
+    (issue 22: they had drifted from 36.3 / 49.8 GiB to what plan said)."""
+    table = (REPO / "docs" / "recipes.md").read_text()
+    rows = re.findall(r"`recipes/(\w+)/(\w+)\.yaml` \| (\d+) \|[^|]*\| ([\d.]+) GiB \|", table)
+    assert len(rows) == 6, rows
+    for recipe, stage, nodes, documented in rows:
+        assert plan_main(["--config", str(_path(recipe, stage)), "--nodes", nodes, "--json"]) == 0
+        peak = json.loads(capsys.readouterr().out)["memory"]["peak"] / 2**30
+        assert f"{peak:.1f}" == documented, (recipe, stage, peak)
+        if (recipe, stage) == ("skywork13b_200k", "cpt"):
+            sbatch = (REPO / "examples" / "slurm" / "cpt.sbatch").read_text()
+            assert f"longsky plan puts it at ~{peak:.0f} GiB/GPU" in sbatch

@@ -230,4 +230,4 @@ def test_torchrun_launcher_requeues_on_usr1_and_scancel_stops_without_requeue(tm
     # scancel: saved (KillWait leaves the time here), stopped, not requeued.
     saves = [int(n) for n in re.findall(r"rank0 \S+ WARNING\] preempted: checkpoint \S+ saved at iteration (\d+)", out)]
     assert len(saves) == 2 and saves[1] > saves[0], debug()
-    assert "not requeueing" in out and out.count("requeueing job") == 1, debug()
+    assert "this script does not requeue" in out and out.count("requeueing job") == 1, debug()

@@ -68,7 +68,9 @@ _longsky_on_signal() {
         echo "longsky: batch script got SIGUSR1 (preemption / time limit): the tasks checkpoint and stop, then the job is requeued"
     else
         _longsky_stop=cancel
-        echo "longsky: batch script got SIG${sig} (scancel): the tasks checkpoint if there is time and stop; not requeueing"
+        echo "longsky: batch script got SIG${sig} (scancel, or Slurm requeueing the job: scontrol requeue," \
+             "PreemptMode=REQUEUE): the tasks checkpoint if there is time and stop; this script does not requeue" \
+             "the job itself (Slurm does, when that is what sent the signal)"
     fi
     if [ -n "$_longsky_step_pid" ]; then
         # srun passes the signal on to every task (to the torchrun agents, which pass it
@@ -161,8 +163,9 @@ longsky_srun() {
             exit 0
             ;;
         cancel)
-            echo "longsky: stopped (step exit status ${status}); job ${SLURM_JOB_ID} is not requeued." \
-                 "Resume by submitting the same command again."
+            echo "longsky: stopped (step exit status ${status}). If Slurm requeues job ${SLURM_JOB_ID}" \
+                 "(scontrol requeue, preemption) it resumes from the checkpoint; after a scancel, resume by" \
+                 "submitting the same command again."
             exit 143
             ;;
     esac

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from megatron_longsky.config import ConfigError, load_yaml
 from megatron_longsky.errors import UserError
 
 from megatron_longsky.utils.atomic import atomic_write_text
@@ -166,6 +167,46 @@ def write_checkpoint_config(ckpt_dir: str | Path, config: dict) -> None:
     atomic_write_text(Path(ckpt_dir) / CONFIG, yaml.safe_dump(config, sort_keys=False))
 
 
+# The files of a tokenizer directory (Hugging Face, sentencepiece) a checkpoint keeps a copy of.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+)
+TOKENIZER_DIR = "tokenizer"
+
+
+def store_tokenizer(ckpt_dir: str | Path, entry: dict) -> dict:
+    """Copy the tokenizer that ``entry`` (a ``tokenizer:`` config: type, model, merges) names
+    into ``<ckpt_dir>/tokenizer/`` and return the entry with paths relative to the checkpoint,
+    so the checkpoint carries its tokenizer wherever it moves (``convert export``, ``needle``
+    from another directory, after the original files moved). An entry naming no file (the
+    byte tokenizer) or files already inside a checkpoint comes back unchanged."""
+    ckpt_dir = Path(ckpt_dir)
+    model, merges = entry.get("model"), entry.get("merges")
+    if not model or not Path(model).exists():
+        return dict(entry)
+    source = Path(model)
+    target = ckpt_dir / TOKENIZER_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():  # a Hugging Face tokenizer directory
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, target / name)
+        stored = {**entry, "model": TOKENIZER_DIR}
+    else:
+        # tokenizer.json reads its directory's config files (special tokens, chat template) too.
+        siblings = [n for n in TOKENIZER_FILES if n != source.name] if source.name == "tokenizer.json" else []
+        for name in siblings:
+            if (source.parent / name).is_file():
+                shutil.copy2(source.parent / name, target / name)
+        shutil.copy2(source, target / source.name)
+        stored = {**entry, "model": f"{TOKENIZER_DIR}/{source.name}"}
+    if merges and Path(merges).is_file():
+        shutil.copy2(merges, target / Path(merges).name)
+        stored["merges"] = f"{TOKENIZER_DIR}/{Path(merges).name}"
+    return stored
+
+
 def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
     """The checkpoint's ``config.yaml``. Files kept inside the checkpoint (e.g. an imported
     model's ``tokenizer/``) are recorded relative to it and returned as paths that
@@ -173,14 +214,18 @@ def read_checkpoint_config(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / CONFIG
     if not path.exists():
         raise CheckpointError(f"{path} is missing: not a megatron_longsky checkpoint")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: the top level must be a mapping")
+    try:
+        data = load_yaml(path)
+    except ConfigError as exc:  # invalid YAML or text, a top level that is not a mapping
+        raise CheckpointError(f"checkpoint config {exc}") from None
     tokenizer = data.get("tokenizer")
-    if isinstance(tokenizer, dict) and isinstance(tokenizer.get("model"), str):
-        inside = Path(ckpt_dir) / tokenizer["model"]
-        if not Path(tokenizer["model"]).is_absolute() and inside.exists():
-            data["tokenizer"] = {**tokenizer, "model": str(inside)}
+    if isinstance(tokenizer, dict):
+        for key in ("model", "merges"):
+            if isinstance(tokenizer.get(key), str):
+                inside = Path(ckpt_dir) / tokenizer[key]
+                if not Path(tokenizer[key]).is_absolute() and inside.exists():
+                    tokenizer = {**tokenizer, key: str(inside)}
+        data["tokenizer"] = tokenizer
     return data
 
 

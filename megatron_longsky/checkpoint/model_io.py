@@ -66,6 +66,27 @@ def is_extra_state_key(key: str) -> bool:
     return bool(_EXTRA_STATE.search(key))
 
 
+def check_weight_shapes(sharded_state_dict: dict, source: Path) -> None:
+    """Every weight this model needs has the same global shape in the checkpoint at
+    ``source`` (``<ckpt>/model``): a checkpoint of another model (``init_from`` of another
+    size, a ``config.yaml`` edited to disagree with its weights) is a one-line error naming
+    the tensor and both shapes, not a traceback from inside the load."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(source))
+    for value in nested_values(sharded_state_dict):
+        if not isinstance(value, ShardedTensor) or value.key not in saved:
+            continue
+        want, have = tuple(value.global_shape), tuple(saved[value.key].global_shape)
+        if want != have:
+            raise CheckpointError(
+                f"{source.parent}: weight {value.key!r} has shape {have} but the model built from the config "
+                f"needs {want}: the checkpoint holds another model (its config.yaml or the run's model: "
+                "settings do not match its weights)")
+
+
 @dataclass
 class LoadReport:
     """What a load left out: TE ``_extra_state`` the checkpoint lacked (this model starts those
@@ -133,6 +154,7 @@ def load_dist_checkpoint_weights(model_chunks, source: str | Path, sharded_strat
     # missing: in the checkpoint, asked by no rank; unexpected: asked here, not in the checkpoint
     # (megatron-core has already dropped those from what it loads).
     with reading_checkpoint(source, "the weights"):
+        check_weight_shapes(requested, source)
         state, missing, unexpected = dist_checkpointing.load(
             {key: requested} if key else requested, str(source), sharded_strategy=sharded_strategy,
             common_strategy=common_strategy, strict=StrictHandling.RETURN_ALL)
@@ -142,8 +164,8 @@ def load_dist_checkpoint_weights(model_chunks, source: str | Path, sharded_strat
     state = {k: v for k, v in state.items() if k in names}
     lacking = sorted(k for k in unexpected if not is_extra_state_key(k))
     if lacking:
-        raise KeyError(f"{source} lacks {len(lacking)} weight(s) this model needs, e.g. {lacking[:4]}: "
-                       "it was written for another model (layers, sizes or tied embeddings differ)")
+        raise CheckpointError(f"{source} lacks {len(lacking)} weight(s) this model needs, e.g. {lacking[:4]}: "
+                              "it was written for another model (layers, sizes or tied embeddings differ)")
     report = LoadReport(
         extra_state_not_in_checkpoint=sorted(unexpected),
         extra_state_not_in_model=sorted(k for k in missing if is_extra_state_key(k)),

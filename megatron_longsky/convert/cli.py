@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from megatron_longsky.config import ConfigError
+from megatron_longsky.utils.logging import LOG_LEVELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_longsky.convert import megatron_lm_cli
 
     megatron_lm_cli.add_parsers(sub)  # from-megatron-lm / to-megatron-lm
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     return parser
 
 

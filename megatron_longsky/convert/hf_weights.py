@@ -25,8 +25,12 @@ def _read_index(path: Path) -> dict[str, str]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         weight_map = data["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ConversionError(f"{path}: not a weight index with a 'weight_map' ({exc})") from exc
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path}: not a weight index with a 'weight_map' ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                   for k, v in weight_map.items()):
+        raise ConversionError(f"{path}: 'weight_map' must map each tensor name to a shard file name, "
+                              f"got {type(weight_map).__name__} {str(weight_map)[:80]}")
     missing = sorted({f for f in weight_map.values() if not (path.parent / f).exists()})
     if missing:
         raise ConversionError(f"{path} names shard file(s) that do not exist: {missing}")
@@ -89,10 +93,24 @@ class HFWeights:
             raise ConversionError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         file = self.weight_map[name]
         if self.kind == "safetensors":
-            return self._open(file).get_tensor(name)
-        return self._load_pickle(file)[name]
+            handle = self._open(file)
+            try:
+                return handle.get_tensor(name)
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConversionError(f"{self.dir / file}: cannot read tensor {name!r} ({exc})") from None
+        tensors = self._load_pickle(file)
+        if name not in tensors:
+            raise ConversionError(f"{self.dir / file}: tensor {name!r} listed in the index is not in the file")
+        return tensors[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.weight_map:
+            raise ConversionError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         if self.kind == "safetensors":
-            return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+            file = self.weight_map[name]
+            handle = self._open(file)
+            try:
+                return tuple(handle.get_slice(name).get_shape())
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConversionError(f"{self.dir / file}: cannot read tensor {name!r} ({exc})") from None
         return tuple(self.get(name).shape)

@@ -35,15 +35,12 @@ from megatron_longsky.convert.mapping import (
     layer_to_megatron,
     pad_vocab_rows,
 )
+from megatron_longsky.checkpoint.layout import TOKENIZER_FILES
 from megatron_longsky.config import ConfigError
 from megatron_longsky.model.config import ModelConfig, check_parallel_layout
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-)
 
 
 def validate_layout(cfg: ModelConfig, tp: int, pp: int, where: str = "layout") -> None:

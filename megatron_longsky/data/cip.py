@@ -90,6 +90,7 @@ class CIPConfig:
             check(lo >= 1, name, f"must be >= 1, got {lo}")
             check(hi is None or hi >= lo, f"{name}_max", f"{hi} is below {name}={lo}")
         check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+        check(0 <= self.seed < 2**63, "seed", f"must be a non-negative integer below 2**63, got {self.seed}")
         check(self.num_sequences is None or self.num_sequences >= 1, "num_sequences", "must be >= 1")
         for name in ("cip_ratio", "natural_ratio", "short_ratio"):
             value = getattr(self, name)

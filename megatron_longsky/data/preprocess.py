@@ -33,6 +33,7 @@ from megatron_longsky.data.jsonl import (
     total_size,
 )
 from megatron_longsky.data.workers import ordered_map, stop_on_signals
+from megatron_longsky.utils.logging import LOG_LEVELS
 from megatron_longsky.tokenizer import (
     Tokenizer,
     TokenizerConfig,
@@ -77,6 +78,10 @@ class PreprocessConfig:
             raise ValueError(f"empty_documents must be 'bad' or 'keep', got {self.empty_documents!r}")
         if self.log_interval is not None and self.log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {self.log_interval}")
+        from megatron_longsky.data.sentences import PUNKT_LANGUAGES
+
+        if self.language not in PUNKT_LANGUAGES:
+            raise ValueError(f"--lang {self.language!r} is not a Punkt language; one of {', '.join(PUNKT_LANGUAGES)}")
 
 
 @dataclass
@@ -383,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-interval", type=int, default=None, metavar="N",
                         help="log a progress line every N documents (Megatron-LM's flag)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
     compat = parser.add_argument_group("Megatron-LM flags accepted as no-ops")
     for flag, why in MEGATRON_NO_OPS.items():
         if flag in ("--find-optimal-num-workers", "--keep-sequential-samples"):

@@ -31,6 +31,12 @@ class SentenceSplitter:
         return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+# The languages nltk's Punkt models exist for (punkt_tab); --lang names one of them.
+PUNKT_LANGUAGES = ("czech", "danish", "dutch", "english", "estonian", "finnish", "french", "german", "greek",
+                   "italian", "malayalam", "norwegian", "polish", "portuguese", "russian", "slovene", "spanish",
+                   "swedish", "turkish")
+
+
 def installed_punkt(language: str = "english"):
     """nltk's installed Punkt model for ``language``, or None when absent."""
     import nltk

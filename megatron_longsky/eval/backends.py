@@ -9,6 +9,7 @@ and fine for the few answer tokens our tasks need). The Megatron backend lives i
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
@@ -118,7 +119,7 @@ class HFBackend(LogitsBackend):
 
         path = Path(model_dir)
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+            raise FileNotFoundError(errno.ENOENT, "not a Hugging Face model directory (no config.json)", str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype_from_name(dtype, "--dtype"),
                                                      local_files_only=True)
         log.info("HF backend: %s (%s) on %s", path, type(model).__name__, device)

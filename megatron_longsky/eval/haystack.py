@@ -13,11 +13,13 @@ its length in tokens is known exactly.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 from pathlib import Path
 from typing import Iterator, Optional
 
+from megatron_longsky.eval.errors import EvalInputError
 from megatron_longsky.tokenizer.base import Tokenizer
 
 # A small grammar for the built-in haystack: varied, digit-free, deterministic.
@@ -63,10 +65,10 @@ def _read_documents(path: Path, json_key: str) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+                    raise EvalInputError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
                 text = record.get(json_key) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: no string field {json_key!r}")
+                    raise EvalInputError(f"{path}:{lineno}: no string field {json_key!r}")
                 yield text
     else:
         yield path.read_text(encoding="utf-8")
@@ -95,7 +97,7 @@ class Haystack:
 
     def __init__(self, sentences: list[str], source: str):
         if not sentences:
-            raise ValueError(f"haystack {source}: no sentences")
+            raise EvalInputError(f"haystack {source}: no sentences (an empty file?)")
         self.sentences = sentences
         self.source = source
         self._cache: dict[int, list[int]] = {}
@@ -109,8 +111,12 @@ class Haystack:
     def from_file(cls, path: str | Path, json_key: str = "text") -> "Haystack":
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"haystack file {path} does not exist")
-        return cls(split_documents(list(_read_documents(path, json_key))), str(path))
+            raise FileNotFoundError(errno.ENOENT, "haystack file does not exist", str(path))
+        try:
+            documents = list(_read_documents(path, json_key))
+        except UnicodeDecodeError as exc:
+            raise EvalInputError(f"haystack file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        return cls(split_documents(documents), str(path))
 
     @classmethod
     def from_indexed(cls, prefix: str, tokenizer: Tokenizer, max_documents: int = 1000) -> "Haystack":
@@ -165,7 +171,7 @@ class Haystack:
             else:
                 empty_run += 1
                 if empty_run == len(self.sentences):
-                    raise ValueError(f"haystack {self.source}: sentences encode to no tokens")
+                    raise EvalInputError(f"haystack {self.source}: sentences encode to no tokens")
             index += 1
         # The window was filled front to back; take the tokens from the back.
         excess = total - num_tokens

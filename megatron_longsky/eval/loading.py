@@ -70,8 +70,18 @@ class LoadedModel:
     chat_template: Optional[dict] = None
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    tokenizer = build_tokenizer(default_tokenizer_config(args))
+def recorded_chat_template(args: argparse.Namespace) -> Optional[dict]:
+    """The chat template ``--checkpoint`` recorded at SFT time (None: none, or ``--hf-model``)."""
+    if not args.checkpoint:
+        return None
+    from megatron_longsky.checkpoint import read_checkpoint_config, resolve_checkpoint
+
+    return read_checkpoint_config(resolve_checkpoint(args.checkpoint)).get("chat_template")
+
+
+def load_model(args: argparse.Namespace, tokenizer: Optional[Tokenizer] = None) -> LoadedModel:
+    """The model of ``args`` with its tokenizer (``tokenizer``: one already built from them)."""
+    tokenizer = tokenizer or build_tokenizer(default_tokenizer_config(args))
     if args.hf_model:
         from megatron_longsky.eval.backends import HFBackend
 

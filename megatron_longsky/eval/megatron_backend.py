@@ -39,6 +39,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_longsky.config import ConfigError
 from megatron_longsky.eval.backends import LogitsBackend, check_rows, greedy_decode
 from megatron_longsky.runtime.device import current_device
 from megatron_longsky.runtime.distributed import ParallelConfig
@@ -123,8 +124,8 @@ class MegatronBackend(LogitsBackend):
         model_cfg = evaluation_model_config(ckpt_config, f"{ckpt_dir}/config.yaml:model", fp8, dtype)
         padded = padded_vocab_for_checkpoint(ckpt_config, model_cfg, vocab_size)
         if padded % parallel.tensor_model_parallel_size:
-            raise ValueError(f"padded vocabulary {padded} of {ckpt_dir} does not divide by TP="
-                             f"{parallel.tensor_model_parallel_size}")
+            raise ConfigError(f"--tp {parallel.tensor_model_parallel_size}: the padded vocabulary {padded} of "
+                              f"{ckpt_dir} does not divide by it")
         # No random initialisation: every weight comes from the checkpoint.
         model = build_model(model_cfg, parallel, padded, initialize=False, device=current_device())
         load_model_weights([model], ckpt_dir)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megatron_longsky.eval.backends import LMBackend
+from megatron_longsky.eval.errors import EvalInputError
 from megatron_longsky.eval.haystack import Haystack
 from megatron_longsky.eval.prompt import PromptFrame, load_chat_template, make_frame
 from megatron_longsky.eval.scoring import Case, CaseResult, score_case
@@ -187,10 +188,10 @@ class NeedleBuilder:
             else:
                 rest.append(key)
         if len(targets) < self.cfg.num_needles:
-            raise ValueError(f"cannot find {self.cfg.num_needles} needle keys whose questions have the same "
+            raise EvalInputError(f"cannot find {self.cfg.num_needles} needle keys whose questions have the same "
                              "token length; use fewer needles")
         if len(rest) < self.cfg.num_distractors:
-            raise ValueError(f"at most {len(rest)} distractors are available")
+            raise EvalInputError(f"at most {len(rest)} distractors are available")
         return targets, rest[: self.cfg.num_distractors]
 
     def _draw_needles(self, rng: random.Random, targets: list[str], distractors: list[str]) -> list[dict]:
@@ -216,16 +217,16 @@ class NeedleBuilder:
             needles = self._draw_needles(rng, targets, distractors)
             budget = length - frames[0].overhead - sum(len(n["ids"]) for n in needles)
             if budget < 0:
-                raise ValueError(f"length {length} is too short: the question, template and needles alone "
-                                 f"take {length - budget} tokens")
+                raise EvalInputError(f"--lengths: length {length} is too short for this tokenizer: the question, "
+                                     f"template and needles alone take {length - budget} tokens")
             pieces, fragment_first = self.haystack.window(tok, budget, start)
             # A value must occur only in its needle: redraw if the haystack contains one.
             text = tok.decode([t for p in pieces for t in p])
             if not any(n["value"] in text for n in needles):
                 break
         else:
-            raise ValueError(f"haystack {self.haystack.source} keeps containing the drawn needle values; "
-                             "use more value_digits")
+            raise EvalInputError(f"haystack {self.haystack.source} keeps containing the drawn needle values; "
+                                 "use more value_digits")
         boundaries, usable = sentence_boundaries(pieces, fragment_first)
 
         # Target depths: d, then evenly spread over the rest of the context.
@@ -259,6 +260,15 @@ class NeedleBuilder:
             for j, depth in enumerate(self.cfg.depth_percents()):
                 for s in range(self.cfg.samples):
                     yield length, j, depth, s
+
+
+def check_needle_inputs(cfg: NeedleConfig, tokenizer: Tokenizer) -> NeedleBuilder:
+    """What the sweep needs besides the model, checked before the model is loaded: the
+    haystack, the chat template (chat mode) and that the shortest length holds the question,
+    template and needles. Returns the builder (pass its ``haystack`` to :func:`run_needle`)."""
+    builder = NeedleBuilder(cfg, tokenizer)
+    builder.build(*min(builder.grid(), key=lambda point: point[0]))
+    return builder
 
 
 @dataclass

@@ -16,8 +16,11 @@ import argparse
 import logging
 import sys
 
-from megatron_longsky.config import ConfigError, load_config
-from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
+from megatron_longsky.config import load_config
+from megatron_longsky.eval.loading import (
+    add_model_args, default_tokenizer_config, finish, load_model, parse_depths, parse_int_list,
+    recorded_chat_template,
+)
 from megatron_longsky.utils.logging import setup_logging
 from megatron_longsky.utils.paths import ensure_report_dir
 
@@ -70,26 +73,26 @@ def needle_config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_longsky.eval.distribute import finish_sweep
-    from megatron_longsky.eval.needle import run_needle
+    from megatron_longsky.eval.needle import check_needle_inputs, run_needle
+    from megatron_longsky.tokenizer import build_tokenizer
     from megatron_longsky.eval.prompt import use_trained_chat_template
     from megatron_longsky.eval.report import write_report
 
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
-        cfg = needle_config_from_args(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = needle_config_from_args(args)  # a ConfigError is one line and exit 2 (cli.py)
     ensure_report_dir(args)  # before the model is loaded: writable, and no input
-    model = load_model(args)
+    tokenizer = build_tokenizer(default_tokenizer_config(args))
     if cfg.mode == "chat" and not cfg.chat_template:
-        use_trained_chat_template(model.tokenizer, model.chat_template)
+        use_trained_chat_template(tokenizer, recorded_chat_template(args))
+    # The haystack, template and lengths are checked before the model is loaded.
+    haystack = check_needle_inputs(cfg, tokenizer).haystack
+    model = load_model(args, tokenizer)
     try:
         # Finished samples are kept in the output directory as they go: a rerun (a requeued
         # job) resumes the sweep from them.
-        result = run_needle(cfg, model.backend, model.tokenizer, model_name=model.name, progress=model.is_writer,
-                            journal_dir=args.output, model_source=model.source)
+        result = run_needle(cfg, model.backend, model.tokenizer, model_name=model.name, haystack=haystack,
+                            progress=model.is_writer, journal_dir=args.output, model_source=model.source)
         if model.is_writer:
             paths = write_report(result, args.output)
             finish_sweep(args.output, "needle")

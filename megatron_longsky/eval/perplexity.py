@@ -22,6 +22,7 @@ from typing import Iterator, Literal, Optional
 import torch
 
 from megatron_longsky.eval.backends import LMBackend
+from megatron_longsky.eval.errors import EvalInputError
 from megatron_longsky.tokenizer.base import Tokenizer
 from megatron_longsky.utils.atomic import atomic_write_json, atomic_write_text
 
@@ -75,15 +76,25 @@ def iter_documents(cfg: PerplexityConfig, tokenizer: Tokenizer) -> Iterator[list
         return
     path = Path(cfg.data)
     if not path.exists():
-        raise FileNotFoundError(f"perplexity data {path} does not exist")
+        raise EvalInputError(f"--data {path}: no such file (a .txt/.jsonl file or indexed:<prefix>)")
+    try:
+        yield from _file_documents(path, cfg, tokenizer)
+    except UnicodeDecodeError as exc:
+        raise EvalInputError(f"--data {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+
+
+def _file_documents(path: Path, cfg: "PerplexityConfig", tokenizer: Tokenizer) -> Iterator[list[int]]:
     if path.suffix in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         text = json.loads(line)[cfg.json_key]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{path}:{lineno}: not a JSON object with a {cfg.json_key!r} string") from None
+                        if not isinstance(text, str):
+                            raise TypeError(text)
+                    except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                        raise EvalInputError(f"{path}:{lineno}: not a JSON object with a "
+                                             f"{cfg.json_key!r} string") from None
                     yield tokenizer.encode(text)
     else:
         yield tokenizer.encode(path.read_text(encoding="utf-8"))
@@ -126,23 +137,13 @@ class PerplexityResult:
         return "\n".join(lines) + "\n"
 
 
-def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer: Tokenizer,
-                           model_name: str = "", documents: Optional[list[list[int]]] = None,
-                           progress: bool = True, journal_dir: Optional[str] = None,
-                           model_source: str = "") -> PerplexityResult:
-    """NLL per position bucket over up to ``max_documents`` long documents.
-    ``journal_dir``: resumable, as :func:`megatron_longsky.eval.needle.run_needle`."""
-    import hashlib
-
-    from megatron_longsky.eval.distribute import sweep_journal
-    from megatron_longsky.utils.progress import progress_bar
-
+def select_documents(cfg: PerplexityConfig, tokenizer: Tokenizer,
+                     documents: Optional[list[list[int]]] = None) -> list[list[int]]:
+    """The windows the evaluation scores: (BOS +) ``length`` tokens of each of the first
+    ``max_documents`` documents that long; an error naming the data when there is none
+    (call it before loading a model: it needs only the tokenizer)."""
     bos = [tokenizer.bos_id] if cfg.add_bos and tokenizer.bos_id is not None else []
     body = cfg.length - len(bos)
-    edges = bucket_edges(cfg.length, cfg.buckets, cfg.num_buckets)
-    result = PerplexityResult(asdict(cfg), 0, edges, [0.0] * (len(edges) - 1), [0] * (len(edges) - 1), model_name)
-    from megatron_longsky.eval.distribute import sharded_map
-
     selected = []
     for number, doc in enumerate(documents if documents is not None else iter_documents(cfg, tokenizer)):
         if len(doc) >= body:
@@ -152,6 +153,29 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
             selected.append(bos + list(doc[start:start + body]))
             if len(selected) == cfg.max_documents:
                 break
+    if not selected:
+        raise EvalInputError(f"no document in {cfg.data or 'the given documents'} has {body} tokens "
+                             f"(--length {cfg.length}); use a shorter length or longer held-out documents")
+    return selected
+
+
+def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer: Tokenizer,
+                           model_name: str = "", documents: Optional[list[list[int]]] = None,
+                           progress: bool = True, journal_dir: Optional[str] = None,
+                           model_source: str = "", windows: Optional[list[list[int]]] = None) -> PerplexityResult:
+    """NLL per position bucket over up to ``max_documents`` long documents.
+    ``journal_dir``: resumable, as :func:`megatron_longsky.eval.needle.run_needle`;
+    ``windows``: what :func:`select_documents` returned for these arguments (else selected here)."""
+    import hashlib
+
+    from megatron_longsky.eval.distribute import sweep_journal
+    from megatron_longsky.utils.progress import progress_bar
+
+    edges = bucket_edges(cfg.length, cfg.buckets, cfg.num_buckets)
+    result = PerplexityResult(asdict(cfg), 0, edges, [0.0] * (len(edges) - 1), [0] * (len(edges) - 1), model_name)
+    from megatron_longsky.eval.distribute import sharded_map
+
+    selected = windows if windows is not None else select_documents(cfg, tokenizer, documents)
     positions = torch.arange(1, cfg.length)
     index = torch.bucketize(positions, torch.tensor(edges), right=True) - 1
 
@@ -170,9 +194,6 @@ def perplexity_by_position(cfg: PerplexityConfig, backend: LMBackend, tokenizer:
         result.nll_sum = [a + b for a, b in zip(result.nll_sum, sums)]
     result.tokens = [int((index == i).sum()) * len(selected) for i in range(len(edges) - 1)]
     result.documents = len(selected)
-    if result.documents == 0:
-        raise ValueError(f"no document in {cfg.data or 'the given documents'} has {body} tokens "
-                         f"(--length {cfg.length}); use a shorter length or longer held-out documents")
     return result
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from megatron_longsky.eval.errors import EvalInputError
 from megatron_longsky.tokenizer.base import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -84,19 +85,38 @@ def render_chat_template(template: str, messages: list[dict], tokenizer: Tokeniz
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     texts = {token_id: text for text, token_id in special_token_texts(tokenizer).items()}
     specials = {"bos_token": texts.get(tokenizer.bos_id, ""), "eos_token": texts.get(tokenizer.eod_id, "")}
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **specials)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **specials)
+    except TemplateError as exc:  # a template that does not parse, or raise_exception() in it
+        raise EvalInputError(f"chat template: {type(exc).__name__}: {exc}") from None
+
+
+def check_template_syntax(text: str, source: str) -> None:
+    """A Jinja template that does not parse is an error naming ``source`` and the line."""
+    from jinja2.exceptions import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment().parse(text)
+    except TemplateSyntaxError as exc:
+        raise EvalInputError(f"chat template {source}:{exc.lineno}: invalid Jinja ({exc.message})") from None
 
 
 def load_chat_template(tokenizer: Tokenizer, path: Optional[str]) -> str:
     """The template from ``path`` if given, else the tokenizer's own; an error if neither."""
     if path:
         p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"chat template file {p} does not exist")
-        return p.read_text(encoding="utf-8")
+        if not p.is_file():
+            raise EvalInputError(f"--chat-template {p}: no such file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise EvalInputError(f"chat template {p}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        check_template_syntax(text, str(p))
+        return text
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise EvalInputError(
             f"chat mode needs a chat template, but tokenizer {tokenizer.model or tokenizer.type!r} has none; "
             "pass a Jinja template file (--chat-template) or use --mode base"
         )
@@ -145,11 +165,11 @@ def make_frame(tokenizer: Tokenizer, question: str, answer_prefix: str, mode: Mo
     if mode != "chat":
         raise ValueError(f"mode must be 'base' or 'chat', got {mode!r}")
     if chat_template is None:
-        raise ValueError("chat mode needs a chat template")
+        raise EvalInputError("chat mode needs a chat template")
     content = f"{instruction}{_MARKER}\n\n{question}"
     text = render_chat_template(chat_template, [{"role": "user", "content": content}], tokenizer)
     if text.count(_MARKER) != 1:
-        raise ValueError("the chat template did not render the user message exactly once")
+        raise EvalInputError("the chat template did not render the user message exactly once")
     before, after = text.split(_MARKER)
     return PromptFrame(encode_template_text(tokenizer, before), encode_template_text(tokenizer, after + answer_prefix))
 

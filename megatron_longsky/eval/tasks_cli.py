@@ -17,7 +17,9 @@ import logging
 import sys
 
 from megatron_longsky.config import ConfigError, load_config
-from megatron_longsky.eval.loading import add_model_args, finish, load_model, parse_depths, parse_int_list
+from megatron_longsky.eval.loading import (
+    add_model_args, default_tokenizer_config, finish, load_model, parse_depths, parse_int_list,
+)
 from megatron_longsky.utils.logging import setup_logging
 from megatron_longsky.utils.paths import ensure_report_dir
 
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longsky.eval.distribute import finish_sweep
     from megatron_longsky.eval.passkey import run_passkey
     from megatron_longsky.eval.prompt import use_trained_chat_template
-    from megatron_longsky.eval.perplexity import perplexity_by_position, write_perplexity_report
+    from megatron_longsky.eval.perplexity import perplexity_by_position, select_documents, write_perplexity_report
+    from megatron_longsky.tokenizer import build_tokenizer
     from megatron_longsky.eval.report import write_report
     from megatron_longsky.eval.ruler import run_ruler, write_ruler_report
 
@@ -97,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: ppl needs --data (indexed:<prefix> or a .jsonl/.txt file)", file=sys.stderr)
         return 2
     ensure_report_dir(args)  # before the model is loaded: writable, and no input
-    model = load_model(args)
+    tokenizer = build_tokenizer(default_tokenizer_config(args))
+    # The documents are read (and a missing or too short one refused) before the model is loaded.
+    windows = select_documents(cfg, tokenizer) if args.task == "ppl" else None
+    model = load_model(args, tokenizer)
     if getattr(cfg, "mode", None) == "chat" and not cfg.chat_template:
         use_trained_chat_template(model.tokenizer, model.chat_template)
     try:
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_ruler(cfg, model.backend, model.tokenizer, model.name, **resumable)
             paths = write_ruler_report(result, args.output) if model.is_writer else {}
         else:
-            result = perplexity_by_position(cfg, model.backend, model.tokenizer, model.name, **resumable)
+            result = perplexity_by_position(cfg, model.backend, model.tokenizer, model.name, windows=windows,
+                                            **resumable)
             paths = write_perplexity_report(result, args.output) if model.is_writer else {}
         finish_sweep(args.output, {"ppl": "perplexity"}.get(args.task, args.task))
         if paths:

@@ -271,10 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing {missing}: apt-get install -y {APT_PACKAGES}", file=sys.stderr)
         return 1
+    def stop_on(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the daemons are stopped below
+        raise SystemExit(0)
+
+    # (sigwait without blocking the signals first let SIGTERM's default action end the
+    # process and leave munged/slurmctld/slurmd running.)
+    signal.signal(signal.SIGTERM, stop_on)
     cluster = LocalSlurm.start(args.dir, cpus=args.cpus)
-    print(f"export SLURM_CONF={cluster.conf}", flush=True)
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print(f"export SLURM_CONF={cluster.conf}", flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
     finally:
         cluster.stop()
     return 0

@@ -224,8 +224,13 @@ def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
     """``{'preset': 'tiny', 'num_layers': 4}``: the preset's values, then the given keys."""
     data = dict(data or {})
     name = data.pop("preset", None)
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{where}.preset: expected a preset name, got {name!r}")
     base = preset(name) if name else {}
-    rope = {**base.get("rope", {}), **data.pop("rope", {})}
+    given = data.pop("rope", None) or {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"{where}.rope: expected a mapping such as {{base: {given!r}}}, got {given!r}")
+    rope = {**base.get("rope", {}), **given}
     merged = {**base, **data, "rope": rope}
     if merged.get("fp8_attention") is False:  # YAML 1.1 reads a bare `off` as false
         merged["fp8_attention"] = "off"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -113,6 +114,7 @@ def render(p: PlanInput, mem, flops, timing, memory_gb: float, reserved_gb: floa
         f"   (distributed optimizer {'on' if p.use_distributed_optimizer else 'off'})",
         f"    without distributed optimizer {_gib(mem.optimizer_without_distributed)}",
         f"    with distributed optimizer    {_gib(mem.optimizer_with_distributed)}",
+        *([f"  FP8 weight copies (TE cache)    {_gib(mem.fp8_weights)}"] if mem.fp8_weights else []),
         f"  activations per layer           {_gib(mem.activations_per_layer)}"
         f"   (no recompute: {_gib(mem.activations_per_layer_no_recompute).strip()})",
         f"  activations                     {_gib(mem.activations)}"
@@ -157,8 +159,8 @@ def check_plan_args(args: argparse.Namespace) -> None:
     if (args.nodes is not None and args.nodes < 1) or args.gpus_per_node < 1:
         raise ConfigError("--nodes and --gpus-per-node must be >= 1")
     for flag, value in (("--gpu-memory-gb", args.gpu_memory_gb), ("--peak-tflops", args.peak_tflops)):
-        if value is not None and not value > 0:  # also refuses NaN
-            raise ConfigError(f"{flag} must be > 0, got {value:g}")
+        if value is not None and not (value > 0 and math.isfinite(value)):  # also refuses NaN and inf
+            raise ConfigError(f"{flag} must be > 0 and finite, got {value:g}")
     if not args.reserved_gb >= 0 or not args.reserved_gb < args.gpu_memory_gb:
         raise ConfigError(f"--reserved-gb must be >= 0 and below --gpu-memory-gb, got {args.reserved_gb:g}")
     if not 0 < args.efficiency <= 1:
@@ -167,13 +169,32 @@ def check_plan_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--vocab-size must be >= 1, got {args.vocab_size}")
 
 
+def check_recipe_dir(recipe: str, stages: tuple[str, ...]) -> None:
+    """A recipe directory that is missing, lacks a stage or holds invalid YAML is the user's
+    mistake (exit 2), found before any stage is built."""
+    from megatron_longsky.config import load_yaml
+
+    directory = Path(recipe)
+    if not directory.is_dir():
+        raise ConfigError(f"--recipe {directory}: {'not a directory' if directory.exists() else 'no such directory'}")
+    missing = [f"{stage}.yaml" for stage in stages if not (directory / f"{stage}.yaml").is_file()]
+    if missing:
+        raise ConfigError(f"--recipe {directory}: no {', '.join(missing)} (a recipe directory holds "
+                          f"{', '.join(f'{s}.yaml' for s in stages)} and optionally needle.yaml)")
+    for path in sorted(directory.glob("*.yaml")):
+        load_yaml(path)  # invalid YAML or text: a ConfigError naming the file and line
+
+
 def dry_run_main(args) -> int:
-    from megatron_longsky.plan.dry_run import DryRunError, dry_run_recipe, dry_run_train_stage, simulated_environment
+    from megatron_longsky.plan.dry_run import (
+        TRAIN_STAGES, DryRunError, dry_run_recipe, dry_run_train_stage, simulated_environment,
+    )
     from megatron_longsky.training.config import load_train_config
 
     try:
         env = simulated_environment(args.simulate, args.device)
         if args.recipe:
+            check_recipe_dir(args.recipe, TRAIN_STAGES)
             results = dry_run_recipe(args.recipe, args.overrides, args.nodes, args.gpus_per_node, env=env)
         else:
             cfg = load_train_config(args.config, args.overrides)
@@ -197,6 +218,14 @@ def dry_run_main(args) -> int:
     return 0
 
 
+def _config_kind_hint(message: str) -> str:
+    """For a YAML of another kind (a needle or eval config): what ``--config`` expects."""
+    if "unknown key(s)" in message and "valid keys for TrainConfig" in message:
+        return (" -- longsky plan --config takes a training config (as longsky train does); a recipe's "
+                "needle.yaml is checked with `longsky plan --dry-run --recipe DIR`")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_longsky.training.config import load_train_config
@@ -211,10 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_train_config(args.config, args.overrides)
         vocab = _vocab_size(cfg, args.vocab_size)
+        tp = cfg.parallel.tensor_model_parallel_size
+        if vocab % tp:
+            raise ConfigError(f"--vocab-size {vocab} is not divisible by tensor_model_parallel_size {tp}: "
+                              "megatron-core splits the embedding rows evenly over TP (give the padded size)")
         world = args.nodes * args.gpus_per_node
         p = plan_input(cfg, world, vocab, args.attention)
     except (ConfigError, ValueError) as exc:
-        print(f"longsky plan: {exc}", file=sys.stderr)
+        print(f"longsky plan: {' '.join(str(exc).split())}{_config_kind_hint(str(exc))}", file=sys.stderr)
         return 2
     try:
         peak = args.peak_tflops or device_peak_tflops(args.device, gemm_precision(cfg.model))

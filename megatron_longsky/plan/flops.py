@@ -14,10 +14,20 @@ activation recomputation runs the layers' forward once more and selective recomp
 re-runs core attention: these count as hardware FLOPs (they take time) but not as model
 FLOPs.
 
-MFU = model FLOPs / (time x devices x peak); HFU = hardware FLOPs / (same). The peak is
-the device's dense datasheet figure for the precision of the GEMMs (FP8 when
-``model.fp8`` is set, else BF16), from :data:`DEVICE_PEAK_TFLOPS`. Training metrics and
-``longsky plan`` both use this module.
+MFU (one definition, used by the training metrics and ``longsky plan``): the time the
+step's model FLOPs would take on the devices if every FLOP ran at the dense datasheet peak
+of the precision it runs in, over the time the step took:
+
+    MFU = (GEMM model FLOPs / GEMM peak + attention model FLOPs / attention peak)
+          / (step time x devices)
+
+The GEMM peak is the FP8 one when ``model.fp8`` is set (else BF16); core attention (scores,
+weighted values) runs at the BF16 peak unless ``model.fp8_attention`` is on. Without FP8
+both peaks are the same and this is the usual model FLOPs / (time x devices x peak). HFU
+is the same with the hardware FLOPs (recomputation included). Dividing all FLOPs by the FP8
+peak would make a perfect FP8 run with BF16 attention look half as utilised as it is.
+Peaks come from :data:`DEVICE_PEAK_TFLOPS` (or the user's ``peak_tflops_per_device``, the
+GEMM peak).
 
 The step time is an *estimate*: hardware FLOPs / (devices x peak x efficiency), where
 ``efficiency`` is an assumption the user states (what fraction of the datasheet peak the
@@ -99,6 +109,7 @@ class StepFlops:
     model_flops: float  # forward + backward, no recomputation
     hardware_flops: float  # including recomputation
     attention_flops: float = 0.0  # the part of hardware_flops in core attention (QK^T, softmax . V)
+    model_attention_flops: float = 0.0  # the part of model_flops in core attention
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,28 +135,40 @@ def step_flops(model: ModelConfig, vocab_size: int, global_batch_size: int, caus
         extra = model.num_layers * parts["attention"] * tokens
     else:
         extra = 0.0
-    attention = 3 * model.num_layers * parts["attention"] * tokens
+    attention = model_attention = 3 * model.num_layers * parts["attention"] * tokens
     if model.recompute_granularity is not None:  # full and selective both re-run core attention
         attention += extra * parts["attention"] / layer if model.recompute_granularity == "full" else extra
     return StepFlops(tokens=tokens, model_flops=model_flops, hardware_flops=model_flops + extra,
-                     attention_flops=attention)
+                     attention_flops=attention, model_attention_flops=model_attention)
 
 
-def utilization(flops: StepFlops, step_seconds: float, devices: int, peak: Optional[float]) -> dict:
-    """Achieved model TFLOP/s per device, MFU and HFU (None without a peak) of one step."""
+def seconds_at_peak(total_flops: float, attention_flops: float, peak: float, attention_peak: float) -> float:
+    """Seconds one device needs for ``total_flops`` when each FLOP runs at its own peak
+    (TFLOP/s): core attention's at ``attention_peak``, the rest (GEMMs) at ``peak``."""
+    return ((total_flops - attention_flops) / peak + attention_flops / attention_peak) / 1e12
+
+
+def utilization(flops: StepFlops, step_seconds: float, devices: int, peak: Optional[float],
+                attention_peak_tflops: Optional[float] = None) -> dict:
+    """Achieved model TFLOP/s per device, MFU and HFU (None without a peak) of one step; MFU
+    and HFU against the peak each FLOP runs at (see the module doc; ``attention_peak_tflops``:
+    :func:`attention_peak`, default ``peak``)."""
     model_tflops = flops.model_flops / step_seconds / devices / 1e12
-    hardware_tflops = flops.hardware_flops / step_seconds / devices / 1e12
+    if not peak:
+        return {"tflops_per_device": model_tflops, "mfu": None, "hfu": None}
+    attention = attention_peak_tflops or peak
+    budget = step_seconds * devices
     return {"tflops_per_device": model_tflops,
-            "mfu": model_tflops / peak if peak else None,
-            "hfu": hardware_tflops / peak if peak else None}
+            "mfu": seconds_at_peak(flops.model_flops, flops.model_attention_flops, peak, attention) / budget,
+            "hfu": seconds_at_peak(flops.hardware_flops, flops.attention_flops, peak, attention) / budget}
 
 
 @dataclass
 class StepTimeEstimate:
     step_seconds: float
     tokens_per_second_per_device: float
-    mfu: float  # model FLOPs / (time x devices x peak)
-    hfu: float  # hardware FLOPs (recomputation included) / (time x devices x peak)
+    mfu: float  # model FLOPs at the peak each runs at / (time x devices), see the module doc
+    hfu: float  # the same for the hardware FLOPs (recomputation included)
     model_tflops_per_device: float  # achieved model TFLOP/s per device
 
     def to_dict(self) -> dict:
@@ -160,9 +183,9 @@ def estimate_step_time(flops: StepFlops, devices: int, peak_tflops: float, effic
         raise ValueError(f"need devices >= 1, peak_tflops > 0 and 0 < efficiency <= 1 "
                          f"(got {devices}, {peak_tflops}, {efficiency})")
     attention_peak = attention_peak_tflops or peak_tflops
-    seconds = ((flops.hardware_flops - flops.attention_flops) / peak_tflops
-               + flops.attention_flops / attention_peak) / (devices * 1e12 * efficiency)
-    used = utilization(flops, seconds, devices, peak_tflops)
+    seconds = seconds_at_peak(flops.hardware_flops, flops.attention_flops, peak_tflops, attention_peak) / (
+        devices * efficiency)
+    used = utilization(flops, seconds, devices, peak_tflops, attention_peak)
     return StepTimeEstimate(
         step_seconds=seconds,
         tokens_per_second_per_device=flops.tokens / seconds / devices,

@@ -11,6 +11,12 @@ Adam states (m, v)           8 (/ DP with dist. opt.)   8 (/ DP)
 fp32 master copy             0                          4 (/ DP)
 ===========================  =========================  ================================
 
+FP8 training (``model.fp8``, Transformer Engine): each TE linear layer keeps its weight cast
+to FP8 between micro-batches (``get_weight_workspace(cache_name="weight")`` in TE's
+``module/linear.py`` / ``layernorm_linear.py`` / ``layernorm_mlp.py``), in row-wise and, for
+the backward's GEMMs on Hopper, column-wise (transposed) form: 2 bytes per transformer-layer
+linear weight on top of the table (the embedding and output layer stay in BF16).
+
 megatron-core's distributed optimizer (ZeRO-1) shards only the optimizer states, over
 the data-parallel group *with* context parallelism (DP x CP ranks hold the same weights);
 the parameter and gradient buffers stay whole on every rank.
@@ -158,6 +164,17 @@ def params_on_rank(p: PlanInput, stage: Literal["first", "last"]) -> int:
     return n
 
 
+def fp8_weight_copies(p: PlanInput, stage: Literal["first", "last"]) -> int:
+    """Bytes of TE's cached FP8 weights (row-wise + column-wise, 1 byte each) on one rank of
+    ``stage``: the transformer layers' linear weights (norms, embedding and output layer are
+    not FP8). 0 without FP8 or off the TE path."""
+    if not p.model.fp8 or p.attention != "te":
+        return 0
+    c = param_counts(p.model, p.vocab_size)
+    linear = c.per_layer - 2 * p.model.hidden_size
+    return 2 * (p.model.num_layers // p.pipeline_parallel) * (linear // p.tensor_parallel)
+
+
 @dataclass
 class StateBytes:
     params: int
@@ -283,10 +300,11 @@ class MemoryEstimate:
     activations: int  # all stored activations of the in-flight micro-batches
     transient: int  # largest backward working set above the stored activations (and output layer)
     worst_stage: str
+    fp8_weights: int = 0  # TE's cached FP8 copies of the linear weights (FP8 runs)
 
     @property
     def states(self) -> int:
-        return self.params + self.grads + self.optimizer
+        return self.params + self.grads + self.optimizer + self.fp8_weights
 
     @property
     def peak(self) -> int:
@@ -362,13 +380,14 @@ def estimate_memory(p: PlanInput) -> MemoryEstimate:
     for stage in ("first", "last") if p.pipeline_parallel > 1 else ("first",):
         n = params_on_rank(p, stage)
         states = state_bytes(p, n)
+        fp8 = fp8_weight_copies(p, stage)
         flight = in_flight if stage == "first" else 1
         out = output if stage == "last" or p.pipeline_parallel == 1 else 0
         acts = flight * per_layer * layers + out
         transient = max(layer_backward - out, 0)
-        stages[stage] = (states.total + acts + transient, n, states, acts, flight, transient)
+        stages[stage] = (states.total + fp8 + acts + transient, n, states, acts, flight, transient, fp8)
     worst = max(stages, key=lambda k: stages[k][0])
-    _, n, states, acts, flight, transient = stages[worst]
+    _, n, states, acts, flight, transient, fp8 = stages[worst]
     return MemoryEstimate(
         params=states.params,
         grads=states.grads,
@@ -382,6 +401,7 @@ def estimate_memory(p: PlanInput) -> MemoryEstimate:
         activations=acts,
         transient=transient,
         worst_stage=worst if p.pipeline_parallel > 1 else "only",
+        fp8_weights=fp8,
     )
 
 

@@ -80,3 +80,31 @@ class QuickstartConfig:
     needle_samples: int = 6
     # Held-out documents for perplexity and loss by position (at most; those long enough).
     ppl_documents: int = 16
+
+    def __post_init__(self):
+        """Every field checked when the config is loaded, not when its stage runs (a negative
+        ``base_iters`` used to fail after the data stages, a minute in)."""
+        from dataclasses import fields
+
+        may_be_zero = {"copy_warmup_iters", "copy_warmup_bytes"}
+        fractions = {"recall_fraction", "drill_fraction", "drill_repeat_share", "long_sft_general"}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and f.name != "seed" and value < (0 if f.name in may_be_zero else 1):
+                raise ValueError(f"{f.name} must be >= {0 if f.name in may_be_zero else 1}, got {value}")
+            if f.type == "float" and f.name in fractions and not 0 <= value <= 1:
+                raise ValueError(f"{f.name} must be in [0, 1], got {value}")
+            if f.type == "float" and f.name not in fractions and not value > 0:
+                raise ValueError(f"{f.name} must be > 0, got {value}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        for glob, micro in (("global_batch_size", "micro_batch_size"),
+                            ("long_global_batch_size", "long_micro_batch_size")):
+            if getattr(self, glob) % getattr(self, micro):
+                raise ValueError(f"{glob} {getattr(self, glob)} is not a multiple of {micro} {getattr(self, micro)}")
+        if self.synl_min_tokens > self.synl_max_tokens:
+            raise ValueError(f"synl_min_tokens {self.synl_min_tokens} exceeds synl_max_tokens {self.synl_max_tokens}")
+        if not self.needle_lengths or min(self.needle_lengths) < 1:
+            raise ValueError(f"needle_lengths must be positive lengths, got {self.needle_lengths}")
+        if self.base_seq_length > self.long_seq_length:
+            raise ValueError(f"base_seq_length {self.base_seq_length} exceeds long_seq_length {self.long_seq_length}")

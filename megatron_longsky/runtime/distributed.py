@@ -182,16 +182,22 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
         backend = "gloo"
 
     if launch.world_size % parallel.model_parallel_size:
-        raise ValueError(
-            f"world size {launch.world_size} is not divisible by TP*PP*CP = "
+        raise ConfigError(
+            f"{launch.world_size} process(es) do not divide by tensor x pipeline x context parallel size "
             f"{parallel.tensor_model_parallel_size}*{parallel.pipeline_model_parallel_size}*"
-            f"{parallel.context_parallel_size}"
+            f"{parallel.context_parallel_size} (--tp/--pp/--cp or parallel.*): launch with torchrun/srun "
+            "for more processes"
         )
     if not dist.is_initialized():
         timeout = timedelta(minutes=parallel.timeout_minutes)
-        if launch.world_size == 1:
-            # One process needs no rendezvous: an in-memory store, no TCP port (two
-            # single-process commands on one host, e.g. an evaluation next to training).
+        if launch.world_size == 1 and backend == "gloo":
+            # One CPU process communicates with nobody: an in-memory store and a process group
+            # whose collectives are those of one rank (copies), so no TCP port is bound at all
+            # (gloo binds a listener per group, 21 of them; two single-process commands share a
+            # host with a training job's MASTER_PORT range).
+            dist.init_process_group(backend=_single_process_backend(), store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
+        elif launch.world_size == 1:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
         else:
@@ -211,6 +217,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
             context_parallel_size=parallel.context_parallel_size,
             hierarchical_context_parallel_sizes=parallel.hierarchical_cp_groups,
             distributed_timeout_minutes=parallel.timeout_minutes,
+            # The gloo groups (distributed-optimizer CPU copies) would bind a port each.
+            create_gloo_process_groups=has_gloo_groups(),
         )
     set_seed(seed)
     log.info(
@@ -220,6 +228,33 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, launch: LaunchEnv | N
         parallel.context_parallel_size, parallel_state.get_data_parallel_world_size(),
     )
     return Runtime(launch=launch, backend=backend, device=device, parallel=parallel)
+
+
+_SINGLE = "longsky_single"
+
+
+def has_gloo_groups() -> bool:
+    """Whether megatron-core's gloo groups exist (not in one CPU process: see initialize)."""
+    import torch.distributed as dist
+
+    return dist.get_backend() != _SINGLE
+
+
+def _single_process_backend() -> str:
+    """A process-group backend for a world of one CPU process: torch's FakeProcessGroup, whose
+    collectives copy (all-gather, reduce-scatter, all-to-all) or leave (all-reduce, broadcast)
+    the tensors as a one-rank group must, without any transport."""
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import FakeProcessGroup
+
+    if _SINGLE not in dist.Backend.backend_list:
+        def create(common_opts, backend_opts):
+            if common_opts.group_size != 1:
+                raise RuntimeError(f"the {_SINGLE} backend is for one process, not {common_opts.group_size}")
+            return FakeProcessGroup._create_internal(common_opts.group_rank, common_opts.group_size, backend_opts)
+
+        dist.Backend.register_backend(_SINGLE, create, extended_api=True, devices=["cpu"])
+    return _SINGLE
 
 
 def set_seed(seed: int) -> None:

@@ -21,6 +21,36 @@ from megatron_longsky.utils.atomic import atomic_write_json, atomic_write_text
 from megatron_longsky.utils.paths import ensure_report_dir
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def record_problem(record) -> Optional[str]:
+    """What keeps ``record`` from being a SynL question to score (None: nothing)."""
+    if not isinstance(record, dict) or "messages" not in record or "meta" not in record:
+        return "not a SynL record (needs 'messages' and 'meta')"
+    messages, meta = record["messages"], record["meta"]
+    if not isinstance(messages, list) or len(messages) < 2 or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        return "'messages' must be a list of at least two {role, content} turns (the question, then the answer)"
+    if not isinstance(meta, dict):
+        return "'meta' must be a mapping"
+    missing = [k for k in ("answer", "family", "kind", "id") if k not in meta]
+    if missing:
+        return f"'meta' has no {', '.join(repr(k) for k in missing)} (not written by `longsky build-synl`?)"
+    if not isinstance(meta["answer"], str):
+        return f"'meta.answer' must be a string, got {meta['answer']!r}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from megatron_longsky.eval.loading import add_model_args
 
@@ -28,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--data", required=True, help="SynL chat jsonl written by `longsky build-synl`")
     p.add_argument("--output", required=True, help="directory for synl_eval.json / synl_eval.md")
-    p.add_argument("--max-samples", type=int, default=None, help="score only the first N records")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-samples", type=positive_int, default=None, help="score only the first N records")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="generation budget (default: each reference answer's length + 16)")
     return p
 
@@ -50,8 +80,9 @@ def read_records(path: str | Path, limit: Optional[int] = None) -> list[dict]:
                 raise SystemExit(f"error: {path}:{number}: invalid JSON ({exc.msg})") from None
             except RecursionError:
                 raise SystemExit(f"error: {path}:{number}: JSON nested too deeply") from None
-            if not isinstance(record, dict) or "messages" not in record or "meta" not in record:
-                raise SystemExit(f"error: {path}:{number}: not a SynL record (needs 'messages' and 'meta')")
+            problem = record_problem(record)
+            if problem:
+                raise SystemExit(f"error: {path}:{number}: {problem}")
             records.append(record)
             if limit is not None and len(records) >= limit:
                 break

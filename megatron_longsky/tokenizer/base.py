@@ -16,6 +16,8 @@ from typing import Iterable, Literal, Optional, Sequence
 
 import numpy as np
 
+from megatron_longsky.errors import UserError
+
 TOKENIZER_TYPES = ("byte", "hf", "sentencepiece")
 # Megatron-LM's --tokenizer-type names -> ours, with the same ids as megatron-core's tokenizers
 # (0.16: no BOS added, EOD = the tokenizer's eos). GPT2BPETokenizer is GPT-2's byte-level BPE
@@ -27,6 +29,10 @@ MEGATRON_TOKENIZER_TYPES = {
     "GPTSentencePieceTokenizer": "sentencepiece",
     "Llama2Tokenizer": "sentencepiece",
 }
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer file or directory that is missing or cannot be read (named in the message)."""
 
 
 @dataclass

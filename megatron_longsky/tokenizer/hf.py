@@ -7,13 +7,14 @@ special tokens and the chat template come from ``tokenizer_config.json`` /
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from megatron_longsky.tokenizer.base import Tokenizer, make_fingerprint, specials_blob
+from megatron_longsky.tokenizer.base import Tokenizer, TokenizerError, make_fingerprint, specials_blob
 
 # Tried in order when the tokenizer's config does not name its special tokens.
 EOD_CANDIDATES = ("<|eod|>", "</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|im_end|>")
@@ -26,8 +27,10 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
+        raise TokenizerError(f"{path}: invalid JSON ({exc})") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -45,7 +48,11 @@ def _chat_template(directory: Optional[Path], config: dict) -> Optional[str]:
     if isinstance(template, str):
         return template
     if directory is not None and (directory / "chat_template.jinja").exists():
-        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+        path = directory / "chat_template.jinja"
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise TokenizerError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     return None
 
 
@@ -63,19 +70,20 @@ class HFTokenizer(Tokenizer):
             directory, file = path, path / "tokenizer.json"
             if not file.exists():
                 raise FileNotFoundError(
-                    f"{path} has no tokenizer.json; save the tokenizer with a fast (Rust) backend "
-                    "(transformers: AutoTokenizer.from_pretrained(...).save_pretrained(dir)) or "
-                    "use --tokenizer-type sentencepiece with its .model file"
-                )
+                    errno.ENOENT, "no tokenizer.json in the tokenizer directory (save the tokenizer with a fast "
+                    "(Rust) backend: AutoTokenizer.from_pretrained(...).save_pretrained(dir), or use "
+                    "--tokenizer-type sentencepiece with its .model file)", str(path))
         elif path.is_file():
             directory, file = path.parent, path
         else:
-            raise FileNotFoundError(f"tokenizer model {model!r} does not exist")
+            raise FileNotFoundError(errno.ENOENT, "tokenizer model does not exist", model)
         raw = file.read_bytes()
         try:
             self._tok = RustTokenizer.from_str(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise TokenizerError(f"{file}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         except Exception as exc:  # noqa: BLE001 - the library raises a bare Exception
-            raise ValueError(f"{file}: not a Hugging Face tokenizer.json ({exc})") from exc
+            raise TokenizerError(f"{file}: not a Hugging Face tokenizer.json ({exc})") from exc
         # Only a directory's own config files describe this tokenizer.
         config: dict = {}
         if path.is_dir() or file.name == "tokenizer.json":
@@ -100,11 +108,11 @@ class HFTokenizer(Tokenizer):
 
         for path in (vocab, merges):
             if not path.is_file():
-                raise FileNotFoundError(f"GPT-2 BPE file {path} does not exist")
+                raise FileNotFoundError(errno.ENOENT, "GPT-2 BPE file does not exist", str(path))
         try:
             tok = RustTokenizer(models.BPE.from_file(str(vocab), str(merges)))
         except Exception as exc:  # noqa: BLE001 - the library raises a bare Exception
-            raise ValueError(f"{vocab} / {merges}: not a GPT-2 vocab.json / merges.txt pair ({exc})") from exc
+            raise TokenizerError(f"{vocab} / {merges}: not a GPT-2 vocab.json / merges.txt pair ({exc})") from exc
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         if tok.token_to_id("<|endoftext|>") is not None:
@@ -132,14 +140,14 @@ class HFTokenizer(Tokenizer):
         if text is not None:
             token_id = self._tok.token_to_id(text)
             if token_id is None:
-                raise ValueError(f"{self.model}: special token {text!r} from the config is not in the vocabulary")
+                raise TokenizerError(f"{self.model}: special token {text!r} from the config is not in the vocabulary")
             return token_id
         for candidate in candidates:
             token_id = self._tok.token_to_id(candidate)
             if token_id is not None:
                 return token_id
         if what is not None:
-            raise ValueError(f"{self.model}: cannot find the {what} token; name it in tokenizer_config.json "
+            raise TokenizerError(f"{self.model}: cannot find the {what} token; name it in tokenizer_config.json "
                              f"or add one of {list(candidates)}")
         return None
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from megatron_longsky.tokenizer.base import Tokenizer, make_fingerprint, specials_blob
+from megatron_longsky.tokenizer.base import Tokenizer, TokenizerError, make_fingerprint, specials_blob
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -16,18 +17,18 @@ class SentencePieceTokenizer(Tokenizer):
 
         path = Path(model)
         if not path.is_file():
-            raise FileNotFoundError(f"sentencepiece model {model!r} does not exist")
+            raise FileNotFoundError(errno.ENOENT, "sentencepiece model does not exist", model)
         raw = path.read_bytes()
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(raw)
         except Exception as exc:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError
-            raise ValueError(f"{path}: not a sentencepiece model ({exc})") from exc
+            raise TokenizerError(f"{path}: not a sentencepiece model ({exc})") from exc
         self.model = str(path)
         self.vocab_size = self._sp.get_piece_size()
         eos, bos, pad = self._sp.eos_id(), self._sp.bos_id(), self._sp.pad_id()
         if eos < 0:
-            raise ValueError(f"{path}: the sentencepiece model has no </s> (eos) id to use as end of document")
+            raise TokenizerError(f"{path}: the sentencepiece model has no </s> (eos) id to use as end of document")
         self.eod_id = eos
         self.bos_id = bos if bos >= 0 else None
         self.pad_id = pad if pad >= 0 else eos

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from megatron_longsky.checkpoint.layout import (
-    MODEL, CheckpointError, iteration_dir, prune_checkpoints, write_checkpoint_config, write_latest,
+    MODEL, CheckpointError, iteration_dir, prune_checkpoints, store_tokenizer, write_checkpoint_config, write_latest,
 )
 from megatron_longsky.checkpoint.model_io import (
     load_model_weights,
@@ -350,7 +350,10 @@ def save_checkpoint(root: str | Path, state: TrainerState, model_chunks, optimiz
             "distributed_optimizer": _is_distributed_optimizer(optimizer),
             "layout": layout,
         })
-        write_checkpoint_config(staging, config)
+        # The checkpoint carries its tokenizer (a relative path in config.yaml, like an import's).
+        tokenizer = config.get("tokenizer")
+        write_checkpoint_config(staging, {**config, "tokenizer": store_tokenizer(staging, tokenizer)}
+                                if isinstance(tokenizer, dict) else config)
     optimizer_sd = _optimizer_sharded_state_dict(optimizer, model_chunks, False, fmt)
     if async_queue is None:
         save_model_weights(model_chunks, staging, sharded_strategy=fully_parallel_save_strategy())

@@ -24,10 +24,15 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from megatron_longsky.attention.context_parallel import validate_context_parallel, validate_pad_multiple
-from megatron_longsky.config import ConfigError, from_dict, merge_config_sources, to_dict
+from megatron_longsky.config import ConfigError, from_dict, merge_config_sources, name_origin, to_dict
 from megatron_longsky.model.config import ModelConfig, check_parallel_layout, model_config_from_dict
 from megatron_longsky.runtime.distributed import ParallelConfig
 from megatron_longsky.tokenizer.base import TokenizerConfig
+
+
+# A run that would read more tokens than this is a typo (train_iters=1e20): megatron-core
+# would start building sample indexes for it. The largest published runs read ~2e13.
+MAX_TRAIN_TOKENS = 10**15
 
 
 @dataclass
@@ -65,7 +70,9 @@ class DataConfig:
         if self.weights is not None and len(self.weights) != len(self.prefixes):
             raise ValueError(f"data.weights has {len(self.weights)} entries for {len(self.prefixes)} prefixes")
         if self.weights is not None and any(w < 0 for w in self.weights):
-            raise ValueError("data.weights must be >= 0")
+            raise ValueError(f"data.weights must be >= 0, got {self.weights}")
+        if self.weights is not None and self.weights and not sum(self.weights) > 0:
+            raise ValueError(f"data.weights={self.weights} sum to 0: give at least one dataset a positive weight")
         if self.kind == "sft" and len(self.prefixes) > 1:
             raise ValueError("data.kind=sft takes one dataset prefix (merge SFT datasets first)")
         if self.num_workers < 0:
@@ -171,6 +178,11 @@ class LoggingConfig:
     def __post_init__(self):
         if self.log_interval < 1:
             raise ValueError("logging.log_interval must be >= 1")
+        from megatron_longsky.utils.logging import LOG_LEVELS
+
+        if not isinstance(self.level, str) or self.level.upper() not in LOG_LEVELS:
+            raise ValueError(f"logging.level={self.level!r} is not one of {', '.join(LOG_LEVELS)}")
+        self.level = self.level.upper()
         if self.peak_tflops_per_device is not None and self.peak_tflops_per_device <= 0:
             raise ValueError(f"logging.peak_tflops_per_device must be > 0, got {self.peak_tflops_per_device}")
 
@@ -200,6 +212,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.train_iters < 1:
             raise ValueError(f"train_iters must be >= 1, got {self.train_iters}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed={self.seed} must be in [0, 2**32) (the range numpy and torch seeds take)")
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
             raise ValueError("micro_batch_size and global_batch_size must be >= 1")
         if self.global_batch_size % self.micro_batch_size:
@@ -217,6 +231,11 @@ class TrainConfig:
                 and self.micro_batch_size > 1):
             raise ValueError("data.packed=true with pipeline parallelism needs micro_batch_size=1 (a packed "
                              "micro-batch travels between stages as one [1, b*s] sequence)")
+        tokens = self.train_iters * self.global_batch_size * self.model.seq_length
+        if tokens > MAX_TRAIN_TOKENS:
+            raise ValueError(f"train_iters={self.train_iters} x global_batch_size={self.global_batch_size} x "
+                             f"seq_length={self.model.seq_length} = {tokens:.3g} tokens, more than "
+                             f"{MAX_TRAIN_TOKENS:.0e} (the data indexes would not fit in memory); check train_iters")
         check_parallel_layout(self.model, par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                               par.context_parallel_size)
         # CP communication, FP8 shard and FP8-attention rules, before anything is built.
@@ -232,7 +251,8 @@ class TrainConfig:
                 f"eval_interval={self.eval_interval} but there is no validation data "
                 + ("(data.kind=sft has no validation split)" if self.data.kind == "sft"
                    else f"(data.split={self.data.split!r} gives the validation part 0)")
-                + "; set eval_interval=0 or use `longsky evaluate`")
+                + "; set eval_interval=0 (held-out perplexity of a checkpoint: `longsky eval ppl`)"
+                + ("" if self.data.kind == "sft" else " or give data.split a validation part, e.g. 98,2,0"))
         if self.parallel.sequence_parallel and tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs tensor_model_parallel_size > 1 "
                              "(it shards activations over the TP group); set it to false")
@@ -286,8 +306,13 @@ def train_config_from_dict(data: dict, where: str = "config") -> TrainConfig:
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Load a job YAML (optional) and apply ``key=value`` overrides (``model.num_layers=4``)."""
-    data = merge_config_sources(path, overrides=list(overrides))
-    return train_config_from_dict(data, where=str(path) if path else "config")
+    origins: dict[str, str] = {}
+    data = merge_config_sources(path, overrides=list(overrides), origins=origins)
+    where = str(path) if path else "config"
+    try:
+        return train_config_from_dict(data, where=where)
+    except ConfigError as exc:
+        raise name_origin(exc, where, origins, from_file=bool(path)) from None
 
 
 def train_config_to_dict(cfg: TrainConfig) -> dict:

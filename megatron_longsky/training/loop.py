@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from megatron_longsky.checkpoint.layout import read_checkpoint_config, read_latest, resolve_checkpoint
+from megatron_longsky.checkpoint.layout import resolve_checkpoint
 from megatron_longsky.checkpoint.model_io import load_model_weights
-from megatron_longsky.config import ConfigError
 from megatron_longsky.training import step as step_lib
 from megatron_longsky.training.checkpointing import (
     TrainerState, load_checkpoint, prepare_checkpoint_writer, save_checkpoint,
@@ -32,9 +31,10 @@ from megatron_longsky.training.config import TrainConfig, train_config_to_dict
 from megatron_longsky.training.data import (
     build_gpt_splits, build_sft_splits, check_dataset_tokenizers, dataset_chat_template, micro_batch_loader,
 )
-from megatron_longsky.plan.flops import step_flops, utilization
+from megatron_longsky.plan.flops import attention_peak, step_flops, utilization
 from megatron_longsky.training.metrics import MetricsLogger, peak_memory_gib, resolve_peak_tflops
 from megatron_longsky.training.optimizer import build_optimizer, current_lr, ddp_config
+from megatron_longsky.training.preflight import ResolvedRun, check_training_inputs, resolve_vocab_size  # noqa: F401
 from megatron_longsky.training.resume_check import check_same_run
 from megatron_longsky.training.signals import PreemptionHandler
 
@@ -95,29 +95,6 @@ def _device():
     return current_device()
 
 
-def resolve_vocab_size(cfg: TrainConfig, tokenizer, checkpoint_dir: Optional[Path]) -> int:
-    """The model's padded vocabulary. A checkpoint's wins (the stage inherits it from the
-    chain it belongs to: import, CPT, SFT, ...); model.vocab_size, when set, must pad to the
-    same size; otherwise the tokenizer's size padded by the model config. Never depends on
-    the layout, so checkpoints reshard and a run starts from the same model at any TP."""
-    tp = cfg.parallel.tensor_model_parallel_size
-    saved = None
-    if checkpoint_dir is not None:
-        saved = (read_checkpoint_config(checkpoint_dir).get("model") or {}).get("vocab_size")
-    if saved:
-        vocab = int(saved)
-        if cfg.model.vocab_size and cfg.model.padded_vocab_size() != vocab:
-            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} pads to {cfg.model.padded_vocab_size()} "
-                              f"rows but checkpoint {checkpoint_dir} has {vocab}")
-    else:
-        vocab = cfg.model.padded_vocab_size(tokenizer.vocab_size, tp)
-    if vocab < tokenizer.vocab_size:
-        raise ConfigError(f"model vocab size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    if vocab % tp:
-        raise ConfigError(f"model vocab size {vocab} is not divisible by tensor_model_parallel_size {tp}")
-    return vocab
-
-
 def build_training_model(cfg: TrainConfig, vocab_size: int, initialize: bool = True) -> list:
     """This stage's GPTModel wrapped in megatron-core DDP (and Float16Module for bf16/fp16).
 
@@ -146,53 +123,43 @@ def setup_training(cfg: TrainConfig) -> tuple[TrainingSetup, TrainerState, Optio
     """Initialise distributed state, model, optimizer; resume or ``init_from`` if asked."""
     from megatron_longsky.runtime.distributed import initialize
 
-    from megatron_longsky.training.preflight import check_training_inputs
     from megatron_longsky.utils.process import forked_children_die_with_this_process
 
     owns_pg = not torch.distributed.is_initialized()
-    # Inputs, config combinations and the layout are checked before anything is built.
-    check_training_inputs(cfg, *((None, None) if owns_pg else
-                                 (torch.distributed.get_world_size(), torch.distributed.get_rank())))
+    # Inputs, config combinations and the layout are checked before anything is built; what
+    # the checks resolved (tokenizer, vocabulary, start checkpoint) is used as is below.
+    resolved = check_training_inputs(cfg, *((None, None) if owns_pg else
+                                            (torch.distributed.get_world_size(), torch.distributed.get_rank())))
     forked_children_die_with_this_process()  # data workers, async checkpoint writers
     runtime = initialize(cfg.parallel, cfg.seed)
     try:
-        return _setup_after_initialize(cfg, runtime, owns_pg)
+        return _setup_after_initialize(cfg, runtime, owns_pg, resolved)
     except BaseException:
         # Leave no parallel state behind: a later run in this process may use another layout.
         teardown(TrainingSetup(cfg, runtime, owns_pg), barrier=False)
         raise
 
 
-def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool):
+def _setup_after_initialize(cfg: TrainConfig, runtime, owns_pg: bool, resolved: ResolvedRun):
     from megatron.core.distributed import finalize_model_grads
 
-    from megatron_longsky.tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer(cfg.tokenizer)
-    check_dataset_tokenizers(cfg.data, tokenizer)
-
-    load_root = Path(cfg.checkpoint.load) if cfg.checkpoint.load else cfg.checkpoint_root
-    resume_dir = read_latest(load_root) if load_root.exists() else None
-    if cfg.checkpoint.load and resume_dir is None:
-        raise ConfigError(f"checkpoint.load={cfg.checkpoint.load}: no 'latest' checkpoint there")
-    init_dir = None
-    if resume_dir is None and cfg.checkpoint.init_from:
-        init_dir = resolve_checkpoint(cfg.checkpoint.init_from)
-    vocab_size = resolve_vocab_size(cfg, tokenizer, resume_dir or init_dir)
+    tokenizer, vocab_size = resolved.tokenizer, resolved.vocab_size
+    resume_dir, init_dir = resolved.resume_dir, resolved.init_dir
     config_dict = train_config_to_dict(cfg)
     config_dict["model"]["vocab_size"] = vocab_size
     from megatron_longsky.runtime.device import use_cuda
 
     config_dict["model"]["params_dtype"] = cfg.model.resolved_dtype(use_cuda())  # 'auto' as this run took it
+    config_dict["tokenizer_fingerprint"] = tokenizer.fingerprint  # the resume check compares it
     # The chat template the model learns (SFT data) or learned (the checkpoint it continues):
     # chat-mode evaluation builds its prompts with it.
     chat_template = dataset_chat_template(cfg.data)
-    if chat_template is None and (resume_dir or init_dir) is not None:
-        chat_template = read_checkpoint_config(resume_dir or init_dir).get("chat_template")
+    if chat_template is None and resolved.start_dir is not None:
+        chat_template = resolved.start_config.get("chat_template")
     if chat_template is not None:
         config_dict["chat_template"] = chat_template
     if resume_dir is not None:
-        differences = check_same_run(read_checkpoint_config(resume_dir), config_dict, resume_dir,
+        differences = check_same_run(resolved.start_config, config_dict, resume_dir,
                                      cfg.checkpoint.allow_mismatch)
         if differences and runtime.rank == 0:
             log.warning("resuming %s despite other settings (checkpoint.allow_mismatch):\n  %s", resume_dir,
@@ -350,6 +317,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
     flops = step_flops(cfg.model, setup.vocab_size, cfg.global_batch_size,
                        pipeline_parallel=cfg.parallel.pipeline_model_parallel_size)
     peak, peak_source = resolve_peak_tflops(cfg.logging.peak_tflops_per_device, cfg.model)
+    peaks = (peak, attention_peak(cfg.model, peak) if peak else None)  # MFU: each FLOP at its own peak
     if rank == 0:
         log.info("MFU/HFU: %s", peak_source)
     result = TrainResult(metrics_path=metrics.path, resumed_from=resume_dir)
@@ -402,7 +370,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
                     "iteration": state.iteration, "loss": loss, "loss_tokens": loss_tokens,
                     "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                     "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed,
-                    **utilization(flops, elapsed, world, peak),
+                    **utilization(flops, elapsed, world, *peaks),
                     "peak_memory_gib": peak_memory_gib(), "data_wait_s": wait,
                     "data_wait_fraction": wait / elapsed if elapsed > 0 else 0.0,
                     "consumed_samples": state.consumed_samples,
@@ -442,7 +410,7 @@ def _train_loop(setup: TrainingSetup, state: TrainerState, resume_dir: Optional[
         mean = sum(timed) / len(timed)
         result.steps_per_s = 1.0 / mean
         result.tokens_per_s = tokens_per_step / mean
-        result.tflops_per_device = utilization(flops, mean, world, peak)["tflops_per_device"]
+        result.tflops_per_device = utilization(flops, mean, world, *peaks)["tflops_per_device"]
         result.data_wait_fraction = sum(timed_waits) / sum(timed)
     result.skipped_steps = state.skipped_steps
     result.final_iteration = state.iteration

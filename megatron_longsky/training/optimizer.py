@@ -56,7 +56,9 @@ def build_optimizer(cfg: TrainConfig, model_chunks: list):
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks)
+    from megatron_longsky.runtime.distributed import has_gloo_groups
+
+    optimizer = get_megatron_optimizer(optimizer_config(cfg), model_chunks, use_gloo_process_groups=has_gloo_groups())
     s = cfg.schedule
     decay_iters = s.decay_iters or cfg.train_iters
     scheduler = OptimizerParamScheduler(

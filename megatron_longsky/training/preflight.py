@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from megatron_longsky.checkpoint.layout import CheckpointError, clean_checkpoint_root, read_latest, resolve_checkpoint
+from megatron_longsky.checkpoint.layout import (
+    CheckpointError, clean_checkpoint_root, read_checkpoint_config, read_latest, resolve_checkpoint,
+)
 from megatron_longsky.config import ConfigError
 from megatron_longsky.data.indexed import bin_path, idx_path, index_dtype
 from megatron_longsky.data.metadata import read_meta
@@ -30,6 +33,50 @@ log = logging.getLogger(__name__)
 
 # Datasets without a tokenizer sidecar are scanned for their largest token id up to this size.
 MAX_SCAN_BYTES = 256 << 20
+
+
+@dataclass
+class ResolvedRun:
+    """What the checks resolved, handed to the set-up so nothing is resolved twice: the
+    tokenizer (built once), the padded vocabulary, the checkpoint to resume or to take the
+    weights from (and its config.yaml, read once) and the dataset prefixes."""
+
+    tokenizer: Any
+    vocab_size: int
+    resume_dir: Optional[Path] = None
+    init_dir: Optional[Path] = None
+    start_config: dict = field(default_factory=dict)  # config.yaml of resume_dir or init_dir
+    prefixes: list[tuple[str, str]] = field(default_factory=list)  # (config key, dataset prefix)
+
+    @property
+    def start_dir(self) -> Optional[Path]:
+        return self.resume_dir or self.init_dir
+
+
+def resolve_vocab_size(cfg: TrainConfig, tokenizer, checkpoint_dir: Optional[Path],
+                       checkpoint_config: Optional[dict] = None) -> int:
+    """The model's padded vocabulary. A checkpoint's wins (the stage inherits it from the
+    chain it belongs to: import, CPT, SFT, ...); model.vocab_size, when set, must pad to the
+    same size; otherwise the tokenizer's size padded by the model config. Never depends on
+    the layout, so checkpoints reshard and a run starts from the same model at any TP.
+    ``checkpoint_config``: the checkpoint's config.yaml when already read."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    saved = None
+    if checkpoint_dir is not None:
+        conf = checkpoint_config if checkpoint_config is not None else read_checkpoint_config(checkpoint_dir)
+        saved = (conf.get("model") or {}).get("vocab_size")
+    if saved:
+        vocab = int(saved)
+        if cfg.model.vocab_size and cfg.model.padded_vocab_size() != vocab:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} pads to {cfg.model.padded_vocab_size()} "
+                              f"rows but checkpoint {checkpoint_dir} has {vocab}")
+    else:
+        vocab = cfg.model.padded_vocab_size(tokenizer.vocab_size, tp)
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model vocab size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if vocab % tp:
+        raise ConfigError(f"model vocab size {vocab} is not divisible by tensor_model_parallel_size {tp}")
+    return vocab
 
 
 def check_world_size(cfg: TrainConfig, world_size: int) -> int:
@@ -145,19 +192,47 @@ def resolve_start(cfg: TrainConfig) -> tuple[Optional[Path], Optional[Path]]:
     return resume, init
 
 
-def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, rank: Optional[int] = None) -> None:
-    """Everything about ``cfg`` that can be known before building: raises ConfigError naming the key.
+# The fields that give the weights their shapes (layout, precision and RoPE may differ).
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "tie_embeddings")
+
+
+def check_init_from_shapes(cfg: TrainConfig, init: Path, config: dict) -> None:
+    """``checkpoint.init_from`` (whose config.yaml is ``config``) must hold weights of the
+    model the config builds."""
+    saved = config.get("model") or {}
+    if not isinstance(saved, dict):
+        raise ConfigError(f"checkpoint.init_from: {init}/config.yaml: 'model' is not a mapping")
+
+    def value(source, name):
+        got = source.get(name) if isinstance(source, dict) else getattr(source, name)
+        if name == "num_query_groups" and got is None:  # None: one group per head
+            got = source.get("num_attention_heads") if isinstance(source, dict) else source.num_attention_heads
+        return got
+
+    differ = [f"model.{name}: checkpoint {value(saved, name)!r}, this config {value(cfg.model, name)!r}"
+              for name in _SHAPE_FIELDS if name in saved and value(saved, name) != value(cfg.model, name)]
+    if differ:
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} holds another model than this config "
+                          f"builds ({'; '.join(differ)}): use the model settings it was saved with")
+
+
+def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None,
+                          rank: Optional[int] = None) -> ResolvedRun:
+    """Everything about ``cfg`` that can be known before building: raises ConfigError naming
+    the key; returns what it resolved (:class:`ResolvedRun`) for the set-up to use.
 
     ``world_size`` and ``rank`` default to the launcher's; rank 0 also removes what a killed
     earlier run left in the checkpoint directory (:func:`clean_checkpoint_root`)."""
     from megatron_longsky.runtime.distributed import detect_launch_env
     from megatron_longsky.training.data import check_dataset_tokenizers
-    from megatron_longsky.training.loop import resolve_vocab_size
 
     launch = detect_launch_env()
     check_world_size(cfg, launch.world_size if world_size is None else world_size)
     ensure_writable_dir("output_dir", cfg.output_dir)
     ensure_writable_dir("checkpoint.save", cfg.checkpoint_root)
+    if cfg.data.cache_dir:
+        ensure_writable_dir("data.cache_dir", cfg.data.cache_dir)
     if (launch.rank if rank is None else rank) == 0:
         removed = clean_checkpoint_root(cfg.checkpoint_root)
         if removed:
@@ -169,11 +244,19 @@ def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, ra
         check_dataset_files(key, prefix)
     check_dataset_tokenizers(cfg.data, tokenizer)
     resume, init = resolve_start(cfg)
+    start_config: dict = {}
+    if resume or init:
+        try:
+            start_config = read_checkpoint_config(resume or init)
+        except CheckpointError as exc:
+            raise ConfigError(f"checkpoint.{'load' if resume else 'init_from'}: {exc}") from exc
+    if init is not None:
+        check_init_from_shapes(cfg, init, start_config)
     if resume is not None:
         from megatron_longsky.training.checkpointing import check_optimizer_kind, read_trainer_state
 
         check_optimizer_kind(resume, read_trainer_state(resume), cfg.optimizer.use_distributed_optimizer)
-    vocab = resolve_vocab_size(cfg, tokenizer, resume or init)
+    vocab = resolve_vocab_size(cfg, tokenizer, resume or init, start_config)
     for key, prefix in prefixes:
         if cfg.data.kind == "sft" and prefix.endswith("_mask_document"):
             continue  # loss masks, not token ids
@@ -182,3 +265,5 @@ def check_training_inputs(cfg: TrainConfig, world_size: Optional[int] = None, ra
             raise ConfigError(
                 f"{key}: {prefix} holds token ids up to {bound - 1} but the model's vocabulary has {vocab} "
                 "entries (model.vocab_size / the tokenizer); use the tokenizer the data was made with")
+    return ResolvedRun(tokenizer=tokenizer, vocab_size=vocab, resume_dir=resume, init_dir=init,
+                       start_config=start_config, prefixes=prefixes)

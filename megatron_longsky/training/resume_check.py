@@ -4,8 +4,9 @@ A resume continues one run: the same data, model and tokenizer, and the same lea
 schedule. A checkpoint root left over from another run (another dataset, another model)
 or a config whose schedule was edited must not be continued silently:
 
-- :func:`check_same_run`: data, model architecture and tokenizer must match the
-  checkpoint's ``config.yaml``; ``checkpoint.allow_mismatch=true`` resumes anyway.
+- :func:`check_same_run`: data, model architecture, tokenizer and ``seed`` (it sets the
+  data order and the dropout/initialisation streams) must match the checkpoint's
+  ``config.yaml``; ``checkpoint.allow_mismatch=true`` resumes anyway.
 - :func:`check_schedule`: ``optimizer.lr``/``min_lr``, ``schedule.warmup_iters``,
   ``decay_iters`` (``train_iters`` when unset), ``decay_style`` and the weight decay must
   match the checkpoint's scheduler, unless ``schedule.on_resume`` says which side wins:
@@ -28,6 +29,8 @@ _MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_
 _DATA_FIELDS = ("kind", "prefixes", "weights", "split")
 _TOKENIZER_FIELDS = ("type", "model")
 _PATH_FIELDS = {"data.prefixes", "tokenizer.model"}
+# Top-level fields: the seed shuffles the data (a changed seed changes the order silently).
+_TOP_FIELDS = ("seed",)
 
 # scheduler state key -> the config field(s) that set it
 SCHEDULE_FIELDS = {
@@ -51,11 +54,20 @@ def _normalise(name: str, value: Any) -> Any:
 
 def run_differences(saved: dict, current: dict) -> list[str]:
     """``section.field: checkpoint X, this run Y`` for every identity field that differs."""
-    out = []
+    out = [f"{name}: checkpoint {saved[name]!r}, this run {current.get(name)!r}"
+           for name in _TOP_FIELDS if name in saved and saved[name] != current.get(name)]
+    # Checkpoints keep a copy of their tokenizer and record its fingerprint: the same tokenizer
+    # read from another path (the copy, a moved file) is the same run.
+    fingerprints = saved.get("tokenizer_fingerprint"), current.get("tokenizer_fingerprint")
+    by_content = None not in fingerprints
+    if by_content and fingerprints[0] != fingerprints[1]:
+        out.append(f"tokenizer: checkpoint fingerprint {fingerprints[0]}, this run {fingerprints[1]}")
     for section, names in (("data", _DATA_FIELDS), ("model", _MODEL_FIELDS), ("tokenizer", _TOKENIZER_FIELDS)):
         old, new = saved.get(section) or {}, current.get(section) or {}
         for name in names:
             if name not in old:  # an older checkpoint that did not record it
+                continue
+            if by_content and section == "tokenizer" and name == "model":
                 continue
             key = f"{section}.{name}"
             if _normalise(key, old.get(name)) != _normalise(key, new.get(name)):
@@ -68,7 +80,8 @@ def check_same_run(saved: dict, current: dict, ckpt_dir: str | Path, allow_misma
     diffs = run_differences(saved, current)
     if diffs and not allow_mismatch:
         raise ConfigError(
-            f"will not resume {ckpt_dir}: it was saved by a run with other data, model or tokenizer settings:\n  "
+            f"will not resume {ckpt_dir}: it was saved by a run with other data, model, tokenizer or seed "
+            "settings:\n  "
             + "\n  ".join(diffs)
             + "\nA new run needs its own checkpoint.save (or output_dir); to start from these weights use "
               "checkpoint.init_from; to resume anyway set checkpoint.allow_mismatch=true")

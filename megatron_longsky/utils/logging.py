@@ -7,6 +7,9 @@ import os
 import sys
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup_logging(level: str | int = "INFO", all_ranks: bool = False) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank != 0 and not all_ranks:
