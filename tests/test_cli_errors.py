@@ -140,7 +140,7 @@ def test_evaluation_without_a_validation_split(tmp_path, dataset, capsys, nothin
 def test_resume_with_the_other_optimizer_kind_is_refused_before_building(tmp_path, dataset, capsys, nothing_built):
     ckpt = _fake_iteration(tmp_path / "run" / "checkpoints", 4)
     (ckpt / "config.yaml").write_text(yaml.safe_dump({"model": {"vocab_size": 384}}))
-    (ckpt / "trainer" / "state.json").write_text('{"distributed_optimizer": true}')
+    (ckpt / "trainer" / "state.json").write_text('{"distributed_optimizer": true, "scheduler": {}}')
     write_latest(tmp_path / "run" / "checkpoints", 4)
     line = _train_error(tmp_path, dataset, capsys)
     assert "holds distributed optimizer state" in line and "use_distributed_optimizer=True" in line

@@ -333,6 +333,7 @@ def test_cli_to_megatron_lm_refuses_rope_megatron_lm_cannot_express(tmp_path, ca
 
     it = tmp_path / "ours" / "iter_0000000"
     (it / "model").mkdir(parents=True)
+    (it / "model" / "metadata.json").write_text("{}")  # complete as far as the layout goes; no weights are read
     write_checkpoint_config(it, {"model": {"preset": "tiny", "vocab_size": 128, "rope": rope}})
     write_latest(tmp_path / "ours", 0)
     rc = main(["convert", "to-megatron-lm", "--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "o")])

@@ -121,10 +121,11 @@ def test_preprocess_flags_are_checked(tmp_path, capsys, argv, expected):
 
 @pytest.fixture
 def fake_checkpoint(tmp_path) -> Path:
-    """An iteration directory with a config (byte tokenizer) and no weights: a command that
-    reached the model would fail differently."""
+    """An iteration directory with a config (byte tokenizer) and an empty weights index (so it
+    counts as complete): a command that reached the model would fail differently."""
     ckpt = tmp_path / "iter_0000001"
     (ckpt / "model").mkdir(parents=True)
+    (ckpt / "model" / "metadata.json").write_text("{}")
     (ckpt / "config.yaml").write_text(yaml.safe_dump({"tokenizer": {"type": "byte"}, "model": {"vocab_size": 384}}))
     return ckpt
 

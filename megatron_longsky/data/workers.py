@@ -106,15 +106,25 @@ class OrderedProcessPool:
         # KeyboardInterrupt traceback from each of them, and in this process it stays pending
         # and is delivered when the mask is restored (an ignored one would be lost, and the
         # run would go on to finish as if never interrupted).
+        # The mask is per thread: with other threads alive (a tqdm monitor, a queue feeder) the
+        # kernel may hand the signal to one of them and Python would still run the handler in
+        # this thread, mid-spawn. So the handler itself is also swapped for one that only
+        # records the signal, which is raised again once every worker has started.
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
+        pending: list[int] = []
+        if main:
+            handler = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             try:
                 for proc in self._procs:
                     proc.start()
             finally:
-                if main:  # a pending Ctrl-C's handler runs inside this call (it raises here)
+                if main:  # a Ctrl-C that came meanwhile is recorded by now, then raised again
                     signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+                    signal.signal(signal.SIGINT, handler)
+            if pending:
+                signal.raise_signal(signal.SIGINT)  # the caller's handler: SystemExit / KeyboardInterrupt
         except BaseException:
             self.close(graceful=False)
             raise
