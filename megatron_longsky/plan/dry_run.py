@@ -398,10 +398,12 @@ def dry_run_recipe(recipe_dir: str | Path, overrides: list[str] = (), nodes: Opt
                                   f"{context} the model was trained for")
             results.append(StageResult("needle", {"lengths": f"{min(needle.lengths)}..{max(needle.lengths)}",
                                                   "context": context}))
-        hf = hf_config_from_model(final.model, vocab, torch_dtype=final.model.resolved_dtype(on_gpu=env.cuda))
+        # The exporter writes the imported model's own vocabulary (its hf_config.json), not the
+        # padded embedding rows (convert/exporter.py).
+        hf = hf_config_from_model(final.model, hf_vocab, torch_dtype=final.model.resolved_dtype(on_gpu=env.cuda))
         results.append(StageResult("export", {"rope_theta": hf["rope_theta"],
                                               "max_position_embeddings": hf["max_position_embeddings"],
-                                              "vocab": hf["vocab_size"]}))
+                                              "vocab": f"{hf['vocab_size']} of {vocab} rows"}))
     return results
 
 
