@@ -105,7 +105,9 @@ def export_checkpoint(
     if vocab > padded:
         raise ConversionError(f"{where}: vocabulary {vocab} is larger than the model's {padded} embedding rows")
     check_tokenizer_fits(tok_vocab, vocab, str(tok_dir))
-    out_dtype = dtype_from_name(dtype or cfg.params_dtype, "dtype")
+    # Trained checkpoints record the dtype they ran in; 'auto' (a hand-written config) exports
+    # float32, which holds any stored dtype exactly.
+    out_dtype = dtype_from_name(dtype or cfg.resolved_dtype(on_gpu=False), "dtype")
     check_outputs([], tree_outputs=[out_dir], overwrite=overwrite,
                   tree_inputs=named + [ckpt] + ([tok_dir] if tok_dir is not None else []))
 
