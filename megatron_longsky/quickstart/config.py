@@ -43,13 +43,21 @@ class QuickstartConfig:
     long_rope_base: float = 160000.0
     context_parallel: int = 2
     base_iters: int = 800
-    # Copy warm-up (a curriculum): base pretraining starts with this many iterations on
-    # recall drills alone, where copying is the only way to lower the loss, so induction
-    # (retrieval) forms before the model settles into a short-range n-gram predictor.
-    # Off by default: measured without effect at this budget (see docs / issue 13 notes).
-    copy_warmup_iters: int = 0
-    copy_warmup_lr: float = 1e-3
-    copy_warmup_bytes: int = 1_000_000
+    # Megatron's init_method_std for the model's matrices.
+    init_method_std: float = 0.02
+    # The retrieval curriculum (data/retrieval_curriculum.py): the miniature's stand-in for
+    # "a pretrained model that already retrieves". Base pretraining starts with
+    # copy_warmup_iters on retrieval samples alone, the loss on the copied tokens only
+    # (repeats over a small alphabet, repeats of corpus words, key -> value recall among
+    # corpus lines), then base_iters on corpus text mixed with recall samples
+    # (base_recall_share of the samples) so the skill stays while the language model forms.
+    copy_warmup_iters: int = 300
+    copy_warmup_lr: float = 3e-3
+    warmup_repeat_small: float = 0.3
+    warmup_repeat_words: float = 0.2
+    warmup_recall: float = 0.5
+    curriculum_alphabet: int = 12
+    base_recall_share: float = 0.25
     cpt_iters: int = 120
     sft_iters: int = 40
     long_sft_iters: int = 100

@@ -21,7 +21,8 @@ def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: di
     return {
         "model": {"preset": "tiny", "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                   "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.num_query_groups,
-                  "ffn_hidden_size": cfg.ffn_hidden_size, "seq_length": seq_length, "rope": {"base": rope_base}},
+                  "ffn_hidden_size": cfg.ffn_hidden_size, "init_method_std": cfg.init_method_std,
+                  "seq_length": seq_length, "rope": {"base": rope_base}},
         "parallel": {"context_parallel_size": cp},
         "tokenizer": {"type": tok.type, "model": tok.model},
         "data": data,
@@ -64,18 +65,18 @@ def run_job(ctx: Context, name: str, job: dict, nproc: int = 2) -> dict:
 
 
 def pretrain_base(ctx: Context) -> dict:
-    from megatron_longsky.quickstart.data_stages import dataset_prefix
-
     cfg = ctx.cfg
+    curriculum = ctx.runner.results("curriculum")
     warmup = None
     if cfg.copy_warmup_iters > 0:
-        # The copy warm-up: recall drills alone, then the base corpus from its weights.
+        # The retrieval warm-up: loss on the copied tokens only, then the base mix from its weights.
         job = _job(ctx, "base_copy", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
-                   data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "drills")], "split": "100,0,0"},
+                   data={"kind": "sft", "prefixes": [curriculum["warmup"]["prefix"]], "packed": False},
                    iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None)
         warmup = run_job(ctx, "base_copy", job)
+    # Corpus text windows (loss on every token) with recall samples (loss on the values).
     job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
-               data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
+               data={"kind": "sft", "prefixes": [curriculum["base"]["prefix"]], "packed": False},
                iters=cfg.base_iters, lr=cfg.lr, init_from=warmup["checkpoint"] if warmup else None)
     results = run_job(ctx, "base", job)
     if warmup:
