@@ -53,6 +53,9 @@ class QuickstartConfig:
     # (base_recall_share of the samples) so the skill stays while the language model forms.
     copy_warmup_iters: int = 300
     copy_warmup_lr: float = 3e-3
+    # The warm-up's learning rate after its linear ramp (10% of its iterations): the copy
+    # forms in a phase change, which a decaying rate delays.
+    copy_warmup_decay: Literal["cosine", "constant", "linear"] = "constant"
     warmup_repeat_small: float = 0.3
     warmup_repeat_words: float = 0.2
     warmup_recall: float = 0.5

@@ -14,7 +14,7 @@ from megatron_longsky.quickstart.launch import run_longsky, write_yaml
 
 
 def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: dict, iters: int,
-         lr: float, init_from: str | None, cp: int = 1) -> dict:
+         lr: float, init_from: str | None, cp: int = 1, decay_style: str = "cosine") -> dict:
     cfg = ctx.cfg
     long = seq_length > cfg.base_seq_length
     tok = ctx.tokenizer_config()
@@ -27,7 +27,7 @@ def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: di
         "tokenizer": {"type": tok.type, "model": tok.model},
         "data": data,
         "optimizer": {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.1, "clip_grad": 1.0},
-        "schedule": {"warmup_iters": max(1, iters // 10), "decay_style": "cosine"},
+        "schedule": {"warmup_iters": max(1, iters // 10), "decay_style": decay_style},
         "checkpoint": {"save": str(ctx.path(f"checkpoints/{name}")), "keep_last": 1, "init_from": init_from},
         "logging": {"log_interval": max(1, iters // 10), "tensorboard": True},
         "output_dir": str(ctx.path(f"train/{name}")),
@@ -72,7 +72,8 @@ def pretrain_base(ctx: Context) -> dict:
         # The retrieval warm-up: loss on the copied tokens only, then the base mix from its weights.
         job = _job(ctx, "base_copy", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
                    data={"kind": "sft", "prefixes": [curriculum["warmup"]["prefix"]], "packed": False},
-                   iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None)
+                   iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None,
+                   decay_style=cfg.copy_warmup_decay)
         warmup = run_job(ctx, "base_copy", job)
     # Corpus text windows (loss on every token) with recall samples (loss on the values).
     job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
