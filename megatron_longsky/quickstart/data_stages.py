@@ -76,6 +76,8 @@ def build_curriculum(ctx: Context) -> dict:
     from megatron_longsky.data.retrieval_curriculum import Mix, SampleMaker, read_documents, write_curriculum
 
     cfg = ctx.cfg
+    if not cfg.retrieval_curriculum:
+        return {}
     train = dataset_prefix(ctx, "train")  # the preprocessed corpus: its tokens, EOD after each document
     maker = SampleMaker(ctx.tokenizer(), read_documents(ctx.path("corpus/train.jsonl")), cfg.base_seq_length,
                         seed=cfg.seed + 17, alphabet=cfg.curriculum_alphabet,

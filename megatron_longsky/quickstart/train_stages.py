@@ -65,8 +65,15 @@ def run_job(ctx: Context, name: str, job: dict, nproc: int = 2) -> dict:
 
 
 def pretrain_base(ctx: Context) -> dict:
+    from megatron_longsky.quickstart.data_stages import dataset_prefix
+
     cfg = ctx.cfg
     curriculum = ctx.runner.results("curriculum")
+    if not curriculum:  # the retrieval curriculum is off: the corpus through GPTDataset
+        job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
+                   data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
+                   iters=cfg.base_iters, lr=cfg.lr, init_from=None)
+        return run_job(ctx, "base", job)
     warmup = None
     if cfg.copy_warmup_iters > 0:
         # The retrieval warm-up: loss on the copied tokens only, then the base mix from its weights.
