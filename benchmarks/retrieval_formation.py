@@ -14,6 +14,16 @@ prints the argmax accuracy on the tokens that can only be predicted by copying:
 
     python benchmarks/retrieval_formation.py --steps 600
 
+The variables that move these curves run side by side with ``--variants`` (each variant
+overrides flags; every task runs once per variant, same seed and batches): where the loss
+falls (``loss=all`` every token, ``loss=copy`` the copy targets only), the alphabet size
+(``vocab``), ``batch``, ``lr``, ``layers``, attention-only blocks (``ffn=0``) vs SwiGLU, the
+initialisation (``init_std``: N(0, std) as Megatron's init_method_std, 0 = PyTorch's default)
+and the lr ``warmup``:
+
+    python benchmarks/retrieval_formation.py --tasks random --vocab 64 --batch 32 --segment 24 \
+        --layers 2 --loss copy --variants "ffn=0,init_std=0;ffn=384,init_std=0;ffn=0,init_std=0.05"
+
 Results in benchmarks/RESULTS.md ("Retrieval formation at quickstart size").
 """
 
