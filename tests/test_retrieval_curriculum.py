@@ -94,3 +94,28 @@ def test_written_dataset_feeds_the_sft_training_rows(tok, tmp_path):
 def test_a_mix_needs_a_kind():
     with pytest.raises(ValueError):
         Mix().kinds()
+
+
+def test_quickstart_report_and_summary_name_the_curriculum(tmp_path):
+    """REPORT.md names the curriculum as the stand-in for a pretrained model that retrieves, with
+    its share of base iterations; nothing is said when it is off."""
+    from megatron_longsky.quickstart.config import QuickstartConfig
+    from megatron_longsky.quickstart.context import Context
+    from megatron_longsky.quickstart.report_builder import _curriculum_section
+    from megatron_longsky.quickstart.runner import StageRecord, StageRunner
+
+    cfg = QuickstartConfig(retrieval_curriculum=True, copy_warmup_iters=200, base_iters=800)
+    runner = StageRunner(tmp_path, fingerprint={})
+    ctx = Context(cfg, tmp_path, runner)
+    assert _curriculum_section(ctx) == ""
+    runner.records["curriculum"] = StageRecord("curriculum", 1.0, {
+        "warmup": {"samples": 3200, "tokens": 409600, "target_tokens": 90000,
+                   "counts": {"recall": 1000, "repeat_small": 2000, "repeat_words": 200}},
+        "base": {"samples": 12800, "tokens": 1638400, "target_tokens": 1300000,
+                 "counts": {"recall": 3200, "text": 9600}}})
+    text = _curriculum_section(ctx)
+    assert "stand-in for a pretrained model that already retrieves" in text
+    assert "200 of 1000 base iterations (20%)" in text
+    assert "3200 of 12800 samples" in text
+    # tokens of retrieval samples: the whole warm-up plus a quarter of the base mix
+    assert f"{(409600 + 1638400 / 4) / (409600 + 1638400):.0%} of the base stage's tokens" in text
