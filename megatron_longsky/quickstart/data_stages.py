@@ -69,7 +69,8 @@ def preprocess_corpus(ctx: Context) -> dict:
 def build_curriculum(ctx: Context) -> dict:
     """The retrieval curriculum's two SFT datasets (tokens + loss masks) at the base length:
     the warm-up (retrieval samples alone) and the base mix (corpus text windows with recall
-    samples). Their non-text samples go to ``corpus/retrieval.jsonl`` for the unseen check."""
+    samples). Their non-text samples go to ``corpus/retrieval_*.jsonl`` for the unseen check;
+    off (``{}``) unless ``retrieval_curriculum``."""
     import numpy as np
 
     from megatron_longsky.data.indexed import bin_path, index_dtype
