@@ -76,6 +76,7 @@ def test_deterministic_for_a_seed(tok):
     assert a == b and a != c
 
 
+@pytest.mark.slow  # a subprocess / megatron-core import: tens of seconds on a loaded machine
 def test_written_dataset_feeds_the_sft_training_rows(tok, tmp_path):
     from megatron_longsky.sft.dataset import PackedSFTDataset
 

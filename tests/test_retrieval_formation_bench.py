@@ -35,6 +35,7 @@ def test_attention_only_blocks_and_default_init():
     assert abs(plain.blocks[0].qkv.weight.std().item() - (3 * 32) ** -0.5) < 0.02
 
 
+@pytest.mark.slow  # a subprocess / megatron-core import: tens of seconds on a loaded machine
 def test_side_by_side_table_one_column_per_variant():
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--tasks", "random", "--steps", "2", "--every", "1", "--batch", "2",
