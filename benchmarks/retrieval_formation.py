@@ -14,6 +14,16 @@ prints the argmax accuracy on the tokens that can only be predicted by copying:
 
     python benchmarks/retrieval_formation.py --steps 600
 
+The variables that move these curves run side by side with ``--variants`` (each variant
+overrides flags; every task runs once per variant, same seed and batches): where the loss
+falls (``loss=all`` every token, ``loss=copy`` the copy targets only), the alphabet size
+(``vocab``), ``batch``, ``lr``, ``layers``, attention-only blocks (``ffn=0``) vs SwiGLU, the
+initialisation (``init_std``: N(0, std) as Megatron's init_method_std, 0 = PyTorch's default)
+and the lr ``warmup``:
+
+    python benchmarks/retrieval_formation.py --tasks random --vocab 64 --batch 32 --segment 24 \
+        --layers 2 --loss copy --variants "ffn=0,init_std=0;ffn=384,init_std=0;ffn=0,init_std=0.05"
+
 Results in benchmarks/RESULTS.md ("Retrieval formation at quickstart size").
 """
 
@@ -41,27 +51,34 @@ class Block(nn.Module):
     def __init__(self, d: int, heads: int, ffn: int):
         super().__init__()
         self.heads = heads
-        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.norm1 = nn.RMSNorm(d)
         self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
-        self.gate_up, self.down = nn.Linear(d, 2 * ffn, bias=False), nn.Linear(ffn, d, bias=False)
+        self.ffn = ffn  # 0: attention only (no MLP)
+        if ffn:
+            self.norm2 = nn.RMSNorm(d)
+            self.gate_up, self.down = nn.Linear(d, 2 * ffn, bias=False), nn.Linear(ffn, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
         x = x + self.out(y.transpose(1, 2).reshape(b, t, d))
+        if not self.ffn:
+            return x
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
 
 
 class Decoder(nn.Module):
     def __init__(self, vocab: int, d: int, layers: int, heads: int, ffn: int, std: float):
+        """``std`` > 0: every matrix drawn from N(0, std) (Megatron's init_method_std);
+        0: PyTorch's default init (uniform, std 1/sqrt(3 fan_in) for a linear layer)."""
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.blocks = nn.ModuleList(Block(d, heads, ffn) for _ in range(layers))
         self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
         for p in self.parameters():
-            if p.dim() == 2:
+            if p.dim() == 2 and std > 0:
                 nn.init.normal_(p, std=std)  # Megatron's init_method_std
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -109,7 +126,11 @@ def train(task: str, args: argparse.Namespace) -> list[tuple[int, float]]:
         ids, copy = zip(*(make_sample(task, rng, args.seq, args.vocab, args.segment) for _ in range(args.batch)))
         ids, copy = torch.tensor(ids), torch.tensor(copy)
         logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, args.vocab), ids[:, 1:].reshape(-1))
+        if args.loss == "copy":  # only the targets that copying can predict
+            target = copy[:, 1:]
+            loss = F.cross_entropy(logits[target], ids[:, 1:][target])
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, args.vocab), ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,42 +139,76 @@ def train(task: str, args: argparse.Namespace) -> list[tuple[int, float]]:
             target = copy[:, 1:]
             accuracy = (logits.argmax(-1)[target] == ids[:, 1:][target]).float().mean().item()
             curve.append((step, accuracy))
+            if args.verbose:
+                print(f"  {task} step {step}: {accuracy:.3f}", flush=True)
     return curve
+
+
+VARIABLES = ("loss", "vocab", "batch", "lr", "layers", "ffn", "init_std", "warmup", "segment")
+
+
+def parse_variants(spec: str) -> list[dict]:
+    """``"loss=all;loss=copy,vocab=64"`` -> one dict of overrides per variant."""
+    variants = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        overrides = {}
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in VARIABLES:
+                raise SystemExit(f"unknown variable {key!r} in --variants (known: {', '.join(VARIABLES)})")
+            overrides[key] = value.strip() if key == "loss" else float(value) if key in ("lr", "init_std") \
+                else int(value)
+        variants.append(overrides)
+    return variants
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", default="fixed,random,needle")
+    p.add_argument("--variants", default="",
+                   help="';'-separated variants, each 'var=value,...' over the flags below "
+                        f"({', '.join(VARIABLES)}); each task runs once per variant, side by side")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--segment", type=int, default=48, help="repeated segment length (fixed, random)")
-    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=512, help="alphabet size (symbols the copy must match)")
+    p.add_argument("--loss", choices=("all", "copy"), default="all",
+                   help="loss on every token, or on the copy targets only")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ffn", type=int, default=384)
-    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--ffn", type=int, default=384, help="SwiGLU width; 0 = attention-only blocks")
+    p.add_argument("--init-std", type=float, default=0.02, help="N(0, std) init; 0 = PyTorch's default init")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="print each measurement as it is taken")
     args = p.parse_args()
     tasks = args.tasks.split(",")
-    curves, seconds = {}, {}
-    for task in tasks:
-        start = time.perf_counter()
-        curves[task] = train(task, args)
-        seconds[task] = time.perf_counter() - start
-    chance = {"fixed": 1 / args.vocab, "random": 1 / args.vocab, "needle": 1 / DIGITS}
-    print(f"copy-target accuracy (argmax), batch {args.batch} x {args.seq}, lr {args.lr}, "
-          f"{args.layers} layers x {args.hidden}")
-    print("| step | " + " | ".join(tasks) + " |")
-    print("|---:|" + "---:|" * len(tasks))
-    for i, (step, _) in enumerate(curves[tasks[0]]):
-        print(f"| {step} | " + " | ".join(f"{curves[t][i][1]:.3f}" for t in tasks) + " |")
-    print("| chance | " + " | ".join(f"{chance[t]:.3f}" for t in tasks) + " |")
-    print("| seconds | " + " | ".join(f"{seconds[t]:.0f}" for t in tasks) + " |")
+    variants = parse_variants(args.variants) or [{}]
+    columns, curves, seconds = [], {}, {}
+    for overrides in variants:
+        run = argparse.Namespace(**{**vars(args), **overrides})
+        label = ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+        for task in tasks:
+            name = f"{task} [{label}]" if len(variants) > 1 else task
+            columns.append(name)
+            start = time.perf_counter()
+            curves[name] = train(task, run)
+            seconds[name] = time.perf_counter() - start
+            print(f"{name}: " + " ".join(f"{s}:{a:.3f}" for s, a in curves[name]) +
+                  f" ({seconds[name]:.0f} s)", flush=True)
+    print(f"copy-target accuracy (argmax); flags: batch {args.batch} x {args.seq}, lr {args.lr}, "
+          f"{args.layers} layers x {args.hidden}, ffn {args.ffn}, init_std {args.init_std}, "
+          f"vocab {args.vocab}, loss {args.loss}")
+    print("| step | " + " | ".join(columns) + " |")
+    print("|---:|" + "---:|" * len(columns))
+    for i, (step, _) in enumerate(curves[columns[0]]):
+        print(f"| {step} | " + " | ".join(f"{curves[c][i][1]:.3f}" for c in columns) + " |")
+    print("| seconds | " + " | ".join(f"{seconds[c]:.0f}" for c in columns) + " |")
 
 
 if __name__ == "__main__":

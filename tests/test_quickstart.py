@@ -24,7 +24,7 @@ SMALL = dict(
     base_seq_length=128, long_seq_length=512, base_iters=4, cpt_iters=3, sft_iters=3, long_sft_iters=3,
     global_batch_size=4, micro_batch_size=2, long_global_batch_size=4, long_micro_batch_size=2, sft_samples=64, synl_samples=12, synl_eval_samples=3,
     synl_min_tokens=150, synl_max_tokens=400, needle_lengths=[128, 512], needle_depths=2, needle_samples=1,
-    ppl_documents=4, copy_warmup_iters=2, copy_warmup_bytes=60_000,
+    ppl_documents=4, retrieval_curriculum=True, copy_warmup_iters=2,
 )
 
 
@@ -61,6 +61,13 @@ def test_quickstart_report_has_every_stage(quickstart_run):
             {"base": "base_iters", "cpt": "cpt_iters", "cpt_concat": "cpt_iters", "sft": "sft_iters",
              "long_sft": "long_sft_iters"}[stage]]
     assert state["cpt"]["results"]["context_parallel"] == 2
+    # The retrieval curriculum: its warm-up ran first, from scratch, and the report names it.
+    assert state["base"]["results"]["copy_warmup"]["iterations"] == SMALL["copy_warmup_iters"]
+    curriculum = state["curriculum"]["results"]
+    assert curriculum["warmup"]["samples"] == SMALL["copy_warmup_iters"] * SMALL["global_batch_size"]
+    assert sum(curriculum["base"]["counts"].values()) == SMALL["base_iters"] * SMALL["global_batch_size"]
+    assert "Retrieval curriculum (the stand-in for a pretrained model that already retrieves)" in text
+    assert state["eval_unseen"]["results"]["needle_values_in_training"] == 0
     assert state["cpt"]["results"]["seq_length"] == 4 * SMALL["base_seq_length"]
 
 

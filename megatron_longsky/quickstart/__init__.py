@@ -56,6 +56,7 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     runner.run("corpus", lambda: data.build_corpus(ctx))
     runner.run("tokenizer", lambda: data.build_tokenizer_stage(ctx))
     runner.run("preprocess", lambda: data.preprocess_corpus(ctx))
+    runner.run("curriculum", lambda: data.build_curriculum(ctx))
     runner.run("eval_unseen", lambda: data.check_evaluation_unseen(ctx))
     runner.run("base", lambda: train.pretrain_base(ctx))
     runner.run("cip_data", lambda: data.build_cip_data(ctx))

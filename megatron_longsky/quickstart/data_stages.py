@@ -17,14 +17,7 @@ def build_corpus(ctx: Context) -> dict:
                                  drill_repeat_share=ctx.cfg.drill_repeat_share)
     heldout = build_builtin_corpus(ctx.path("corpus/heldout.jsonl"), max_bytes=ctx.cfg.heldout_bytes,
                                    seed=ctx.cfg.seed, split="heldout")
-    out = {"train": _summary(train), "heldout": _summary(heldout)}
-    if ctx.cfg.copy_warmup_iters > 0:
-        # Drills alone (training documents as filler), for the copy warm-up.
-        drills = build_builtin_corpus(ctx.path("corpus/drills.jsonl"), max_bytes=ctx.cfg.copy_warmup_bytes,
-                                      seed=ctx.cfg.seed + 11, split="train", drill_fraction=0.95,
-                                      drill_repeat_share=ctx.cfg.drill_repeat_share)
-        out["drills"] = _summary(drills)
-    return out
+    return {"train": _summary(train), "heldout": _summary(heldout)}
 
 
 def _summary(stats: dict) -> dict:
@@ -53,8 +46,7 @@ def preprocess_corpus(ctx: Context) -> dict:
     from megatron_longsky.data.preprocess import PreprocessConfig, preprocess
 
     results = {}
-    splits = ["train", "heldout"] + (["drills"] if ctx.path("corpus/drills.jsonl").exists() else [])
-    for split in splits:
+    for split in ("train", "heldout"):
         stats = preprocess(PreprocessConfig(
             inputs=[str(ctx.path(f"corpus/{split}.jsonl"))],
             output_prefix=str(ctx.path(f"data/{split}")),
@@ -72,6 +64,39 @@ def preprocess_corpus(ctx: Context) -> dict:
             "tokens_per_second": round(stats.total_tokens / max(stats.seconds, 1e-9)),
         }
     return results
+
+
+def build_curriculum(ctx: Context) -> dict:
+    """The retrieval curriculum's two SFT datasets (tokens + loss masks) at the base length:
+    the warm-up (retrieval samples alone) and the base mix (corpus text windows with recall
+    samples). Their non-text samples go to ``corpus/retrieval_*.jsonl`` for the unseen check;
+    off (``{}``) unless ``retrieval_curriculum``."""
+    import numpy as np
+
+    from megatron_longsky.data.indexed import bin_path, index_dtype
+    from megatron_longsky.data.retrieval_curriculum import Mix, SampleMaker, read_documents, write_curriculum
+
+    cfg = ctx.cfg
+    if not cfg.retrieval_curriculum:
+        return {}
+    train = dataset_prefix(ctx, "train")  # the preprocessed corpus: its tokens, EOD after each document
+    maker = SampleMaker(ctx.tokenizer(), read_documents(ctx.path("corpus/train.jsonl")), cfg.base_seq_length,
+                        seed=cfg.seed + 17, alphabet=cfg.curriculum_alphabet,
+                        stream=np.fromfile(bin_path(train), dtype=index_dtype(train)))
+    out = {}
+    if cfg.copy_warmup_iters > 0:
+        warmup = Mix(repeat_small=cfg.warmup_repeat_small, repeat_words=cfg.warmup_repeat_words,
+                     recall=cfg.warmup_recall)
+        out["warmup"] = write_curriculum(maker, warmup, cfg.copy_warmup_iters * cfg.global_batch_size,
+                                         ctx.path("data/curriculum_warmup"),
+                                         ctx.path("corpus/retrieval_warmup.jsonl"))
+    base = Mix(recall=cfg.base_recall_share, text=1.0 - cfg.base_recall_share)
+    out["base"] = write_curriculum(maker, base, cfg.base_iters * cfg.global_batch_size,
+                                   ctx.path("data/curriculum_base"), ctx.path("corpus/retrieval_base.jsonl"))
+    for name in out:
+        out[name]["share_of_base_samples"] = round(
+            out[name]["samples"] / sum(o["samples"] for o in out.values()), 4)
+    return out
 
 
 def dataset_prefix(ctx: Context, split: str) -> str:
@@ -192,7 +217,7 @@ def check_evaluation_unseen(ctx: Context) -> dict:
                                          samples=cfg.needle_samples, seed=cfg.seed, mode="base"), ctx.tokenizer())
     values = sorted({n["value"] for point in builder.grid() for n in builder.build(*point).needles})
     texts = []
-    for split in ("train", "drills"):
+    for split in ("train", "retrieval_warmup", "retrieval_base"):
         if ctx.path(f"corpus/{split}.jsonl").exists():
             with open(ctx.path(f"corpus/{split}.jsonl"), encoding="utf-8") as f:
                 texts += [json.loads(line)["text"] for line in f]

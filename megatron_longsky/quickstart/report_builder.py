@@ -167,9 +167,10 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
                "repeated verbatim (dense copy targets)" if "drill" in by_source else "")
             + ("; `recall`: documents with made-up facts recalled further on" if "recall" in by_source else "")
             + ". Made-up keys, wording and 3-6 digit values differ from the needle test's"
-            + ("; digits are single tokens" if cfg.tokenizer == "bpe" and cfg.bpe_split_digits else "")
-            + (f". Base pretraining began with {cfg.copy_warmup_iters} iterations on drills alone (copy warm-up)"
-               if res("base").get("copy_warmup") else "") + ".")
+            + ("; digits are single tokens" if cfg.tokenizer == "bpe" and cfg.bpe_split_digits else "") + ".")
+    curriculum = _curriculum_section(ctx)
+    if curriculum:
+        sections.append(curriculum)
     cip_lines = []
     for mode, info in res("cip_data").items():
         stats = info["statistics"]
@@ -188,8 +189,14 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
                     f"{res('synl_data')['heldout_samples']} held-out SynL samples (another seed) for accuracy")
     train_stages = ["base", "cpt"] + (["cpt_concat"] if cfg.ablation else []) + ["sft", "long_sft"]
     rows = []
+    warmup = res("base").get("copy_warmup")
     for s in train_stages:
         r = res(s)
+        if s == "base" and warmup:
+            w = warmup
+            rows.append(["base: retrieval warm-up", w["seq_length"], w["rope_base"], w["context_parallel"],
+                         w["processes"], w["iterations"], w["first_loss"], w["final_loss"],
+                         f"{w['tokens_per_s']:.0f}" if w.get("tokens_per_s") else "-"])
         rows.append([TITLES[s], r["seq_length"], r["rope_base"], r["context_parallel"], r["processes"],
                      r["iterations"], r["first_loss"], r["final_loss"],
                      f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"])
@@ -207,6 +214,41 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
                     f"({exp['architectures']}, rope_theta={exp['rope_theta']}); it loads with "
                     "`transformers.AutoModelForCausalLM.from_pretrained` and no custom code.")
     return write_report(ctx.run_dir, sections)
+
+
+def _curriculum_section(ctx: Context) -> str:
+    """The retrieval curriculum: the miniature's stand-in for a pretrained model that retrieves."""
+    cfg, cur = ctx.cfg, ctx.runner.results("curriculum")
+    if not cur:
+        return ""
+    warm, base = cur.get("warmup"), cur["base"]
+    iters = (cfg.copy_warmup_iters if warm else 0) + cfg.base_iters
+    total_tokens = sum(c["tokens"] for c in cur.values())
+    retrieval_tokens = (warm["tokens"] if warm else 0) + base["tokens"] * base["counts"].get("recall", 0) / max(
+        1, base["samples"])
+    lines = [
+        "### Retrieval curriculum (the stand-in for a pretrained model that already retrieves)",
+        "",
+        "The real recipe starts from a pretrained model that retrieves within its trained length; a tiny "
+        "model trained on natural text alone for a few minutes never learns to copy from its context "
+        "(benchmarks/RESULTS.md, \"Retrieval formation\"). The base stage therefore opens with a retrieval "
+        "curriculum (`megatron_longsky/data/retrieval_curriculum.py`), samples of "
+        f"{cfg.base_seq_length} tokens in SFT form with the loss on the copied tokens only:",
+        "",
+    ]
+    if warm:
+        lines.append(f"- warm-up, {cfg.copy_warmup_iters} of {iters} base iterations "
+                     f"({cfg.copy_warmup_iters / iters:.0%}), retrieval samples alone: "
+                     + ", ".join(f"{k} {v}" for k, v in warm["counts"].items())
+                     + f" samples; {warm['target_tokens']} loss tokens of {warm['tokens']}")
+    lines.append(f"- then {cfg.base_iters} iterations on training-corpus text windows (loss on every token) "
+                 f"mixed with recall samples ({base['counts'].get('recall', 0)} of {base['samples']} samples)")
+    lines.append(f"- retrieval samples are {retrieval_tokens / max(1, total_tokens):.0%} of the base stage's "
+                 "tokens. `repeat_small`: a line over a small alphabet repeated (loss on the repeat); "
+                 "`repeat_words`: the same with corpus words; `recall`: made-up key -> 3-6 digit value facts "
+                 "among corpus lines, then questions and answer prefixes (loss on the values). Keys, wording, "
+                 "values and filler are never the needle test's (see the unseen check).")
+    return "\n".join(lines)
 
 
 def _timings_section(ctx: Context) -> str:

@@ -110,6 +110,14 @@ def build_summary(ctx: Context, models: list[str]) -> dict:
     summary["synl_generation"] = {"train": synl_data.get("train_counts", {}),
                                   "heldout": synl_data.get("heldout_counts", {})}
     summary["evaluation_unseen"] = res("eval_unseen")
+    curriculum = res("curriculum")
+    if curriculum:
+        warm = curriculum.get("warmup")
+        summary["retrieval_curriculum"] = {
+            "warmup_iters": cfg.copy_warmup_iters if warm else 0, "base_iters": cfg.base_iters,
+            "warmup_samples": warm["counts"] if warm else {}, "base_samples": curriculum["base"]["counts"],
+            "warmup_share_of_base_iters": round(
+                (cfg.copy_warmup_iters if warm else 0) / ((cfg.copy_warmup_iters if warm else 0) + cfg.base_iters), 4)}
     summary["stage_seconds"] = {n: round(r.seconds, 1) for n, r in ctx.runner.records.items()}
     summary["stage_cpu_seconds"] = {n: round(r.cpu_seconds, 1) for n, r in ctx.runner.records.items()}
     summary["comparisons"] = comparisons(ctx, models)

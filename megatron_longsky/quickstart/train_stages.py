@@ -14,19 +14,20 @@ from megatron_longsky.quickstart.launch import run_longsky, write_yaml
 
 
 def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: dict, iters: int,
-         lr: float, init_from: str | None, cp: int = 1) -> dict:
+         lr: float, init_from: str | None, cp: int = 1, decay_style: str = "cosine") -> dict:
     cfg = ctx.cfg
     long = seq_length > cfg.base_seq_length
     tok = ctx.tokenizer_config()
     return {
         "model": {"preset": "tiny", "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                   "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.num_query_groups,
-                  "ffn_hidden_size": cfg.ffn_hidden_size, "seq_length": seq_length, "rope": {"base": rope_base}},
+                  "ffn_hidden_size": cfg.ffn_hidden_size, "init_method_std": cfg.init_method_std,
+                  "seq_length": seq_length, "rope": {"base": rope_base}},
         "parallel": {"context_parallel_size": cp},
         "tokenizer": {"type": tok.type, "model": tok.model},
         "data": data,
         "optimizer": {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.1, "clip_grad": 1.0},
-        "schedule": {"warmup_iters": max(1, iters // 10), "decay_style": "cosine"},
+        "schedule": {"warmup_iters": max(1, iters // 10), "decay_style": decay_style},
         "checkpoint": {"save": str(ctx.path(f"checkpoints/{name}")), "keep_last": 1, "init_from": init_from},
         "logging": {"log_interval": max(1, iters // 10), "tensorboard": True},
         "output_dir": str(ctx.path(f"train/{name}")),
@@ -67,15 +68,23 @@ def pretrain_base(ctx: Context) -> dict:
     from megatron_longsky.quickstart.data_stages import dataset_prefix
 
     cfg = ctx.cfg
+    curriculum = ctx.runner.results("curriculum")
+    if not curriculum:  # the retrieval curriculum is off: the corpus through GPTDataset
+        job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
+                   data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
+                   iters=cfg.base_iters, lr=cfg.lr, init_from=None)
+        return run_job(ctx, "base", job)
     warmup = None
     if cfg.copy_warmup_iters > 0:
-        # The copy warm-up: recall drills alone, then the base corpus from its weights.
+        # The retrieval warm-up: loss on the copied tokens only, then the base mix from its weights.
         job = _job(ctx, "base_copy", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
-                   data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "drills")], "split": "100,0,0"},
-                   iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None)
+                   data={"kind": "sft", "prefixes": [curriculum["warmup"]["prefix"]], "packed": False},
+                   iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None,
+                   decay_style=cfg.copy_warmup_decay)
         warmup = run_job(ctx, "base_copy", job)
+    # Corpus text windows (loss on every token) with recall samples (loss on the values).
     job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
-               data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
+               data={"kind": "sft", "prefixes": [curriculum["base"]["prefix"]], "packed": False},
                iters=cfg.base_iters, lr=cfg.lr, init_from=warmup["checkpoint"] if warmup else None)
     results = run_job(ctx, "base", job)
     if warmup:

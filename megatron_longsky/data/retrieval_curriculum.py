@@ -1,0 +1,275 @@
+"""Retrieval curriculum: fixed-length samples with loss masks that teach "find the key, copy its value".
+
+The quickstart's stand-in for "a pretrained model that already retrieves": a tiny model
+trained on natural text alone never learns to copy from its context within a CPU budget
+(benchmarks/RESULTS.md, "Retrieval formation"), because the loss on every token is
+dominated by tokens no copy can predict. These samples put the loss only where copying
+pays, and are written as an SFT dataset (tokens + loss mask, ``longsky preprocess-sft``'s
+format) that the ordinary training path reads (``data.kind: sft``).
+
+Sample kinds, each exactly ``seq_length`` tokens:
+
+- ``repeat``: a line of items repeated; the loss is on the repeat only. Items come from a
+  small alphabet (``alphabet`` single-letter tokens: the induction signal forms fastest
+  with few symbols to match) or from the corpus's words (the real vocabulary).
+- ``recall``: made-up facts ("The locker number of Kelvo-Tamsi is 48213.") put at
+  sentence boundaries among corpus lines, then one to three questions, each followed
+  by an answer prefix and the value; the loss is on the value tokens only. Several facts
+  share one attribute, so only the key tells them apart (the general skill: match a
+  key, copy what followed it).
+- ``text``: a window of corpus text with the loss on every token (the language model).
+
+Nothing here is the needle test's: keys are made-up syllable names (not its
+adjective-noun keys), values have 3 to 6 digits (its have 7), the wording has no
+"magic number", and the filler is training-corpus text (not its generated haystack).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from megatron_longsky.data.recall_drills import ATTRIBUTES, filler_lines, made_up_key, number
+
+# (fact, question, answer prefix); the value follows the prefix after a space.
+TEMPLATES = (
+    ("The {attr} of {key} is {value}.", "What is the {attr} of {key}?", "The {attr} of {key} is"),
+    ("The {attr} for {key} is {value}.", "Which {attr} was given for {key}?", "The {attr} for {key} is"),
+    ("{key} has the {attr} {value}.", "Which {attr} does {key} have?", "{key} has the {attr}"),
+    ("Record {key}: {attr} {value}.", "Look up record {key} above. What is its {attr}?", "Record {key}: {attr}"),
+    ("We set the {attr} of {key} to {value}.", "To what did we set the {attr} of {key}?",
+     "We set the {attr} of {key} to"),
+)
+SMALL_ALPHABET = tuple("bcdfghjklmnpqrstvwxz")
+REPEAT_HEADS = ("Sequence", "Items", "Tokens", "List", "Words")
+
+
+@dataclass
+class Mix:
+    """Shares of the sample kinds (normalised)."""
+
+    repeat_small: float = 0.0
+    repeat_words: float = 0.0
+    recall: float = 0.0
+    text: float = 0.0
+
+    def kinds(self) -> tuple[list[str], list[float]]:
+        pairs = [(k, v) for k, v in vars(self).items() if v > 0]
+        if not pairs:
+            raise ValueError("a curriculum mix needs at least one kind with a positive share")
+        return [k for k, _ in pairs], [v for _, v in pairs]
+
+
+class SampleMaker:
+    """Builds samples of exactly ``seq_length`` tokens: ``(tokens, loss_mask, text)``."""
+
+    def __init__(self, tokenizer, documents: Sequence[str], seq_length: int, seed: int = 0, alphabet: int = 12,
+                 stream: np.ndarray | None = None, max_lines: int = 20000):
+        """``stream``: the documents' tokens back to back, EOD between (e.g. the ``.bin`` of
+        their preprocessed dataset); encoded here when not given. ``max_lines``: filler lines kept."""
+        self.tok = tokenizer
+        self.seq_length = seq_length
+        self.rng = random.Random(seed)
+        self.bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        lines = [line for doc in documents for line in filler_lines(doc)]
+        if not lines:
+            raise ValueError("the curriculum needs corpus text (no usable lines)")
+        if len(lines) > max_lines:
+            lines = random.Random(seed).sample(lines, max_lines)
+        self.line_ids = tokenizer.encode_batch([" " + line for line in lines])
+        self.words = sorted({w for doc in documents for w in doc.split() if w.isalpha() and 3 <= len(w) <= 12})
+        self.alphabet = SMALL_ALPHABET[:max(2, min(alphabet, len(SMALL_ALPHABET)))]
+        self._item_ids: dict[str, list[int]] = {}
+        if stream is None:
+            parts = [np.append(np.asarray(ids, dtype=np.int64), tokenizer.eod_id)
+                     for ids in tokenizer.encode_batch(list(documents))]
+            stream = np.concatenate(parts)
+        self.stream = np.asarray(stream, dtype=np.int64)
+
+    # -- kinds ----------------------------------------------------------------------------
+
+    def text(self) -> tuple[list[int], list[int]]:
+        n = self.seq_length
+        start = self.rng.randrange(max(1, len(self.stream) - n))
+        ids = self.stream[start:start + n].tolist()
+        return ids, [1] * len(ids)
+
+    def repeat(self, small: bool) -> tuple[list[int], list[int]]:
+        rng = self.rng
+        head = rng.choice(REPEAT_HEADS)
+        first = self.tok.encode(f"{head}:")
+        again = self.tok.encode(f"\n{head} again:")
+        budget = (self.seq_length - len(self.bos) - len(first) - len(again)) // 2
+        items: list[int] = []
+        while True:
+            word = rng.choice(self.alphabet) if small else rng.choice(self.words)
+            ids = self._item_ids.get(word)
+            if ids is None:
+                ids = self._item_ids[word] = self.tok.encode(" " + word)
+            if len(items) + len(ids) > budget:
+                break
+            items += ids
+        items = items[:max(1, rng.randint(budget // 3, budget) if budget > 3 else budget)]
+        ids = self.bos + first + items + again + items
+        mask = [0] * (len(ids) - len(items)) + [1] * len(items)
+        return self._pad_front(ids, mask)
+
+    def recall_spec(self) -> tuple[int, list[str]]:
+        """Draw a recall sample's facts and questions: ``(n, texts to encode)``."""
+        rng = self.rng
+        n = rng.randint(1, 3)
+        fact_t, question_t, prefix_t = rng.choice(TEMPLATES)
+        shared = rng.choice(ATTRIBUTES) if rng.random() < 0.7 else None
+        keys: list[str] = []
+        while len(keys) < n:
+            key = made_up_key(rng)
+            if key not in keys:
+                keys.append(key)
+        facts = [{"attr": shared or rng.choice(ATTRIBUTES), "key": k, "value": number(rng)} for k in keys]
+        order = list(range(n))
+        rng.shuffle(order)  # every fact is asked, in another order
+        asked = [facts[i] for i in order]
+        texts = ([" " + fact_t.format(**f) for f in facts]
+                 + [f"\n\n{question_t.format(**f)}\n{prefix_t.format(**f)}" for f in asked]
+                 + [" " + f["value"] for f in asked])
+        return n, texts, order
+
+    def recall(self, spec=None, encoded=None) -> tuple[list[int], list[int]]:
+        rng = self.rng
+        n, texts, order = spec or self.recall_spec()
+        if encoded is None:
+            encoded = self.tok.encode_batch(texts)
+        encoded = [list(ids) for ids in encoded]
+        fact_ids = encoded[:n]
+        qa = list(zip(encoded[n:2 * n], encoded[2 * n:]))
+        while True:  # drop questions, then facts, until the sample fits
+            budget = (self.seq_length - len(self.bos) - sum(map(len, fact_ids))
+                      - sum(len(a) + len(b) for a, b in qa))
+            if budget >= 0:
+                break
+            if len(qa) > 1:
+                qa.pop()
+            elif len(fact_ids) > 1:
+                drop = next(i for i in range(len(fact_ids)) if i != order[0])
+                fact_ids.pop(drop)
+                order = [i - (i > drop) for i in order]
+            else:
+                raise ValueError(f"seq_length {self.seq_length} is too short for a recall sample")
+        pieces = self._filler(budget)
+        # Facts at sentence boundaries (random, in order of appearance).
+        slots = sorted(rng.randrange(len(pieces) + 1) for _ in fact_ids)
+        context: list[int] = []
+        for i in range(len(pieces) + 1):
+            for j, slot in enumerate(slots):
+                if slot == i:
+                    context += fact_ids[j]
+            if i < len(pieces):
+                context += pieces[i]
+        ids, mask = self.bos + context, [0] * (len(self.bos) + len(context))
+        for frame, answer in qa:
+            ids += frame + answer
+            mask += [0] * len(frame) + [1] * len(answer)
+        return ids, mask
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _filler(self, budget: int) -> list[list[int]]:
+        """Whole corpus lines totalling exactly ``budget`` tokens (the first one cut from the front)."""
+        pieces: list[list[int]] = []
+        total = 0
+        i = self.rng.randrange(len(self.line_ids))
+        while total < budget:
+            ids = list(self.line_ids[i % len(self.line_ids)])
+            pieces.append(ids)
+            total += len(ids)
+            i += 1
+        excess = total - budget
+        while excess > 0:
+            if len(pieces[0]) <= excess:
+                excess -= len(pieces.pop(0))
+            else:
+                pieces[0], excess = pieces[0][excess:], 0
+        return pieces
+
+    def _pad_front(self, ids: list[int], mask: list[int]) -> tuple[list[int], list[int]]:
+        """Corpus lines before a short sample so that it is exactly ``seq_length`` tokens."""
+        short = self.seq_length - len(ids)
+        if short <= 0:
+            return ids[:self.seq_length], mask[:self.seq_length]
+        filler = [t for piece in self._filler(short) for t in piece]
+        bos = len(self.bos)
+        return ids[:bos] + filler + ids[bos:], mask[:bos] + [0] * len(filler) + mask[bos:]
+
+    def sample(self, kind: str) -> tuple[list[int], list[int]]:
+        if kind == "repeat_small":
+            return self.repeat(small=True)
+        if kind == "repeat_words":
+            return self.repeat(small=False)
+        if kind == "recall":
+            return self.recall()
+        if kind == "text":
+            return self.text()
+        raise ValueError(f"unknown curriculum sample kind {kind!r}")
+
+    def samples(self, mix: Mix, count: int, chunk: int = 1024) -> Iterator[tuple[str, list[int], list[int]]]:
+        """``count`` samples of the mix's kinds; recall texts are encoded ``chunk`` samples at a time."""
+        kinds, weights = mix.kinds()
+        drawn = self.rng.choices(kinds, weights, k=count)
+        for start in range(0, count, chunk):
+            part = drawn[start:start + chunk]
+            specs = [self.recall_spec() for kind in part if kind == "recall"]
+            flat = self.tok.encode_batch([t for spec in specs for t in spec[1]]) if specs else []
+            at, spec_iter = 0, iter(specs)
+            for kind in part:
+                if kind == "recall":
+                    spec = next(spec_iter)
+                    ids, mask = self.recall(spec, flat[at:at + len(spec[1])])
+                    at += len(spec[1])
+                else:
+                    ids, mask = self.sample(kind)
+                yield kind, ids, mask
+
+
+def read_documents(corpus_jsonl: str | Path, max_documents: int | None = None) -> list[str]:
+    docs = []
+    with open(corpus_jsonl, encoding="utf-8") as f:
+        for line in f:
+            docs.append(json.loads(line)["text"])
+            if max_documents is not None and len(docs) >= max_documents:
+                break
+    return docs
+
+
+def write_curriculum(maker: SampleMaker, mix: Mix, count: int, output_prefix: str | Path,
+                     text_jsonl: str | Path | None = None) -> dict:
+    """Write ``count`` samples as an SFT dataset at ``output_prefix`` (and, with ``text_jsonl``,
+    the non-``text`` samples' decoded text, for the evaluation-unseen check). Returns counts."""
+    from megatron_longsky.sft.preprocess import SFTPreprocessConfig, SFTWriter
+    from megatron_longsky.utils.atomic import atomic_path
+
+    writer = SFTWriter(SFTPreprocessConfig(output_prefix=str(output_prefix), overwrite=True), maker.tok)
+    counts: dict[str, int] = {}
+    target_tokens = 0
+    texts = []
+    try:
+        for kind, ids, mask in maker.samples(mix, count):
+            writer.add_encoded(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8))
+            counts[kind] = counts.get(kind, 0) + 1
+            target_tokens += sum(mask)
+            if kind != "text" and text_jsonl is not None:
+                texts.append(maker.tok.decode(ids))
+        summary = writer.finish({"curriculum": {"mix": vars(mix), "counts": counts}})
+    except BaseException:
+        writer.abort()
+        raise
+    if text_jsonl is not None:
+        with atomic_path(text_jsonl) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text}) + "\n")
+    return {"prefix": str(output_prefix), "samples": summary.samples, "tokens": summary.tokens,
+            "target_tokens": target_tokens, "counts": dict(sorted(counts.items()))}

@@ -1,0 +1,122 @@
+"""The retrieval curriculum: fixed-length samples whose loss falls only on what copying predicts,
+never the needle test's wording, keys or values, readable by the SFT training dataset."""
+
+import re
+
+import numpy as np
+import pytest
+
+from megatron_longsky.data.retrieval_curriculum import Mix, SampleMaker, write_curriculum
+from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
+
+DOCS = [
+    "The parser reads one line at a time.\nEach line is split into fields.\nFields are stripped of spaces.\n"
+    "A missing field raises an error.\nThe error names the line number.\n",
+    "Sockets connect two processes.\nA server listens on a port.\nThe client sends a request.\n"
+    "Timeouts close idle connections.\nLogging records every request.\n",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(TokenizerConfig(type="byte"))
+
+
+def maker(tok, seq_length=256, seed=0):
+    return SampleMaker(tok, DOCS, seq_length, seed=seed, alphabet=8)
+
+
+def test_every_kind_is_exactly_seq_length_with_targets(tok):
+    m = maker(tok)
+    for kind in ("repeat_small", "repeat_words", "recall", "text"):
+        for _ in range(20):
+            ids, mask = m.sample(kind)
+            assert len(ids) == len(mask) == 256, kind
+            assert sum(mask) > 0, kind
+    _, mask = m.sample("text")
+    assert all(mask)
+
+
+def test_recall_loss_is_on_values_found_earlier_after_their_key(tok):
+    m = maker(tok)
+    for _ in range(30):
+        ids, mask = m.recall()
+        text = tok.decode(ids)
+        targets = tok.decode([i for i, keep in zip(ids, mask) if keep])
+        values = targets.split()
+        assert values and all(re.fullmatch(r"\d{3,6}", v) for v in values), targets
+        for value in values:
+            # each value is stated once in a fact before the questions, then answered
+            assert text.count(value) >= 2, (value, text)
+        # the masked tokens are exactly the answers: the last token of the sample is a value digit
+        assert mask[-1] == 1
+
+
+def test_repeat_loss_is_on_the_repeat_only(tok):
+    m = maker(tok)
+    ids, mask = m.repeat(small=True)
+    start = mask.index(1)
+    repeat = ids[start:]
+    assert all(mask[start:]) and not any(mask[:start])
+    assert tok.decode(repeat) in tok.decode(ids[:start])  # the copy's source is earlier
+
+
+def test_never_the_needle_wording_or_seven_digit_values(tok):
+    m = maker(tok)
+    for _ in range(200):
+        text = tok.decode(m.recall()[0])
+        assert "magic number" not in text and "provided text" not in text
+        assert not re.search(r"(?<!\d)\d{7,}(?!\d)", text)
+
+
+def test_deterministic_for_a_seed(tok):
+    a = [m for m in maker(tok, seed=3).samples(Mix(recall=1, repeat_small=1), 12)]
+    b = [m for m in maker(tok, seed=3).samples(Mix(recall=1, repeat_small=1), 12)]
+    c = [m for m in maker(tok, seed=4).samples(Mix(recall=1, repeat_small=1), 12)]
+    assert a == b and a != c
+
+
+@pytest.mark.slow  # a subprocess / megatron-core import: tens of seconds on a loaded machine
+def test_written_dataset_feeds_the_sft_training_rows(tok, tmp_path):
+    from megatron_longsky.sft.dataset import PackedSFTDataset
+
+    out = write_curriculum(maker(tok, seq_length=256), Mix(recall=0.5, text=0.5), 40, tmp_path / "cur",
+                           tmp_path / "cur.jsonl")
+    assert out["samples"] == 40 and sum(out["counts"].values()) == 40
+    assert len((tmp_path / "cur.jsonl").read_text().splitlines()) == out["counts"]["recall"]
+    ds = PackedSFTDataset(tmp_path / "cur", 256, unpacked=True)
+    assert len(ds) == 40
+    masked = sum(int(ds[i]["loss_mask"].sum()) for i in range(len(ds)))
+    # each sample's first token is never a target (the mask is shifted onto the labels)
+    assert masked == out["target_tokens"] - sum(1 for i in range(40) if ds._masks.get(i, 0, 1)[0])
+    assert np.isclose(out["target_tokens"] / out["tokens"], out["target_tokens"] / (40 * 256))
+
+
+def test_a_mix_needs_a_kind():
+    with pytest.raises(ValueError):
+        Mix().kinds()
+
+
+def test_quickstart_report_and_summary_name_the_curriculum(tmp_path):
+    """REPORT.md names the curriculum as the stand-in for a pretrained model that retrieves, with
+    its share of base iterations; nothing is said when it is off."""
+    from megatron_longsky.quickstart.config import QuickstartConfig
+    from megatron_longsky.quickstart.context import Context
+    from megatron_longsky.quickstart.report_builder import _curriculum_section
+    from megatron_longsky.quickstart.runner import StageRecord, StageRunner
+
+    cfg = QuickstartConfig(retrieval_curriculum=True, copy_warmup_iters=200, base_iters=800)
+    runner = StageRunner(tmp_path, fingerprint={})
+    ctx = Context(cfg, tmp_path, runner)
+    assert _curriculum_section(ctx) == ""
+    runner.records["curriculum"] = StageRecord("curriculum", 1.0, {
+        "warmup": {"samples": 3200, "tokens": 409600, "target_tokens": 90000,
+                   "counts": {"recall": 1000, "repeat_small": 2000, "repeat_words": 200}},
+        "base": {"samples": 12800, "tokens": 1638400, "target_tokens": 1300000,
+                 "counts": {"recall": 3200, "text": 9600}}})
+    text = _curriculum_section(ctx)
+    assert "stand-in for a pretrained model that already retrieves" in text
+    assert "200 of 1000 base iterations (20%)" in text
+    assert "3200 of 12800 samples" in text
+    # tokens of retrieval samples: the whole warm-up plus a quarter of the base mix
+    assert f"{(409600 + 1638400 / 4) / (409600 + 1638400):.0%} of the base stage's tokens" in text
