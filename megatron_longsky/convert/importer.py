@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +34,7 @@ from megatron_longsky.convert.mapping import (
     layer_to_megatron,
     pad_vocab_rows,
 )
-from megatron_longsky.checkpoint.layout import TOKENIZER_FILES
+from megatron_longsky.checkpoint.layout import TOKENIZER_DIR, TOKENIZER_FILES, store_tokenizer
 from megatron_longsky.config import ConfigError
 from megatron_longsky.model.config import ModelConfig, check_parallel_layout
 
@@ -181,13 +180,10 @@ def import_checkpoint(
             log.info("import: writing dist checkpoint to %s", out_root)
             save_model_weights(model, tmp_iter)
             del model
-        tok_files = tokenizer_files(hf_dir)
         tokenizer = None
-        if tok_files:
-            (tmp_iter / "tokenizer").mkdir()
-            for f in tok_files:
-                shutil.copy2(f, tmp_iter / "tokenizer" / f.name)
-            tokenizer = tokenizer_entry(tmp_iter / "tokenizer")
+        if tokenizer_files(hf_dir):
+            store_tokenizer(tmp_iter, {"type": "hf", "model": str(hf_dir)})
+            tokenizer = tokenizer_entry(tmp_iter / TOKENIZER_DIR)
             if tokenizer:  # relative to the checkpoint: it stays valid when the checkpoint is moved
                 tokenizer["model"] = str(Path(tokenizer["model"]).relative_to(tmp_iter))
         config = {

@@ -25,7 +25,6 @@ import json
 import logging
 import pickle
 import re
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -147,6 +146,7 @@ def _check_finite(model, where: str) -> None:
 def _local_tokenizer(entry: Optional[dict], tmp_iter: Path, where: str) -> Optional[dict]:
     """Our ``tokenizer:`` entry: HF tokenizer files found here are copied into the checkpoint
     (recorded relative to it, like ``convert import``); other paths are kept as given."""
+    from megatron_longsky.checkpoint.layout import TOKENIZER_DIR, store_tokenizer
     from megatron_longsky.convert.importer import tokenizer_entry, tokenizer_files
 
     if entry is None:
@@ -154,12 +154,9 @@ def _local_tokenizer(entry: Optional[dict], tmp_iter: Path, where: str) -> Optio
     model = Path(entry["model"])
     if entry["type"] == "hf" and not entry.get("merges"):
         directory = model if model.is_dir() else model.parent
-        files = tokenizer_files(directory) if directory.is_dir() else []
-        if files:
-            (tmp_iter / "tokenizer").mkdir()
-            for f in files:
-                shutil.copy2(f, tmp_iter / "tokenizer" / f.name)
-            local = tokenizer_entry(tmp_iter / "tokenizer")
+        if directory.is_dir() and tokenizer_files(directory):
+            store_tokenizer(tmp_iter, {"type": "hf", "model": str(directory)})
+            local = tokenizer_entry(tmp_iter / TOKENIZER_DIR)
             if local:
                 return {**local, "model": str(Path(local["model"]).relative_to(tmp_iter))}
     if not model.exists():
@@ -266,8 +263,9 @@ def export_megatron_lm(checkpoint: str | Path, out_dir: str | Path, dtype: Optio
     from megatron.core.dist_checkpointing.utils import _clean_metadata_for_serialization
 
     from megatron_longsky.checkpoint import load_model_weights, read_checkpoint_config, resolve_checkpoint
+    from megatron_longsky.checkpoint.layout import store_tokenizer
     from megatron_longsky.convert.exporter import _checkpoint_tokenizer_dir, _load_tokenizer, _padded_vocab
-    from megatron_longsky.convert.importer import tokenizer_entry, tokenizer_files
+    from megatron_longsky.convert.importer import tokenizer_entry
     from megatron_longsky.convert.megatron_lm_args import check_exportable_rope
     from megatron_longsky.convert.session import single_process_runtime
     from megatron_longsky.model import build_model, model_config_from_dict
@@ -336,9 +334,7 @@ def export_megatron_lm(checkpoint: str | Path, out_dir: str | Path, dtype: Optio
                                     content_metadata=_clean_metadata_for_serialization(metadata))
             del model, state
         if tok_dir is not None:
-            (tmp / "tokenizer").mkdir()
-            for f in tokenizer_files(tok_dir):
-                shutil.copy2(f, tmp / "tokenizer" / f.name)
+            store_tokenizer(tmp, {"type": "hf", "model": str(tok_dir)})
         (tmp / TRACKER).write_text(str(iteration), encoding="utf-8")  # as Megatron-LM writes it
         (tmp / FLAGS_FILE).write_text("\n".join(pair_flags(flags)) + "\n", encoding="utf-8")
     log.info("to-megatron-lm: %s -> %s (iteration %d, padded vocabulary %d, %s)", ckpt, out_dir, iteration, padded,
