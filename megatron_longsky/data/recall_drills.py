@@ -16,6 +16,7 @@ keys, 7-digit values and haystack never occur in a drill.
 from __future__ import annotations
 
 import random
+from typing import Sequence
 
 _SYLLABLES = ("ka", "lo", "mi", "ter", "vos", "zu", "ben", "dra", "fel", "gor", "hin", "jas", "kel", "mar",
               "nov", "pil", "quo", "ras", "sel", "tam", "ul", "vek", "wen", "yor", "zan", "bri", "cor", "dun")
@@ -45,18 +46,23 @@ def number(rng: random.Random) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
 
-def recall_drill(rng: random.Random, filler: list[str], min_facts: int = 2, max_facts: int = 4,
-                 max_filler: int = 1) -> str:
-    """One drill: facts between ``filler`` lines, then a query for every fact (another order)."""
-    n = rng.randint(min_facts, max_facts)
-    template = rng.choice(TEMPLATES)
+def draw_facts(rng: random.Random, n: int, templates: Sequence) -> tuple:
+    """A template from ``templates`` and ``n`` facts about distinct made-up keys (most share
+    one attribute, so the key is what tells them apart): ``(template, facts)``."""
+    template = rng.choice(templates)
     shared_attr = rng.choice(ATTRIBUTES) if rng.random() < 0.7 else None
     keys: list[str] = []
     while len(keys) < n:
         key = made_up_key(rng)
         if key not in keys:
             keys.append(key)
-    facts = [{"attr": shared_attr or rng.choice(ATTRIBUTES), "key": k, "value": number(rng)} for k in keys]
+    return template, [{"attr": shared_attr or rng.choice(ATTRIBUTES), "key": k, "value": number(rng)} for k in keys]
+
+
+def recall_drill(rng: random.Random, filler: list[str], min_facts: int = 2, max_facts: int = 4,
+                 max_filler: int = 1) -> str:
+    """One drill: facts between ``filler`` lines, then a query for every fact (another order)."""
+    template, facts = draw_facts(rng, rng.randint(min_facts, max_facts), TEMPLATES)
     fill = iter(filler[rng.randrange(len(filler)):] + filler) if filler else iter(())
 
     def some_filler() -> list[str]:

@@ -34,7 +34,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from megatron_longsky.data.recall_drills import ATTRIBUTES, filler_lines, made_up_key, number
+from megatron_longsky.data.recall_drills import draw_facts, filler_lines
 
 # (fact, question, answer prefix); the value follows the prefix after a space.
 TEMPLATES = (
@@ -123,14 +123,7 @@ class SampleMaker:
         """Draw a recall sample's facts and questions: ``(n, texts to encode)``."""
         rng = self.rng
         n = rng.randint(1, 3)
-        fact_t, question_t, prefix_t = rng.choice(TEMPLATES)
-        shared = rng.choice(ATTRIBUTES) if rng.random() < 0.7 else None
-        keys: list[str] = []
-        while len(keys) < n:
-            key = made_up_key(rng)
-            if key not in keys:
-                keys.append(key)
-        facts = [{"attr": shared or rng.choice(ATTRIBUTES), "key": k, "value": number(rng)} for k in keys]
+        (fact_t, question_t, prefix_t), facts = draw_facts(rng, n, TEMPLATES)
         order = list(range(n))
         rng.shuffle(order)  # every fact is asked, in another order
         asked = [facts[i] for i in order]
