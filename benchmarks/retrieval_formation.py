@@ -47,15 +47,19 @@ def rope(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
+def make_norm(kind: str, d: int) -> nn.Module:
+    return nn.LayerNorm(d) if kind == "layer" else nn.RMSNorm(d)
+
+
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, ffn: int):
+    def __init__(self, d: int, heads: int, ffn: int, norm: str = "rms"):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.RMSNorm(d)
+        self.norm1 = make_norm(norm, d)
         self.qkv, self.out = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
         self.ffn = ffn  # 0: attention only (no MLP)
         if ffn:
-            self.norm2 = nn.RMSNorm(d)
+            self.norm2 = make_norm(norm, d)
             self.gate_up, self.down = nn.Linear(d, 2 * ffn, bias=False), nn.Linear(ffn, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,22 +74,47 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, ffn: int, std: float):
-        """``std`` > 0: every matrix drawn from N(0, std) (Megatron's init_method_std);
-        0: PyTorch's default init (uniform, std 1/sqrt(3 fan_in) for a linear layer)."""
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, ffn: int, std: float,
+                 embed_std: float = -1.0, norm: str = "rms", out_vocab: int = 0, tie: int = 0,
+                 head_bias: int = 0):
+        """``std`` > 0: every matrix drawn from N(0, std) and the projections into the residual
+        stream from N(0, std / sqrt(2 layers)), as the quickstart's model (model/init.py);
+        0: PyTorch's default init (uniform, std 1/sqrt(3 fan_in) for a linear layer, N(0, 1)
+        for the embedding). ``embed_std`` >= 0 overrides the embedding's std alone."""
         super().__init__()
+        vocab = max(vocab, out_vocab)  # out_vocab: a real tokenizer's size, of which the task uses vocab
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d, heads, ffn) for _ in range(layers))
-        self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
-        for p in self.parameters():
-            if p.dim() == 2 and std > 0:
-                nn.init.normal_(p, std=std)  # Megatron's init_method_std
+        self.blocks = nn.ModuleList(Block(d, heads, ffn, norm) for _ in range(layers))
+        self.norm, self.head = make_norm(norm, d), nn.Linear(d, vocab, bias=bool(head_bias))
+        if std > 0:
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    residual = name.endswith(("out.weight", "down.weight"))
+                    nn.init.normal_(p, std=std / (2 * layers) ** 0.5 if residual else std)
+        if embed_std >= 0:
+            nn.init.normal_(self.embed.weight, std=embed_std)
+        if tie:
+            self.head.weight = self.embed.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
+
+
+PREV_SHARE = 0.25
+@torch.no_grad()
+def expand_vocabulary(model: "Decoder", size: int, std: float, embed_std: float) -> None:
+    old_embed, old_head = model.embed.weight, model.head.weight
+    n, d = old_embed.shape
+    embed = nn.Embedding(size, d)
+    nn.init.normal_(embed.weight, std=embed_std if embed_std >= 0 else std)
+    embed.weight[:n] = old_embed
+    head = nn.Linear(d, size, bias=False)
+    nn.init.normal_(head.weight, std=std)
+    head.weight[:n] = old_head
+    model.embed, model.head = embed, head
 
 
 DIGITS = 10  # token ids 0-9 are digits in the needle task; 10 is "is", 11 the query mark
@@ -102,6 +131,29 @@ def make_sample(task: str, rng: random.Random, seq: int, vocab: int, segment: in
         ids = noise[:at] + fact + noise[at:] + query
         copy = [False] * (len(ids) - len(value)) + [True] * len(value)
         return ids, copy
+    if task == "prev":  # "x M x": after the marker, copy the token before it (a previous-token head)
+        marker = vocab - 1
+        ids = [rng.randrange(vocab - 1) for _ in range(seq + 1)]
+        copy = [False] * (seq + 1)
+        for at in range(2, seq + 1, 6):
+            ids[at - 1], ids[at] = marker, ids[at - 2]
+            copy[at] = True
+        return ids, copy
+    if task == "chunks":  # a random prefix, then chunks of it copied from random offsets
+        source = seq // 4
+        segment = min(segment, source)
+        ids = [rng.randrange(vocab) for _ in range(source)]
+        copy = [False] * source
+        while len(ids) < seq + 1:
+            at = rng.randrange(source - segment + 1)
+            n = min(segment, seq + 1 - len(ids))
+            ids += ids[at:at + n]
+            copy += [False] + [True] * (n - 1)
+        return ids, copy
+    if task == "random+prev":  # the random repeat, and a share of "prev" samples
+        if rng.random() < PREV_SHARE:
+            return make_sample("prev", rng, seq, vocab, segment)
+        return make_sample("random", rng, seq, vocab - 1, segment)
     ids = [rng.randrange(vocab) for _ in range(seq + 1)]
     if task == "fixed":
         start = rng.randrange(seq + 1 - 2 * segment + 1)
@@ -117,10 +169,21 @@ def make_sample(task: str, rng: random.Random, seq: int, vocab: int, segment: in
 def train(task: str, args: argparse.Namespace) -> list[tuple[int, float]]:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    model = Decoder(args.vocab, args.hidden, args.layers, args.heads, args.ffn, args.init_std)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    expand = args.expand_at > 0 and args.out_vocab > args.vocab
+    model = Decoder(args.vocab, args.hidden, args.layers, args.heads, args.ffn, args.init_std,
+                    args.embed_std, args.norm, 0 if expand else args.out_vocab, args.tie, args.head_bias)
+
+    def optimizer():
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                 eps=args.adam_eps)
+
+    opt = optimizer()
     curve = []
     for step in range(1, args.steps + 1):
+        if expand and step == args.expand_at:
+            # The vocabulary grows to out_vocab: the task's rows are kept, the others drawn fresh.
+            expand_vocabulary(model, args.out_vocab, args.init_std, args.embed_std)
+            opt = optimizer()
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / args.warmup)
         ids, copy = zip(*(make_sample(task, rng, args.seq, args.vocab, args.segment) for _ in range(args.batch)))
@@ -130,12 +193,19 @@ def train(task: str, args: argparse.Namespace) -> list[tuple[int, float]]:
             target = copy[:, 1:]
             loss = F.cross_entropy(logits[target], ids[:, 1:][target])
         else:
-            loss = F.cross_entropy(logits.reshape(-1, args.vocab), ids[:, 1:].reshape(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.every == 0:
+            if "+" in task:  # a mixed task is measured on a fresh batch of its main task alone
+                main = task.split("+")[0]
+                ids, copy = zip(*(make_sample(main, rng, args.seq, args.vocab - 1, args.segment)
+                                  for _ in range(args.batch)))
+                ids, copy = torch.tensor(ids), torch.tensor(copy)
+                with torch.no_grad():
+                    logits = model(ids[:, :-1])
             target = copy[:, 1:]
             accuracy = (logits.argmax(-1)[target] == ids[:, 1:][target]).float().mean().item()
             curve.append((step, accuracy))
@@ -144,7 +214,8 @@ def train(task: str, args: argparse.Namespace) -> list[tuple[int, float]]:
     return curve
 
 
-VARIABLES = ("loss", "vocab", "batch", "lr", "layers", "ffn", "init_std", "warmup", "segment")
+VARIABLES = ("expand_at", "adam_eps", "loss", "vocab", "out_vocab", "tie", "head_bias", "batch", "lr", "layers", "ffn", "init_std", "embed_std", "norm", "warmup",
+             "segment", "seed")
 
 
 def parse_variants(spec: str) -> list[dict]:
@@ -157,8 +228,8 @@ def parse_variants(spec: str) -> list[dict]:
             key = key.strip().replace("-", "_")
             if key not in VARIABLES:
                 raise SystemExit(f"unknown variable {key!r} in --variants (known: {', '.join(VARIABLES)})")
-            overrides[key] = value.strip() if key == "loss" else float(value) if key in ("lr", "init_std") \
-                else int(value)
+            overrides[key] = value.strip() if key in ("loss", "norm") \
+                else float(value) if key in ("lr", "init_std", "embed_std", "adam_eps") else int(value)
         variants.append(overrides)
     return variants
 
@@ -182,7 +253,17 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--ffn", type=int, default=384, help="SwiGLU width; 0 = attention-only blocks")
     p.add_argument("--init-std", type=float, default=0.02, help="N(0, std) init; 0 = PyTorch's default init")
+    p.add_argument("--embed-std", type=float, default=-1.0,
+                   help="N(0, std) for the embedding alone; < 0: as the other matrices")
+    p.add_argument("--out-vocab", type=int, default=0,
+                   help="embedding and output size when larger than --vocab (a real tokenizer's)")
+    p.add_argument("--expand-at", type=int, default=0,
+                   help="train with --vocab rows until this step, then grow to --out-vocab rows")
+    p.add_argument("--head-bias", type=int, default=0, help="1: the output layer has a bias")
+    p.add_argument("--tie", type=int, default=0, help="1: the output layer is the embedding")
+    p.add_argument("--norm", choices=("rms", "layer"), default="rms")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--adam-eps", type=float, default=1e-8)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print each measurement as it is taken")

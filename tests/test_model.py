@@ -116,3 +116,28 @@ def test_same_seed_same_full_weights_and_logits_at_any_layout():
         assert w["decoder.layers.0.self_attention.linear_proj.weight"].std().item() == pytest.approx(
             0.2 / 2.0, rel=0.1)  # std / sqrt(2 * num_layers), num_layers = 2
         assert torch.equal(w["decoder.final_layernorm.weight"], torch.ones(64))
+
+
+def _embedding_std_weights(_):
+    from megatron_longsky.model import build_model, model_config_from_dict
+    from _megatron_forward import current_layout, full_weights, switch_layout
+
+    switch_layout(1, 1, seed=0)
+    out = {}
+    for embedding_std in (None, 1.0):
+        cfg = model_config_from_dict({"preset": "tiny", "vocab_size": 256, "init_method_std": 0.02,
+                                      "embedding_init_std": embedding_std})
+        out[embedding_std] = full_weights(build_model(cfg, current_layout(), 256, seed=3))
+    return out
+
+
+def test_embedding_init_std_sets_the_word_embedding_alone():
+    (weights,) = run_distributed(_embedding_std_weights, 1, None)
+    default, wide = weights[None], weights[1.0]
+    assert default["embedding.word_embeddings.weight"].std().item() == pytest.approx(0.02, rel=0.05)
+    assert wide["embedding.word_embeddings.weight"].std().item() == pytest.approx(1.0, rel=0.05)
+    for name in default:  # every other tensor is drawn exactly as without it
+        if name != "embedding.word_embeddings.weight":
+            assert torch.equal(default[name], wide[name]), name
+    with pytest.raises((ValueError, ConfigError), match="embedding_init_std"):
+        model_config_from_dict({"preset": "tiny", "embedding_init_std": 0.0})

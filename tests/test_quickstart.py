@@ -24,7 +24,8 @@ SMALL = dict(
     base_seq_length=128, long_seq_length=512, base_iters=4, cpt_iters=3, sft_iters=3, long_sft_iters=3,
     global_batch_size=4, micro_batch_size=2, long_global_batch_size=4, long_micro_batch_size=2, sft_samples=64, synl_samples=12, synl_eval_samples=3,
     synl_min_tokens=150, synl_max_tokens=400, needle_lengths=[128, 512], needle_depths=2, needle_samples=1,
-    ppl_documents=4, retrieval_curriculum=True, copy_warmup_iters=2,
+    ppl_documents=4, retrieval_curriculum=True, copy_warmup_iters=2, warmup_induction=0.5,
+    base_induction_share=0.25, embedding_init_std=1.0,
 )
 
 

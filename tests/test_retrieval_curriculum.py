@@ -28,7 +28,7 @@ def maker(tok, seq_length=256, seed=0):
 
 def test_every_kind_is_exactly_seq_length_with_targets(tok):
     m = maker(tok)
-    for kind in ("repeat_small", "repeat_words", "recall", "text"):
+    for kind in ("induction", "repeat_small", "repeat_words", "recall", "text"):
         for _ in range(20):
             ids, mask = m.sample(kind)
             assert len(ids) == len(mask) == 256, kind
@@ -59,6 +59,27 @@ def test_repeat_loss_is_on_the_repeat_only(tok):
     repeat = ids[start:]
     assert all(mask[start:]) and not any(mask[:start])
     assert tok.decode(repeat) in tok.decode(ids[:start])  # the copy's source is earlier
+
+
+def test_induction_targets_are_exactly_the_tokens_a_content_match_predicts(tok):
+    m = SampleMaker(tok, DOCS, 128, seed=5, induction_alphabet=16, induction_segment=8)
+    assert len(m.induction_ids) == 16
+    digits = {tok.encode(d)[0] for d in "0123456789"}
+    assert digits <= set(m.induction_ids)  # the needle's values are digits
+    assert not {tok.eod_id, tok.bos_id} & set(m.induction_ids)
+    source_end = len(m.bos) + (128 - len(m.bos)) // 4
+    for _ in range(50):
+        ids, mask = m.induction()
+        assert len(ids) == len(mask) == 128 and set(ids[len(m.bos):]) <= set(m.induction_ids)
+        assert not any(mask[:source_end + 1]) and sum(mask) > 128 // 2
+        source = ids[len(m.bos):source_end]
+        # every target continues a run (its predecessor and itself) that occurs in the source
+        for i, keep in enumerate(mask):
+            if keep:
+                assert any(source[j:j + 2] == ids[i - 1:i + 1] for j in range(len(source) - 1)), (i, ids)
+        # and each chunk's first token (no target) starts a copy of the source
+        starts = [i for i in range(source_end, 128) if not mask[i]]
+        assert starts[0] == source_end and all(ids[i] in source for i in starts)
 
 
 def test_never_the_needle_wording_or_seven_digit_values(tok):
@@ -113,10 +134,10 @@ def test_quickstart_report_and_summary_name_the_curriculum(tmp_path):
         "warmup": {"samples": 3200, "tokens": 409600, "target_tokens": 90000,
                    "counts": {"recall": 1000, "repeat_small": 2000, "repeat_words": 200}},
         "base": {"samples": 12800, "tokens": 1638400, "target_tokens": 1300000,
-                 "counts": {"recall": 3200, "text": 9600}}})
+                 "counts": {"recall": 3200, "induction": 1600, "text": 8000}}})
     text = _curriculum_section(ctx)
     assert "stand-in for a pretrained model that already retrieves" in text
     assert "200 of 1000 base iterations (20%)" in text
-    assert "3200 of 12800 samples" in text
-    # tokens of retrieval samples: the whole warm-up plus a quarter of the base mix
-    assert f"{(409600 + 1638400 / 4) / (409600 + 1638400):.0%} of the base stage's tokens" in text
+    assert "recall 3200, induction 1600 of 12800 samples" in text
+    # tokens of retrieval samples: the whole warm-up plus the base mix's recall and induction share
+    assert f"{(409600 + 1638400 * 4800 / 12800) / (409600 + 1638400):.0%} of the base stage's tokens" in text

@@ -45,3 +45,32 @@ def test_side_by_side_table_one_column_per_variant():
     header = next(line for line in out.splitlines() if line.startswith("| step |"))
     assert header == "| step | random [loss=all] | random [loss=copy,ffn=0] |"
     assert sum(line.startswith("| 1 |") or line.startswith("| 2 |") for line in out.splitlines()) == 2
+
+
+def test_chunks_targets_continue_a_run_of_the_source():
+    import random
+
+    mod = _module()
+    rng = random.Random(0)
+    for _ in range(20):
+        ids, copy = mod.make_sample("chunks", rng, 128, 64, 8)
+        assert len(ids) == len(copy) == 129 and not any(copy[:32]) and sum(copy) > 64
+        source = ids[:32]
+        for i, target in enumerate(copy):
+            if target:  # the pair ending at a target occurs in the source: a content match predicts it
+                assert any(source[j:j + 2] == ids[i - 1:i + 1] for j in range(31))
+
+
+def test_output_rows_beyond_the_task_and_vocabulary_growth_keep_the_task_rows():
+    import torch
+
+    mod = _module()
+    model = mod.Decoder(64, 32, 1, 2, 0, 0.02, embed_std=1.0, out_vocab=256)
+    assert model.embed.weight.shape[0] == model.head.weight.shape[0] == 256
+    small = mod.Decoder(64, 32, 1, 2, 0, 0.02, embed_std=1.0)
+    embed, head = small.embed.weight.detach().clone(), small.head.weight.detach().clone()
+    mod.expand_vocabulary(small, 256, 0.02, 1.0)
+    assert small.head.weight.shape == (256, 32)
+    assert torch.equal(small.embed.weight[:64], embed) and torch.equal(small.head.weight[:64], head)
+    tied = mod.Decoder(64, 32, 1, 2, 0, 0.02, tie=1)
+    assert tied.head.weight is tied.embed.weight

@@ -12,6 +12,13 @@ Sample kinds, each exactly ``seq_length`` tokens:
 - ``repeat``: a line of items repeated; the loss is on the repeat only. Items come from a
   small alphabet (``alphabet`` single-letter tokens: the induction signal forms fastest
   with few symbols to match) or from the corpus's words (the real vocabulary).
+- ``induction``: a quarter of the sample is random tokens drawn from the corpus's
+  ``induction_alphabet`` most frequent tokens (digits always among them); the rest is chunks
+  of ``induction_segment`` tokens copied from random offsets of that source. The loss is on
+  each chunk after its first token: only a content match (an induction head: find the earlier
+  occurrence of the current token, copy what followed it) predicts them, and they are most of
+  the sample, so nearly every unit of loss teaches retrieval. (In benchmarks/retrieval_formation.py
+  this ``chunks`` task formed the copy at step 200-250, a single repeated segment at 600+.)
 - ``recall``: made-up facts ("The locker number of Kelvo-Tamsi is 48213.") put at
   sentence boundaries among corpus lines, then one to three questions, each followed
   by an answer prefix and the value; the loss is on the value tokens only. Several facts
@@ -53,6 +60,8 @@ REPEAT_HEADS = ("Sequence", "Items", "Tokens", "List", "Words")
 class Mix:
     """Shares of the sample kinds (normalised)."""
 
+    induction: float = 0.0
+    induction_text: float = 0.0
     repeat_small: float = 0.0
     repeat_words: float = 0.0
     recall: float = 0.0
@@ -69,9 +78,12 @@ class SampleMaker:
     """Builds samples of exactly ``seq_length`` tokens: ``(tokens, loss_mask, text)``."""
 
     def __init__(self, tokenizer, documents: Sequence[str], seq_length: int, seed: int = 0, alphabet: int = 12,
-                 stream: np.ndarray | None = None, max_lines: int = 20000):
+                 stream: np.ndarray | None = None, max_lines: int = 20000, induction_alphabet: int = 64,
+                 induction_segment: int = 24):
         """``stream``: the documents' tokens back to back, EOD between (e.g. the ``.bin`` of
-        their preprocessed dataset); encoded here when not given. ``max_lines``: filler lines kept."""
+        their preprocessed dataset); encoded here when not given. ``max_lines``: filler lines kept.
+        ``induction_alphabet`` / ``induction_segment``: the ``induction`` kind's symbols and the
+        length of its repeated segment."""
         self.tok = tokenizer
         self.seq_length = seq_length
         self.rng = random.Random(seed)
@@ -90,6 +102,30 @@ class SampleMaker:
                      for ids in tokenizer.encode_batch(list(documents))]
             stream = np.concatenate(parts)
         self.stream = np.asarray(stream, dtype=np.int64)
+        self.induction_ids = self._frequent_tokens(induction_alphabet)
+        self.induction_segment = induction_segment
+
+    def _frequent_tokens(self, count: int) -> list[int]:
+        """The ``count`` most frequent tokens of the stream (specials excluded), with the
+        digits' tokens among them: the needle's and the recall samples' values are digits."""
+        if count < 2:
+            raise ValueError(f"induction_alphabet must be >= 2, got {count}")
+        specials = {t for t in (self.tok.eod_id, self.tok.bos_id, getattr(self.tok, "pad_id", None)) if t is not None}
+        digits = []
+        for d in "0123456789":
+            ids = self.tok.encode(d)
+            if len(ids) == 1 and ids[0] not in digits:
+                digits.append(ids[0])
+        counts = np.bincount(self.stream, minlength=1)
+        chosen = list(digits[:count])
+        for token in np.argsort(-counts, kind="stable").tolist():
+            if len(chosen) >= count or counts[token] == 0:
+                break
+            if token not in specials and token not in chosen:
+                chosen.append(token)
+        if len(chosen) < 2:
+            raise ValueError("the corpus has fewer than 2 distinct tokens for the induction samples")
+        return sorted(chosen)
 
     # -- kinds ----------------------------------------------------------------------------
 
@@ -98,6 +134,28 @@ class SampleMaker:
         start = self.rng.randrange(max(1, len(self.stream) - n))
         ids = self.stream[start:start + n].tolist()
         return ids, [1] * len(ids)
+
+    def induction(self, text: bool = False) -> tuple[list[int], list[int]]:
+        rng = self.rng
+        body = self.seq_length - len(self.bos)
+        source = body // 4
+        segment = min(self.induction_segment, source)
+        if segment < 2:
+            raise ValueError(f"seq_length {self.seq_length} is too short for an induction sample")
+        if text:  # the source is a window of corpus text (the targets' marginal is the corpus's)
+            start = rng.randrange(max(1, len(self.stream) - source))
+            ids = [t for t in self.stream[start:start + source].tolist()]
+        else:
+            ids = [rng.choice(self.induction_ids) for _ in range(source)]
+        mask = [0] * source
+        while len(ids) < body:
+            # A chunk of the source from a random offset: its first token is not predictable
+            # (the offset is random), the rest follow from finding that token in the source.
+            at = rng.randrange(source - segment + 1)
+            n = min(segment, body - len(ids))
+            ids += ids[at:at + n]
+            mask += [0] + [1] * (n - 1)
+        return self.bos + ids, [0] * len(self.bos) + mask
 
     def repeat(self, small: bool) -> tuple[list[int], list[int]]:
         rng = self.rng
@@ -199,6 +257,10 @@ class SampleMaker:
         return ids[:bos] + filler + ids[bos:], mask[:bos] + [0] * len(filler) + mask[bos:]
 
     def sample(self, kind: str) -> tuple[list[int], list[int]]:
+        if kind == "induction":
+            return self.induction()
+        if kind == "induction_text":
+            return self.induction(text=True)
         if kind == "repeat_small":
             return self.repeat(small=True)
         if kind == "repeat_words":

@@ -44,6 +44,7 @@ def transformer_config(cfg: ModelConfig, parallel: ParallelConfig, perf=None, im
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
+        embedding_init_method_std=cfg.embedding_init_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
@@ -178,5 +179,5 @@ def build_model(
     if initialize and host_init:
         from megatron_longsky.model.init import initialize_weights
 
-        initialize_weights(model, seed, cfg.init_method_std, cfg.num_layers)
+        initialize_weights(model, seed, cfg.init_method_std, cfg.num_layers, cfg.embedding_init_std)
     return model.to(torch.device(device) if device is not None else current_device())

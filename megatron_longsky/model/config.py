@@ -56,6 +56,10 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     init_method_std: float = 0.02
+    # The word embedding's std (None: init_method_std). A larger one (e.g. 1.0, PyTorch's
+    # nn.Embedding default) keeps token identity dominant in the residual stream, which is what
+    # copying from the context matches on (benchmarks/RESULTS.md, "Retrieval formation").
+    embedding_init_std: Optional[float] = None
     rope: RopeConfig = field(default_factory=RopeConfig)
     # 'auto': bfloat16 on a GPU, float32 on CPU (resolved_dtype). An explicit float32 on a GPU
     # with Transformer Engine has attention backends only at CP=1 (attention/te_rules.py).
@@ -80,6 +84,8 @@ class ModelConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {value}")
+        if self.embedding_init_std is not None and not self.embedding_init_std > 0:
+            raise ValueError(f"model.embedding_init_std must be > 0, got {self.embedding_init_std}")
         if self.norm_epsilon <= 0 or self.init_method_std <= 0:
             raise ValueError(f"model.norm_epsilon and model.init_method_std must be > 0 "
                              f"(got {self.norm_epsilon}, {self.init_method_std})")

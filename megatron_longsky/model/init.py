@@ -8,7 +8,8 @@ TP shard. The same seed therefore gives the same full weights at any TP/PP layou
 
 Distribution (as megatron-core's defaults): normal(0, std) for weights, normal(0,
 std / sqrt(2 * num_layers)) for the projections into the residual stream (attention
-``linear_proj`` and MLP ``linear_fc2``), ones for norm weights, zeros for biases.
+``linear_proj`` and MLP ``linear_fc2``), normal(0, embedding_std) for the word embedding
+when given (and the output layer when tied to it), ones for norm weights, zeros for biases.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def initialize_weights(model, seed: int, std: float, num_layers: int) -> None:
+def initialize_weights(model, seed: int, std: float, num_layers: int,
+                       embedding_std: float | None = None) -> None:
     """Fill every parameter of ``model`` (this rank's stage and TP shard) deterministically."""
     from megatron.core import parallel_state
 
@@ -80,5 +82,7 @@ def initialize_weights(model, seed: int, std: float, num_layers: int) -> None:
             param.fill_(1.0 if is_norm else 0.0)
             continue
         scale = residual_std if name.endswith(_RESIDUAL_OUTPUTS) else std
+        if name == MEGATRON_GLOBAL["embed"] and embedding_std is not None:
+            scale = embedding_std
         full = torch.randn(full_shape, generator=_generator(seed, name), dtype=torch.float32) * scale
         param.copy_(tp_shard(name, full, dim, tp_rank, tp_size).to(param.dtype))

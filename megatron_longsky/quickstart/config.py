@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
@@ -46,6 +46,8 @@ class QuickstartConfig:
     # Megatron's init_method_std for the model's matrices (0.05 is about PyTorch's default
     # for a 128-wide linear layer).
     init_method_std: float = 0.02
+    # The word embedding's init std (model.embedding_init_std; None: init_method_std).
+    embedding_init_std: Optional[float] = None
     # The retrieval curriculum (data/retrieval_curriculum.py), meant as the miniature's
     # stand-in for "a pretrained model that already retrieves": base pretraining starts with
     # copy_warmup_iters on retrieval samples alone, the loss on the copied tokens only
@@ -62,11 +64,18 @@ class QuickstartConfig:
     # The warm-up's learning rate after its linear ramp (10% of its iterations): the copy
     # forms in a phase change, which a decaying rate delays.
     copy_warmup_decay: Literal["cosine", "constant", "linear"] = "constant"
+    warmup_induction: float = 0.0
     warmup_repeat_small: float = 0.6
     warmup_repeat_words: float = 0.1
     warmup_recall: float = 0.3
     curriculum_alphabet: int = 12
+    # The induction samples' symbols (the corpus's most frequent tokens, digits included) and
+    # the length of their repeated segment.
+    induction_alphabet: int = 64
+    induction_segment: int = 8
     base_recall_share: float = 0.25
+    # Share of induction samples in the base mix (keeps the copy formed in the warm-up).
+    base_induction_share: float = 0.0
     cpt_iters: int = 120
     sft_iters: int = 40
     long_sft_iters: int = 100
@@ -104,7 +113,9 @@ class QuickstartConfig:
         from dataclasses import fields
 
         may_be_zero = {"copy_warmup_iters", "copy_warmup_bytes"}
-        fractions = {"recall_fraction", "drill_fraction", "drill_repeat_share", "long_sft_general"}
+        fractions = {"recall_fraction", "drill_fraction", "drill_repeat_share", "long_sft_general",
+                     "warmup_induction", "warmup_repeat_small", "warmup_repeat_words", "warmup_recall",
+                     "base_recall_share", "base_induction_share"}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and f.name != "seed" and value < (0 if f.name in may_be_zero else 1):
@@ -113,12 +124,17 @@ class QuickstartConfig:
                 raise ValueError(f"{f.name} must be in [0, 1], got {value}")
             if f.type == "float" and f.name not in fractions and not value > 0:
                 raise ValueError(f"{f.name} must be > 0, got {value}")
+        if self.embedding_init_std is not None and not self.embedding_init_std > 0:
+            raise ValueError(f"embedding_init_std must be > 0, got {self.embedding_init_std}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         for glob, micro in (("global_batch_size", "micro_batch_size"),
                             ("long_global_batch_size", "long_micro_batch_size")):
             if getattr(self, glob) % getattr(self, micro):
                 raise ValueError(f"{glob} {getattr(self, glob)} is not a multiple of {micro} {getattr(self, micro)}")
+        if self.base_recall_share + self.base_induction_share > 1:
+            raise ValueError(f"base_recall_share {self.base_recall_share} + base_induction_share "
+                             f"{self.base_induction_share} exceed 1 (the rest of the base mix is corpus text)")
         if self.synl_min_tokens > self.synl_max_tokens:
             raise ValueError(f"synl_min_tokens {self.synl_min_tokens} exceeds synl_max_tokens {self.synl_max_tokens}")
         if not self.needle_lengths or min(self.needle_lengths) < 1:

@@ -82,15 +82,17 @@ def build_curriculum(ctx: Context) -> dict:
     train = dataset_prefix(ctx, "train")  # the preprocessed corpus: its tokens, EOD after each document
     maker = SampleMaker(ctx.tokenizer(), read_documents(ctx.path("corpus/train.jsonl")), cfg.base_seq_length,
                         seed=cfg.seed + 17, alphabet=cfg.curriculum_alphabet,
+                        induction_alphabet=cfg.induction_alphabet, induction_segment=cfg.induction_segment,
                         stream=np.fromfile(bin_path(train), dtype=index_dtype(train)))
     out = {}
     if cfg.copy_warmup_iters > 0:
-        warmup = Mix(repeat_small=cfg.warmup_repeat_small, repeat_words=cfg.warmup_repeat_words,
+        warmup = Mix(induction=cfg.warmup_induction, repeat_small=cfg.warmup_repeat_small, repeat_words=cfg.warmup_repeat_words,
                      recall=cfg.warmup_recall)
         out["warmup"] = write_curriculum(maker, warmup, cfg.copy_warmup_iters * cfg.global_batch_size,
                                          ctx.path("data/curriculum_warmup"),
                                          ctx.path("corpus/retrieval_warmup.jsonl"))
-    base = Mix(recall=cfg.base_recall_share, text=1.0 - cfg.base_recall_share)
+    base = Mix(recall=cfg.base_recall_share, induction=cfg.base_induction_share,
+               text=1.0 - cfg.base_recall_share - cfg.base_induction_share)
     out["base"] = write_curriculum(maker, base, cfg.base_iters * cfg.global_batch_size,
                                    ctx.path("data/curriculum_base"), ctx.path("corpus/retrieval_base.jsonl"))
     for name in out:

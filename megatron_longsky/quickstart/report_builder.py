@@ -224,8 +224,9 @@ def _curriculum_section(ctx: Context) -> str:
     warm, base = cur.get("warmup"), cur["base"]
     iters = (cfg.copy_warmup_iters if warm else 0) + cfg.base_iters
     total_tokens = sum(c["tokens"] for c in cur.values())
-    retrieval_tokens = (warm["tokens"] if warm else 0) + base["tokens"] * base["counts"].get("recall", 0) / max(
-        1, base["samples"])
+    retrieval_kinds = ("recall", "induction", "induction_text")
+    retrieval_tokens = (warm["tokens"] if warm else 0) + base["tokens"] * sum(
+        base["counts"].get(k, 0) for k in retrieval_kinds) / max(1, base["samples"])
     lines = [
         "### Retrieval curriculum (the stand-in for a pretrained model that already retrieves)",
         "",
@@ -241,10 +242,13 @@ def _curriculum_section(ctx: Context) -> str:
                      f"({cfg.copy_warmup_iters / iters:.0%}), retrieval samples alone: "
                      + ", ".join(f"{k} {v}" for k, v in warm["counts"].items())
                      + f" samples; {warm['target_tokens']} loss tokens of {warm['tokens']}")
+    mixed = ", ".join(f"{k} {base['counts'][k]}" for k in retrieval_kinds if base["counts"].get(k))
     lines.append(f"- then {cfg.base_iters} iterations on training-corpus text windows (loss on every token) "
-                 f"mixed with recall samples ({base['counts'].get('recall', 0)} of {base['samples']} samples)")
+                 f"mixed with retrieval samples ({mixed or 'none'} of {base['samples']} samples)")
     lines.append(f"- retrieval samples are {retrieval_tokens / max(1, total_tokens):.0%} of the base stage's "
-                 "tokens. `repeat_small`: a line over a small alphabet repeated (loss on the repeat); "
+                 "tokens. `induction`: chunks copied from a random source over the corpus's most frequent tokens "
+                 "(`induction_text`: from a corpus-text window), loss on each chunk after its first token; "
+                 "`repeat_small`: a line over a small alphabet repeated (loss on the repeat); "
                  "`repeat_words`: the same with corpus words; `recall`: made-up key -> 3-6 digit value facts "
                  "among corpus lines, then questions and answer prefixes (loss on the values). Keys, wording, "
                  "values and filler are never the needle test's (see the unseen check).")
