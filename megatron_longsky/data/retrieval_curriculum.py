@@ -300,20 +300,54 @@ def read_documents(corpus_jsonl: str | Path, max_documents: int | None = None) -
     return docs
 
 
+def write_alphabet_tokenizer(tokenizer_dir: str | Path, token_ids: Sequence[int], out_dir: str | Path) -> dict:
+    """A word-level tokenizer whose vocabulary is ``tokenizer_dir``'s special tokens and the
+    strings of ``token_ids`` (in that order): the induction warm-up's model has this vocabulary
+    alone, and convert/grow_vocab.py carries its rows over to the full tokenizer. Returns
+    ``{"dir", "vocab_size", "remap"}`` (full-tokenizer id -> alphabet id, specials included)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from megatron_longsky.convert.grow_vocab import tokenizer_vocabulary
+    from megatron_longsky.utils.atomic import atomic_directory
+
+    tokenizer_dir = Path(tokenizer_dir)
+    full = tokenizer_vocabulary(tokenizer_dir)
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    specials = [t["content"] for t in sorted(spec.get("added_tokens") or [], key=lambda t: t["id"])]
+    by_id = {i: token for token, i in full.items()}
+    strings = specials + [by_id[i] for i in token_ids if by_id[i] not in specials]
+    vocab = {token: i for i, token in enumerate(strings)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=specials[-1] if specials else strings[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer_dir / name).exists():
+                (tmp / name).write_text((tokenizer_dir / name).read_text(encoding="utf-8"), encoding="utf-8")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+    return {"dir": str(out_dir), "vocab_size": len(strings), "remap": {full[t]: i for t, i in vocab.items()}}
+
+
 def write_curriculum(maker: SampleMaker, mix: Mix, count: int, output_prefix: str | Path,
-                     text_jsonl: str | Path | None = None) -> dict:
+                     text_jsonl: str | Path | None = None, tokenizer=None,
+                     remap: dict[int, int] | None = None) -> dict:
     """Write ``count`` samples as an SFT dataset at ``output_prefix`` (and, with ``text_jsonl``,
-    the non-``text`` samples' decoded text, for the evaluation-unseen check). Returns counts."""
+    the non-``text`` samples' decoded text, for the evaluation-unseen check). Returns counts.
+    ``tokenizer`` / ``remap``: write the samples in another tokenizer's ids (the alphabet's, see
+    :func:`write_alphabet_tokenizer`: induction samples only)."""
     from megatron_longsky.sft.preprocess import SFTPreprocessConfig, SFTWriter
     from megatron_longsky.utils.atomic import atomic_path
 
-    writer = SFTWriter(SFTPreprocessConfig(output_prefix=str(output_prefix), overwrite=True), maker.tok)
+    if remap is not None and mix.kinds()[0] != ["induction"]:
+        raise ValueError(f"only induction samples can be written in the alphabet's ids, not {mix.kinds()[0]}")
+    writer = SFTWriter(SFTPreprocessConfig(output_prefix=str(output_prefix), overwrite=True), tokenizer or maker.tok)
     counts: dict[str, int] = {}
     target_tokens = 0
     texts = []
     try:
         for kind, ids, mask in maker.samples(mix, count):
-            writer.add_encoded(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8))
+            written = [remap[i] for i in ids] if remap is not None else ids
+            writer.add_encoded(np.asarray(written, dtype=np.int64), np.asarray(mask, dtype=np.uint8))
             counts[kind] = counts.get(kind, 0) + 1
             target_tokens += sum(mask)
             if kind != "text" and text_jsonl is not None:

@@ -29,8 +29,9 @@ class QuickstartConfig:
     # Share of drills that are a line repeated verbatim (the plainest copy signal).
     drill_repeat_share: float = 0.3
     workers: int = 2
-    # The model: a small Llama-style decoder (GQA, SwiGLU, RMSNorm, RoPE).
-    num_layers: int = 4
+    # The model: a small Llama-style decoder (GQA, SwiGLU, RMSNorm, RoPE). Two layers: enough
+    # for an induction circuit (a previous-token head, then a matching head), and the cheapest.
+    num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int = 2
@@ -47,27 +48,31 @@ class QuickstartConfig:
     # for a 128-wide linear layer).
     init_method_std: float = 0.02
     # The word embedding's init std (model.embedding_init_std; None: init_method_std).
-    embedding_init_std: Optional[float] = None
-    # The retrieval curriculum (data/retrieval_curriculum.py), meant as the miniature's
-    # stand-in for "a pretrained model that already retrieves": base pretraining starts with
-    # copy_warmup_iters on retrieval samples alone, the loss on the copied tokens only
-    # (repeats over a small alphabet, repeats of corpus words, key -> value recall among
-    # corpus lines), then base_iters on corpus text mixed with recall samples
-    # (base_recall_share of the samples). Off by default: measured through this training path
-    # (2 or 4 layers, init 0.02 / 0.05, 300-1000 warm-up iterations, lr 3e-3 / 1e-2) the
-    # needle stayed at 0% after the warm-up (benchmarks/RESULTS.md, "Retrieval curriculum
-    # through the quickstart's training path"), at a cost of about 280 s per 1000 iterations.
-    # Turn on with e.g. retrieval_curriculum=true num_layers=2 init_method_std=0.05.
-    retrieval_curriculum: bool = False
-    copy_warmup_iters: int = 1000
+    embedding_init_std: Optional[float] = 1.0
+    # The retrieval curriculum (data/retrieval_curriculum.py): the miniature's stand-in for "a
+    # pretrained model that already retrieves". Base pretraining starts with copy_warmup_iters
+    # on induction samples alone (chunks of a random source over the corpus's most frequent
+    # tokens, loss on the copied tokens only), then base_iters on corpus text mixed with recall
+    # (key -> value facts asked further on) and induction samples. Measured on the quickstart's
+    # model (benchmarks/RESULTS.md, "Retrieval formation"): the copy forms by warm-up iteration
+    # 400 with the alphabet as the warm-up model's vocabulary, and the base model then finds the
+    # needle at 128 tokens; with retrieval_curriculum=false no stage's model retrieves.
+    retrieval_curriculum: bool = True
+    copy_warmup_iters: int = 400
     copy_warmup_lr: float = 3e-3
     # The warm-up's learning rate after its linear ramp (10% of its iterations): the copy
     # forms in a phase change, which a decaying rate delays.
     copy_warmup_decay: Literal["cosine", "constant", "linear"] = "constant"
-    warmup_induction: float = 0.0
-    warmup_repeat_small: float = 0.6
-    warmup_repeat_words: float = 0.1
-    warmup_recall: float = 0.3
+    warmup_induction: float = 1.0
+    warmup_repeat_small: float = 0.0
+    warmup_repeat_words: float = 0.0
+    warmup_recall: float = 0.0
+    # The warm-up's model has the induction alphabet (and the special tokens) as its whole
+    # vocabulary; its rows are then grown to the tokenizer's (convert/grow_vocab.py). With the
+    # tokenizer's 2048 output rows the copy did not form within 500 warm-up iterations; with the
+    # alphabet's alone it formed by 400 (benchmarks/RESULTS.md, "Retrieval formation").
+    # Needs a warm-up of induction samples only and the BPE tokenizer.
+    copy_warmup_alphabet_vocab: bool = True
     curriculum_alphabet: int = 12
     # The induction samples' symbols (the corpus's most frequent tokens, digits included) and
     # the length of their repeated segment.
@@ -75,7 +80,7 @@ class QuickstartConfig:
     induction_segment: int = 8
     base_recall_share: float = 0.25
     # Share of induction samples in the base mix (keeps the copy formed in the warm-up).
-    base_induction_share: float = 0.0
+    base_induction_share: float = 0.15
     cpt_iters: int = 120
     sft_iters: int = 40
     long_sft_iters: int = 100
@@ -132,6 +137,13 @@ class QuickstartConfig:
                             ("long_global_batch_size", "long_micro_batch_size")):
             if getattr(self, glob) % getattr(self, micro):
                 raise ValueError(f"{glob} {getattr(self, glob)} is not a multiple of {micro} {getattr(self, micro)}")
+        if self.retrieval_curriculum and self.copy_warmup_iters > 0 and self.copy_warmup_alphabet_vocab:
+            others = {k: getattr(self, k) for k in ("warmup_repeat_small", "warmup_repeat_words", "warmup_recall")
+                      if getattr(self, k) > 0}
+            if others or self.warmup_induction <= 0 or self.tokenizer != "bpe":
+                raise ValueError("copy_warmup_alphabet_vocab needs a warm-up of induction samples only "
+                                 f"(warmup_induction > 0, got {self.warmup_induction}; other shares {others}) "
+                                 f"and tokenizer=bpe (got {self.tokenizer}); or set copy_warmup_alphabet_vocab=false")
         if self.base_recall_share + self.base_induction_share > 1:
             raise ValueError(f"base_recall_share {self.base_recall_share} + base_induction_share "
                              f"{self.base_induction_share} exceed 1 (the rest of the base mix is corpus text)")

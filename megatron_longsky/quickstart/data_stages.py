@@ -86,11 +86,22 @@ def build_curriculum(ctx: Context) -> dict:
                         stream=np.fromfile(bin_path(train), dtype=index_dtype(train)))
     out = {}
     if cfg.copy_warmup_iters > 0:
-        warmup = Mix(induction=cfg.warmup_induction, repeat_small=cfg.warmup_repeat_small, repeat_words=cfg.warmup_repeat_words,
-                     recall=cfg.warmup_recall)
+        warmup = Mix(induction=cfg.warmup_induction, repeat_small=cfg.warmup_repeat_small,
+                     repeat_words=cfg.warmup_repeat_words, recall=cfg.warmup_recall)
+        vocabulary = {}
+        if cfg.copy_warmup_alphabet_vocab:  # the warm-up model's vocabulary is the alphabet alone
+            from megatron_longsky.data.retrieval_curriculum import write_alphabet_tokenizer
+            from megatron_longsky.tokenizer import TokenizerConfig, build_tokenizer
+
+            alphabet = write_alphabet_tokenizer(ctx.tokenizer_config().model, maker.induction_ids,
+                                                ctx.path("tokenizer_alphabet"))
+            vocabulary = {"tokenizer": build_tokenizer(TokenizerConfig(type="hf", model=alphabet["dir"])),
+                          "remap": alphabet["remap"]}
         out["warmup"] = write_curriculum(maker, warmup, cfg.copy_warmup_iters * cfg.global_batch_size,
                                          ctx.path("data/curriculum_warmup"),
-                                         ctx.path("corpus/retrieval_warmup.jsonl"))
+                                         ctx.path("corpus/retrieval_warmup.jsonl"), **vocabulary)
+        if vocabulary:
+            out["warmup"].update(tokenizer=alphabet["dir"], vocab_size=alphabet["vocab_size"])
     base = Mix(recall=cfg.base_recall_share, induction=cfg.base_induction_share,
                text=1.0 - cfg.base_recall_share - cfg.base_induction_share)
     out["base"] = write_curriculum(maker, base, cfg.base_iters * cfg.global_batch_size,

@@ -14,16 +14,24 @@ from megatron_longsky.quickstart.launch import run_longsky, write_yaml
 
 
 def _job(ctx: Context, name: str, *, seq_length: int, rope_base: float, data: dict, iters: int,
-         lr: float, init_from: str | None, cp: int = 1, decay_style: str = "cosine") -> dict:
+         lr: float, init_from: str | None, cp: int = 1, decay_style: str = "cosine",
+         tokenizer_dir: str | None = None) -> dict:
+    """``tokenizer_dir``: another HF tokenizer than the run's (the alphabet warm-up's); the
+    model's vocabulary is then exactly that tokenizer's (no padding rows)."""
     cfg = ctx.cfg
     long = seq_length > cfg.base_seq_length
     tok = ctx.tokenizer_config()
+    if tokenizer_dir is not None:
+        from megatron_longsky.tokenizer import TokenizerConfig
+
+        tok = TokenizerConfig(type="hf", model=tokenizer_dir)
     return {
         "model": {"preset": "tiny", "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
                   "num_attention_heads": cfg.num_attention_heads, "num_query_groups": cfg.num_query_groups,
                   "ffn_hidden_size": cfg.ffn_hidden_size, "init_method_std": cfg.init_method_std,
                   "seq_length": seq_length, "rope": {"base": rope_base},
-                  **({"embedding_init_std": cfg.embedding_init_std} if cfg.embedding_init_std else {})},
+                  **({"embedding_init_std": cfg.embedding_init_std} if cfg.embedding_init_std else {}),
+                  **({"make_vocab_size_divisible_by": 1} if tokenizer_dir is not None else {})},
         "parallel": {"context_parallel_size": cp},
         "tokenizer": {"type": tok.type, "model": tok.model},
         "data": data,
@@ -75,22 +83,45 @@ def pretrain_base(ctx: Context) -> dict:
                    data={"kind": "gpt", "prefixes": [dataset_prefix(ctx, "train")], "split": "100,0,0"},
                    iters=cfg.base_iters, lr=cfg.lr, init_from=None)
         return run_job(ctx, "base", job)
-    warmup = None
+    warmup = init = None
     if cfg.copy_warmup_iters > 0:
         # The retrieval warm-up: loss on the copied tokens only, then the base mix from its weights.
+        alphabet = curriculum["warmup"].get("tokenizer")
         job = _job(ctx, "base_copy", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
                    data={"kind": "sft", "prefixes": [curriculum["warmup"]["prefix"]], "packed": False},
                    iters=cfg.copy_warmup_iters, lr=cfg.copy_warmup_lr, init_from=None,
-                   decay_style=cfg.copy_warmup_decay)
+                   decay_style=cfg.copy_warmup_decay, tokenizer_dir=alphabet)
         warmup = run_job(ctx, "base_copy", job)
-    # Corpus text windows (loss on every token) with recall samples (loss on the values).
+        init = warmup["checkpoint"]
+        if alphabet:
+            init = grow_warmup_vocabulary(ctx, init)
+            warmup["grown_checkpoint"] = init
+    # Corpus text windows (loss on every token) with retrieval samples (loss on the copies).
     job = _job(ctx, "base", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
                data={"kind": "sft", "prefixes": [curriculum["base"]["prefix"]], "packed": False},
-               iters=cfg.base_iters, lr=cfg.lr, init_from=warmup["checkpoint"] if warmup else None)
+               iters=cfg.base_iters, lr=cfg.lr, init_from=init)
     results = run_job(ctx, "base", job)
     if warmup:
         results["copy_warmup"] = warmup
     return results
+
+
+def grow_warmup_vocabulary(ctx: Context, checkpoint: str) -> str:
+    """The alphabet warm-up's checkpoint with the run tokenizer's vocabulary: exported to HF,
+    grown row by row (convert/grow_vocab.py), imported back; returns the imported checkpoint."""
+    from megatron_longsky.convert.grow_vocab import grow_vocabulary
+
+    cfg = ctx.cfg
+    small, grown = ctx.path("checkpoints/base_copy_hf"), ctx.path("checkpoints/base_copy_grown_hf")
+    imported = ctx.path("checkpoints/base_copy_grown")
+    log = ctx.path("logs/base_copy_grow.log")
+    run_longsky(["convert", "export", "--checkpoint", checkpoint, "--output", str(small), "--overwrite"], log)
+    grow_vocabulary(small, grown, ctx.tokenizer_config().model, seed=cfg.seed,
+                    embedding_std=cfg.embedding_init_std or cfg.init_method_std, output_std=cfg.init_method_std,
+                    overwrite=True)
+    run_longsky(["convert", "import", "--hf-dir", str(grown), "--output", str(imported), "--overwrite"],
+                ctx.path("logs/base_copy_import.log"))
+    return str(imported)
 
 
 def continual_pretrain(ctx: Context, name: str, data_prefix: str) -> dict:
