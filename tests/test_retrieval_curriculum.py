@@ -131,13 +131,14 @@ def test_quickstart_report_and_summary_name_the_curriculum(tmp_path):
     ctx = Context(cfg, tmp_path, runner)
     assert _curriculum_section(ctx) == ""
     runner.records["curriculum"] = StageRecord("curriculum", 1.0, {
-        "warmup": {"samples": 3200, "tokens": 409600, "target_tokens": 90000,
+        "warmup": {"samples": 3200, "tokens": 409600, "target_tokens": 90000, "tokenizer": "t", "vocab_size": 67,
                    "counts": {"recall": 1000, "repeat_small": 2000, "repeat_words": 200}},
         "base": {"samples": 12800, "tokens": 1638400, "target_tokens": 1300000,
                  "counts": {"recall": 3200, "induction": 1600, "text": 8000}}})
     text = _curriculum_section(ctx)
     assert "stand-in for a pretrained model that already retrieves" in text
     assert "200 of 1000 base iterations (20%)" in text
+    assert "vocabulary is the alphabet's 67 tokens" in text
     assert "recall 3200, induction 1600 of 12800 samples" in text
     # tokens of retrieval samples: the whole warm-up plus the base mix's recall and induction share
     assert f"{(409600 + 1638400 * 4800 / 12800) / (409600 + 1638400):.0%} of the base stage's tokens" in text

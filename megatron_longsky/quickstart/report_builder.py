@@ -241,7 +241,10 @@ def _curriculum_section(ctx: Context) -> str:
         lines.append(f"- warm-up, {cfg.copy_warmup_iters} of {iters} base iterations "
                      f"({cfg.copy_warmup_iters / iters:.0%}), retrieval samples alone: "
                      + ", ".join(f"{k} {v}" for k, v in warm["counts"].items())
-                     + f" samples; {warm['target_tokens']} loss tokens of {warm['tokens']}")
+                     + f" samples; {warm['target_tokens']} loss tokens of {warm['tokens']}"
+                     + (f"; trained by a model whose vocabulary is the alphabet's {warm['vocab_size']} tokens "
+                        "(specials included), then grown to the tokenizer's vocabulary row by row "
+                        "(`megatron_longsky/convert/grow_vocab.py`) and imported" if warm.get("tokenizer") else ""))
     mixed = ", ".join(f"{k} {base['counts'][k]}" for k in retrieval_kinds if base["counts"].get(k))
     lines.append(f"- then {cfg.base_iters} iterations on training-corpus text windows (loss on every token) "
                  f"mixed with retrieval samples ({mixed or 'none'} of {base['samples']} samples)")
