@@ -192,6 +192,13 @@ def test_training_peak_follows_the_gpu_and_the_gemm_precision(monkeypatch):
     assert resolve_peak_tflops(None, bf16)[0] == 989.0
     assert resolve_peak_tflops(None, fp8)[0] == 1979.0  # FP8 runs use the FP8 peak
     assert resolve_peak_tflops(500.0, fp8)[0] == 500.0
+    # the GEMMs' precision is the parameters' dtype: fp16 at its peak, fp32 has none in the table
+    assert resolve_peak_tflops(None, model_config_from_dict({"preset": "tiny", "params_dtype": "float16"}))[0] == 989.0
+    peak, why = resolve_peak_tflops(None, model_config_from_dict({"preset": "tiny", "params_dtype": "float32"}))
+    assert peak is None and "at fp32" in why
+    monkeypatch.setattr("megatron_longsky.training.metrics.use_cuda", lambda: False)
+    assert "unknown peak for cpu at fp32" in resolve_peak_tflops(None, bf16)[1]  # auto is float32 on CPU
+    monkeypatch.setattr("megatron_longsky.training.metrics.use_cuda", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA RTX 6000 Ada Generation")
     peak, why = resolve_peak_tflops(None, bf16)
     assert peak is None and "unknown peak" in why and "RTX 6000" in why

@@ -142,3 +142,14 @@ def test_quickstart_report_and_summary_name_the_curriculum(tmp_path):
     assert "recall 3200, induction 1600 of 12800 samples" in text
     # tokens of retrieval samples: the whole warm-up plus the base mix's recall and induction share
     assert f"{(409600 + 1638400 * 4800 / 12800) / (409600 + 1638400):.0%} of the base stage's tokens" in text
+
+
+def test_aligned_text_samples_are_whole_sequences_of_the_stream(tok):
+    stream = np.arange(10 * 64, dtype=np.int64) % 200 + 3  # ten 64-token "CIP sequences" back to back
+    m = SampleMaker(tok, DOCS, 64, seed=2, stream=stream, aligned_text=True)
+    sequences = {tuple(stream[i * 64:(i + 1) * 64].tolist()) for i in range(10)}
+    for _ in range(30):
+        ids, mask = m.text()
+        assert tuple(ids) in sequences and all(mask)
+    with pytest.raises(ValueError, match="aligned"):
+        SampleMaker(tok, DOCS, 64, stream=stream[:10], aligned_text=True)

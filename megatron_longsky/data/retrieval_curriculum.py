@@ -79,11 +79,13 @@ class SampleMaker:
 
     def __init__(self, tokenizer, documents: Sequence[str], seq_length: int, seed: int = 0, alphabet: int = 12,
                  stream: np.ndarray | None = None, max_lines: int = 20000, induction_alphabet: int = 64,
-                 induction_segment: int = 24):
+                 induction_segment: int = 24, aligned_text: bool = False):
         """``stream``: the documents' tokens back to back, EOD between (e.g. the ``.bin`` of
         their preprocessed dataset); encoded here when not given. ``max_lines``: filler lines kept.
         ``induction_alphabet`` / ``induction_segment``: the ``induction`` kind's symbols and the
-        length of its repeated segment."""
+        length of its repeated segment. ``aligned_text``: ``text`` samples are whole
+        ``seq_length`` sequences of the stream (e.g. CIP's, which are built back to back at that
+        length), not windows at random offsets."""
         self.tok = tokenizer
         self.seq_length = seq_length
         self.rng = random.Random(seed)
@@ -104,6 +106,9 @@ class SampleMaker:
         self.stream = np.asarray(stream, dtype=np.int64)
         self.induction_ids = self._frequent_tokens(induction_alphabet)
         self.induction_segment = induction_segment
+        self.aligned_text = aligned_text
+        if aligned_text and len(self.stream) < seq_length:
+            raise ValueError(f"aligned text samples need at least one {seq_length}-token sequence in the stream")
 
     def _frequent_tokens(self, count: int) -> list[int]:
         """The ``count`` most frequent tokens of the stream (specials excluded), with the
@@ -131,7 +136,10 @@ class SampleMaker:
 
     def text(self) -> tuple[list[int], list[int]]:
         n = self.seq_length
-        start = self.rng.randrange(max(1, len(self.stream) - n))
+        if self.aligned_text:
+            start = self.rng.randrange(len(self.stream) // n) * n
+        else:
+            start = self.rng.randrange(max(1, len(self.stream) - n))
         ids = self.stream[start:start + n].tolist()
         return ids, [1] * len(ids)
 

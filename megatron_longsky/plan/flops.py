@@ -45,19 +45,23 @@ from megatron_longsky.model.config import ModelConfig
 
 # Dense (no sparsity) datasheet peaks, TFLOP/s per device, SXM parts. A100 has no FP8.
 DEVICE_PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "h100": {"bf16": 989.0, "fp8": 1979.0},
-    "h200": {"bf16": 989.0, "fp8": 1979.0},
-    "a100": {"bf16": 312.0},
-    "b200": {"bf16": 2250.0, "fp8": 4500.0},
+    "h100": {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0},
+    "h200": {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0},
+    "a100": {"bf16": 312.0, "fp16": 312.0},
+    "b200": {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0},
 }
+_DTYPE_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 class UnknownPeakError(ValueError):
     """No datasheet peak is known for this device and precision."""
 
 
-def gemm_precision(model: ModelConfig) -> str:
-    return "fp8" if model.fp8 else "bf16"
+def gemm_precision(model: ModelConfig, on_gpu: bool = True) -> str:
+    """The GEMMs' precision: FP8 when on, else the parameters' dtype (``params_dtype: auto`` is
+    bf16 on a GPU and fp32 on CPU). fp32 has no datasheet peak here: TF32 or not is the
+    framework's choice, so MFU is not computed for it unless the user states the peak."""
+    return "fp8" if model.fp8 else _DTYPE_PRECISION[model.resolved_dtype(on_gpu)]
 
 
 def device_kind(device_name: str) -> Optional[str]:

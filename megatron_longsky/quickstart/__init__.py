@@ -57,13 +57,13 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     runner.run("tokenizer", lambda: data.build_tokenizer_stage(ctx))
     runner.run("preprocess", lambda: data.preprocess_corpus(ctx))
     runner.run("curriculum", lambda: data.build_curriculum(ctx))
-    runner.run("eval_unseen", lambda: data.check_evaluation_unseen(ctx))
     runner.run("base", lambda: train.pretrain_base(ctx))
     runner.run("cip_data", lambda: data.build_cip_data(ctx))
-    runner.run("cpt", lambda: train.continual_pretrain(ctx, "cpt", runner.results("cip_data")["cip"]["prefix"]))
+    # after every data stage that writes training text (the curriculum's, CPT's recall samples)
+    runner.run("eval_unseen", lambda: data.check_evaluation_unseen(ctx))
+    runner.run("cpt", lambda: train.continual_pretrain(ctx, "cpt", "cip"))
     if cfg.ablation:
-        runner.run("cpt_concat", lambda: train.continual_pretrain(
-            ctx, "cpt_concat", runner.results("cip_data")["concat"]["prefix"]))
+        runner.run("cpt_concat", lambda: train.continual_pretrain(ctx, "cpt_concat", "concat"))
     runner.run("sft_data", lambda: data.build_sft_data(ctx))
     runner.run("sft", lambda: train.sft(ctx))
     runner.run("synl_data", lambda: data.build_synl_data(ctx))

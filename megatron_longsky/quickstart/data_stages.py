@@ -154,12 +154,32 @@ def build_cip_data(ctx: Context) -> dict:
         summary = {k: v for k, v in detail.items() if isinstance(v, (int, float, str))}
         summary.update({k: v for k, v in stats.items() if isinstance(v, (int, float, str))})
         out[mode] = {"prefix": str(ctx.path(f"data/{mode}_{cfg.long_seq_length}")), "statistics": summary}
+        if cfg.cpt_recall_share > 0:
+            out[mode]["recall_mix"] = _cpt_recall_mix(ctx, mode, out[mode]["prefix"])
         distance = detail.get("chunk_distance")
         if isinstance(distance, dict):
             out[mode]["chunk_distance"] = {
                 "mean": distance.get("mean"), "min": distance.get("min"), "max": distance.get("max"),
                 **{f"p{k}": v for k, v in (distance.get("percentiles") or {}).items()}}
     return out
+
+
+def _cpt_recall_mix(ctx: Context, mode: str, prefix: str) -> dict:
+    """CPT samples: whole ``prefix`` sequences (loss on every token) and ``cpt_recall_share``
+    recall samples at the long length (loss on the values), the same recall samples for CIP
+    and concatenation (same seed), so the ablation stays paired."""
+    import numpy as np
+
+    from megatron_longsky.data.indexed import bin_path, index_dtype
+    from megatron_longsky.data.retrieval_curriculum import Mix, SampleMaker, read_documents, write_curriculum
+
+    cfg = ctx.cfg
+    maker = SampleMaker(ctx.tokenizer(), read_documents(ctx.path("corpus/train.jsonl")), cfg.long_seq_length,
+                        seed=cfg.seed + 29, stream=np.fromfile(bin_path(prefix), dtype=index_dtype(prefix)),
+                        aligned_text=True)
+    mix = Mix(text=1.0 - cfg.cpt_recall_share, recall=cfg.cpt_recall_share)
+    return write_curriculum(maker, mix, cfg.cpt_iters * cfg.long_global_batch_size,
+                            ctx.path(f"data/cpt_{mode}_mix"), ctx.path(f"corpus/retrieval_cpt_{mode}.jsonl"))
 
 
 def build_sft_data(ctx: Context) -> dict:
@@ -230,7 +250,7 @@ def check_evaluation_unseen(ctx: Context) -> dict:
                                          samples=cfg.needle_samples, seed=cfg.seed, mode="base"), ctx.tokenizer())
     values = sorted({n["value"] for point in builder.grid() for n in builder.build(*point).needles})
     texts = []
-    for split in ("train", "retrieval_warmup", "retrieval_base"):
+    for split in ("train", "retrieval_warmup", "retrieval_base", "retrieval_cpt_cip", "retrieval_cpt_concat"):
         if ctx.path(f"corpus/{split}.jsonl").exists():
             with open(ctx.path(f"corpus/{split}.jsonl"), encoding="utf-8") as f:
                 texts += [json.loads(line)["text"] for line in f]

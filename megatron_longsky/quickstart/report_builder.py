@@ -179,6 +179,13 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
         if "chunk_distance" in info:
             cip_lines.append("  - distance between consecutive chunks of a document: " + ", ".join(
                 f"{k}={v}" for k, v in info["chunk_distance"].items()))
+        mix = info.get("recall_mix")
+        if mix:
+            counts = mix["counts"]
+            cip_lines.append(f"  - CPT on `{mode}` trains on {mix['samples']} samples of {cfg.long_seq_length} tokens: "
+                             f"{counts.get('text', 0)} whole `{mode}` sequences (loss on every token) and "
+                             f"{counts.get('recall', 0)} recall samples (made-up key -> 3-6 digit value facts among "
+                             "corpus lines, asked at the end; loss on the values; the same samples for both CPT runs)")
     sections.append("### CIP data\n\n" + "\n".join(cip_lines))
     sections.append(f"### SFT data\n\n- standard SFT: {res('sft_data')['samples']} built-in instruction samples\n"
                     f"- long SFT: {res('synl_data')['samples']} SynL samples "

@@ -124,11 +124,14 @@ def grow_warmup_vocabulary(ctx: Context, checkpoint: str) -> str:
     return str(imported)
 
 
-def continual_pretrain(ctx: Context, name: str, data_prefix: str) -> dict:
-    """CPT at the long length with a raised RoPE base, context parallel, from the base model."""
+def continual_pretrain(ctx: Context, name: str, mode: str) -> dict:
+    """CPT at the long length with a raised RoPE base, context parallel, from the base model, on
+    the ``mode`` (cip / concat) sequences, mixed with recall samples when ``cpt_recall_share``."""
     cfg = ctx.cfg
-    job = _job(ctx, name, seq_length=cfg.long_seq_length, rope_base=cfg.long_rope_base,
-               data={"kind": "gpt", "prefixes": [data_prefix], "split": "100,0,0"},
+    mix = ctx.runner.results("cip_data")[mode].get("recall_mix")
+    data = ({"kind": "sft", "prefixes": [mix["prefix"]], "packed": False} if mix else
+            {"kind": "gpt", "prefixes": [ctx.runner.results("cip_data")[mode]["prefix"]], "split": "100,0,0"})
+    job = _job(ctx, name, seq_length=cfg.long_seq_length, rope_base=cfg.long_rope_base, data=data,
                iters=cfg.cpt_iters, lr=cfg.lr / 3, init_from=ctx.runner.results("base")["checkpoint"],
                cp=cfg.context_parallel)
     return run_job(ctx, name, job, nproc=cfg.context_parallel)

@@ -38,7 +38,7 @@ def resolve_peak_tflops(explicit: Optional[float], model: ModelConfig) -> tuple[
     GPU's datasheet peak at this run's GEMM precision."""
     from megatron_longsky.plan.flops import UnknownPeakError, device_peak_tflops, gemm_precision
 
-    precision = gemm_precision(model)
+    precision = gemm_precision(model, on_gpu=use_cuda())
     if explicit:
         return explicit, f"logging.peak_tflops_per_device={explicit:g}"
     device = torch.cuda.get_device_name() if use_cuda() else "cpu"
