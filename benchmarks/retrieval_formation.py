@@ -10,7 +10,11 @@ prints the argmax accuracy on the tokens that can only be predicted by copying:
 - ``random``: the same segment repeated at a random distance (a content match: what
   induction heads do, and what the needle test needs);
 - ``needle``: one key -> 7-digit value fact among random tokens, asked again at the end
-  (the needle test's shape with no other digit in the context).
+  (the needle test's shape with no other digit in the context);
+- ``chunks``: a random source (the first quarter), then chunks of ``--segment`` tokens copied
+  from random offsets of it (mostly copy targets: the copy forms about 3 times sooner);
+- ``prev`` ("x M x": copy the token before a marker, a previous-token head's task) and
+  ``random+prev`` (``random`` with a quarter of ``prev`` samples, measured on ``random``).
 
     python benchmarks/retrieval_formation.py --steps 600
 
@@ -18,8 +22,11 @@ The variables that move these curves run side by side with ``--variants`` (each 
 overrides flags; every task runs once per variant, same seed and batches): where the loss
 falls (``loss=all`` every token, ``loss=copy`` the copy targets only), the alphabet size
 (``vocab``), ``batch``, ``lr``, ``layers``, attention-only blocks (``ffn=0``) vs SwiGLU, the
-initialisation (``init_std``: N(0, std) as Megatron's init_method_std, 0 = PyTorch's default)
-and the lr ``warmup``:
+initialisation (``init_std``: N(0, std) as Megatron's init_method_std, 0 = PyTorch's default;
+``embed_std`` for the embedding alone), ``norm`` (rms / layer), the lr ``warmup``, ``seed``,
+and the output layer: ``out_vocab`` rows beyond the task's alphabet (a real tokenizer's size),
+``tie``, ``head_bias``, ``adam_eps``, and ``expand_at`` (grow from the alphabet's rows to
+``out_vocab`` at that step):
 
     python benchmarks/retrieval_formation.py --tasks random --vocab 64 --batch 32 --segment 24 \
         --layers 2 --loss copy --variants "ffn=0,init_std=0;ffn=384,init_std=0;ffn=0,init_std=0.05"
