@@ -152,7 +152,7 @@ class SampleMaker:
             raise ValueError(f"seq_length {self.seq_length} is too short for an induction sample")
         if text:  # the source is a window of corpus text (the targets' marginal is the corpus's)
             start = rng.randrange(max(1, len(self.stream) - source))
-            ids = [t for t in self.stream[start:start + source].tolist()]
+            ids = self.stream[start:start + source].tolist()
         else:
             ids = [rng.choice(self.induction_ids) for _ in range(source)]
         mask = [0] * source
