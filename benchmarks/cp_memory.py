@@ -83,10 +83,12 @@ def _worker(cp: int, seq_length: int, block_size: int, vocab: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_longsky.attention.core_attention import DEFAULT_BLOCK_SIZE
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-length", type=int, default=8192)
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
     parser.add_argument("--vocab", type=int, default=256)
     args = parser.parse_args(argv)
 

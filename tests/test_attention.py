@@ -275,6 +275,8 @@ def test_blocks_follow_cp_chunks_and_documents():
     assert _block_bounds(torch.arange(8).repeat_interleave(2), None, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
     seg = torch.tensor([0] * 10 + [1] * 3 + [2] * 3 + [3] * 20)
     pos = torch.cat([torch.arange(10), torch.arange(3), torch.arange(3), torch.arange(20)])
-    assert _block_bounds(pos, seg, 16) == [(0, 10), (10, 16), (16, 26), (26, 36)]
+    # short runs share blocks of at most size/4 rows
+    assert _block_bounds(pos, seg, 16) == [(0, 10), (10, 13), (13, 16), (16, 26), (26, 36)]
+    assert _block_bounds(pos, seg, 32) == [(0, 10), (10, 16), (16, 36)]
     many_short = torch.arange(4).repeat(256)  # 256 documents of 4 tokens
-    assert len(_block_bounds(many_short, torch.arange(256).repeat_interleave(4), 64)) == 16
+    assert len(_block_bounds(many_short, torch.arange(256).repeat_interleave(4), 64)) == 64

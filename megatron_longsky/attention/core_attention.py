@@ -32,9 +32,10 @@ from megatron_longsky.attention.blockwise import blockwise_attention, dense_atte
 
 log = logging.getLogger(__name__)
 
-# Measured on CPU at 8K tokens (benchmarks/RESULTS.md): 256-512 is fastest and keeps the
-# per-block buffers small; 4096 is 6x slower and needs 10x the transient memory.
-DEFAULT_BLOCK_SIZE = 512
+# Measured on CPU (benchmarks/RESULTS.md): at 8K tokens 256 is fastest with the smallest
+# per-block buffers (4096: 6x slower, 10x the memory); on packed rows 256 is as fast as 512
+# or faster (benchmarks/blockwise_blocks.py).
+DEFAULT_BLOCK_SIZE = 256
 _logged_cp_settings: set = set()
 
 from megatron.core.transformer.enums import AttnMaskType
