@@ -312,3 +312,35 @@ def test_synl_accuracy_reports_each_kind_with_partial_credit(many):
     assert {k: v["total"] for k, v in report["by_kind"].items()} == dict(kinds)
     assert all(v["accuracy"] == 1.0 and v["partial_credit"] == 1.0 for v in report["by_kind"].values())
     assert report["partial_credit"] == 1.0
+
+
+def test_quote_rows_quotes_the_rows_read_verbatim_from_the_table_text():
+    """With quote_rows, every retrieval answer's steps are lines of its table text: the
+    keyed row (lookup), the row holding the value (match), both rows (multi-hop); the
+    other families and the final answer are unchanged."""
+    common = dict(num_samples=300, min_tokens=200, max_tokens=700, format="mixed", seed=11)
+    plain = build_synl(SynLConfig(**common), ByteTokenizer())
+    quoted = build_synl(SynLConfig(**common, quote_rows=True), ByteTokenizer())
+    assert [r["meta"]["answer"] for r in plain] == [r["meta"]["answer"] for r in quoted]
+    seen = Counter()
+    for before, record in zip(plain, quoted):
+        meta, reply = record["meta"], record["messages"][-1]["content"]
+        assert reply.splitlines()[-1] == f"Answer: {meta['answer']}"
+        if meta["family"] != "retrieval":
+            assert record["messages"] == before["messages"]
+            continue
+        seen[meta["kind"]] += 1
+        steps = reply.splitlines()[:-1]
+        assert len(steps) == (2 if meta["kind"] == "multi_hop" else 1), reply
+        table_lines = _tables_text(record).splitlines()
+        assert all(step in table_lines for step in steps), (steps, meta["id"])
+        assert "Quote the row" in record["messages"][-2]["content"]
+        query = meta["query"]
+        if meta["kind"] == "lookup":
+            assert query["key"] in steps[0]
+        elif meta["kind"] == "match":
+            assert meta["answer"] in steps[0] and query["value"] in steps[0]
+        else:
+            assert query["key"] in steps[0] and meta["answer"] in steps[1]
+        assert verify_record(record) == []
+    assert set(seen) == {"lookup", "match", "multi_hop"}, seen

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=positive_int, default=None, help="score only the first N records")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="generation budget (default: each reference answer's length + 16)")
+    p.add_argument("--examples", type=int, default=5,
+                   help="questions whose generated text the JSON keeps (default 5; -1: all)")
     return p
 
 
@@ -123,7 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             # Prompts in the chat template the model was trained with, when its checkpoint records one.
             template = template_from_record(model.tokenizer, model.chat_template)
             result = synl_accuracy(records, generate, model.tokenizer, template=template,
-                                   max_new_tokens=args.max_new_tokens)
+                                   max_new_tokens=args.max_new_tokens,
+                                   keep_outputs=len(records) if args.examples < 0 else args.examples)
     finally:
         finish(model)
     if model.is_writer:

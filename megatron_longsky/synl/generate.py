@@ -59,6 +59,9 @@ class SynLConfig:
     length_distribution: str = "uniform"
     families: list[str] = field(default_factory=lambda: list(Q.FAMILIES))
     system_prompt: Optional[str] = None
+    # Retrieval answers first quote, verbatim, the table row(s) they read (a worked step):
+    # the row is then copied from the table rather than recalled in one step.
+    quote_rows: bool = False
 
     def __post_init__(self):
         if self.num_samples < 1:
@@ -204,11 +207,17 @@ class SynLBuilder:
     def _record(self, index, q: Q.Question, tables, fmt, tables_text, table_tokens, target,
                 fallback: Optional[str] = None) -> dict:
         several = len(tables) > 1
-        how = ("Work it out step by step, then give the final answer"
-               if q.family == "reasoning" else "Give the final answer")
+        steps = q.steps
+        if q.family == "reasoning":
+            how = "Work it out step by step, then give the final answer"
+        elif q.family == "retrieval" and self.cfg.quote_rows:
+            how = f"Quote the row{'s' if q.kind == 'multi_hop' else ''} you use, then give the final answer"
+            steps = [row_line(t, row, fmt).rstrip("\n") for t, row in evidence_rows(q, tables)]
+        else:
+            how = "Give the final answer"
         user = (f"Answer the question using the table{'s' if several else ''} below. {how} on the last line, "
                 f"in the form 'Answer: <answer>'.\n\n{tables_text}\nQuestion: {q.text}")
-        assistant = "\n".join(q.steps + [f"Answer: {q.answer}"])
+        assistant = "\n".join(steps + [f"Answer: {q.answer}"])
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         if self.cfg.system_prompt:
             messages.insert(0, {"role": "system", "content": self.cfg.system_prompt})
@@ -222,6 +231,26 @@ class SynLBuilder:
             "fallback": fallback,
         }
         return {"messages": messages, "meta": meta}
+
+
+def evidence_rows(q: Q.Question, tables: list[Table]) -> list[tuple[Table, list]]:
+    """The (table, row) pairs a retrieval question reads, in reading order."""
+    by_name = {t.name: t for t in tables}
+
+    def row(table_name: str, key: str):
+        table = by_name[table_name]
+        return table, next(r for r in table.rows if r[0] == key)
+
+    query = q.query
+    if q.kind == "lookup":
+        return [row(query["table"], query["key"])]
+    if q.kind == "match":
+        return [row(query["table"], q.answer)]
+    if q.kind == "multi_hop":
+        first = row(query["table"], query["key"])
+        link = first[0].index(query["link_column"])
+        return [first, row(query["target_table"], first[1][link])]
+    raise ValueError(f"no evidence rows for a {q.family}/{q.kind} question")
 
 
 def prompt_turns(record: dict):
