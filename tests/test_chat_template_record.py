@@ -70,3 +70,16 @@ def test_sft_checkpoint_records_its_template_and_needle_chat_mode_runs_on_it(tmp
     data = json.loads((out / "needle.json").read_text())
     assert data["config"]["mode"] == "chat" and len(data["cells"]) == 1
     assert not (out / "needle.partial.jsonl").exists()
+    # synl-eval on the same checkpoint: --examples keeps that many generated answers (-1: all).
+    from megatron_longsky.synl import SynLConfig, build_synl
+
+    records = build_synl(SynLConfig(num_samples=3, min_tokens=200, max_tokens=300, seed=3), ByteTokenizer())
+    data_path = tmp_path / "synl.jsonl"
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    for examples, kept in (("-1", 3), ("1", 1)):
+        out = tmp_path / f"synl_{examples}"
+        assert main(["synl-eval", "--checkpoint", str(tmp_path / "sft" / "checkpoints"), "--data", str(data_path),
+                     "--output", str(out), "--examples", examples]) == 0
+        report = json.loads((out / "synl_eval.json").read_text())
+        assert report["total"] == 3 and len(report["examples"]) == kept
+        assert [e["id"] for e in report["examples"]] == [r["meta"]["id"] for r in records][:kept]

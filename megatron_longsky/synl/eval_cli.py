@@ -61,9 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=positive_int, default=None, help="score only the first N records")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="generation budget (default: each reference answer's length + 16)")
-    p.add_argument("--examples", type=int, default=5,
+    p.add_argument("--examples", type=_examples_count, default=5,
                    help="questions whose generated text the JSON keeps (default 5; -1: all)")
     return p
+
+
+def _examples_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer (-1 for all), got {text!r}") from None
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be >= 0, or -1 for all; got {value}")
+    return value
 
 
 def read_records(path: str | Path, limit: Optional[int] = None) -> list[dict]:
