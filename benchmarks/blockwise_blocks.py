@@ -26,34 +26,11 @@ from megatron_longsky.attention.core_attention import DEFAULT_BLOCK_SIZE
 HEADS, GROUPS, HEAD_DIM = 4, 2, 32  # the quickstart's model
 
 
-def _previous_block_bounds(pos, seg, size):
-    """The rule before: short runs shared blocks of up to ``size`` rows."""
-    bounds, open_start, open_end = [], None, None
-    for start, end in blockwise._runs(pos, seg):
-        if end - start < max(1, size // 4):
-            if open_start is not None and end - open_start <= size:
-                open_end = end
-                continue
-            if open_start is not None:
-                bounds.append((open_start, open_end))
-            open_start, open_end = start, end
-            continue
-        if open_start is not None:
-            bounds.append((open_start, open_end))
-            open_start = None
-        pieces = blockwise._pieces(end - start, size)
-        edges = [start + (end - start) * i // pieces for i in range(pieces + 1)]
-        bounds.extend(zip(edges[:-1], edges[1:]))
-    if open_start is not None:
-        bounds.append((open_start, open_end))
-    return bounds
-
-
 @contextlib.contextmanager
 def _rule(previous: bool):
     current = blockwise._block_bounds
-    if previous:
-        blockwise._block_bounds = _previous_block_bounds
+    if previous:  # short runs shared blocks of up to the whole block size
+        blockwise._block_bounds = lambda pos, seg, size: current(pos, seg, size, shared_limit=size)
     try:
         yield
     finally:

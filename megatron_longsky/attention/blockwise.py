@@ -60,19 +60,23 @@ def longest_block(run_length: int, size: int) -> int:
     return -(-run_length // _pieces(run_length, size))
 
 
-def _block_bounds(pos: Tensor, seg: Optional[Tensor], size: int) -> list[tuple[int, int]]:
+def _block_bounds(pos: Tensor, seg: Optional[Tensor], size: int,
+                  shared_limit: Optional[int] = None) -> list[tuple[int, int]]:
     """Blocks of at most ``size`` rows that follow the runs: a run of at least size/4 rows
     gets blocks of its own (which the causal and segment rules can then skip, or take
     without a mask); shorter runs share blocks of at most size/4 rows with their
     neighbours (masked), which bounds the number of blocks for rows of many short
     documents. Shared blocks of up to ``size`` rows made a packed row under context
     parallelism (every document cut into 2*CP short chunks) compute most of its
-    all-document score matrix: 2-6x slower (benchmarks/RESULTS.md, "Blockwise attention")."""
+    all-document score matrix: 2-6x slower (benchmarks/RESULTS.md, "Blockwise attention").
+    ``shared_limit``: the most rows of a shared block (default size/4; the benchmark's "before"
+    passes ``size``)."""
     bounds: list[tuple[int, int]] = []
     open_start = open_end = None
-    shared = max(1, size // 4)
+    short = max(1, size // 4)
+    shared = short if shared_limit is None else shared_limit
     for start, end in _runs(pos, seg):
-        if end - start < shared:
+        if end - start < short:
             if open_start is not None and end - open_start <= shared:
                 open_end = end
                 continue
