@@ -153,3 +153,22 @@ def test_aligned_text_samples_are_whole_sequences_of_the_stream(tok):
         assert tuple(ids) in sequences and all(mask)
     with pytest.raises(ValueError, match="aligned"):
         SampleMaker(tok, DOCS, 64, stream=stream[:10], aligned_text=True)
+
+
+def test_induction_skip_leaves_out_the_most_frequent_tokens_but_keeps_the_digits(tok):
+    import numpy as np
+
+    base = SampleMaker(tok, DOCS, 128, seed=5, induction_alphabet=16, induction_segment=8)
+    skipped = SampleMaker(tok, DOCS, 128, seed=5, induction_alphabet=16, induction_segment=8, induction_skip=4)
+    digits = {tok.encode(d)[0] for d in "0123456789"}
+    assert len(skipped.induction_ids) == 16 and digits <= set(skipped.induction_ids)
+    counts = np.bincount(base.stream, minlength=1)
+    specials = {tok.eod_id, tok.bos_id}
+    ranked = [t for t in np.argsort(-counts, kind="stable").tolist()
+              if counts[t] and t not in specials and t not in digits]
+    assert set(base.induction_ids) - digits == set(ranked[:6])
+    assert set(skipped.induction_ids) - digits == set(ranked[4:10])
+    with pytest.raises(ValueError, match="induction_skip 100000"):
+        SampleMaker(tok, DOCS, 128, seed=5, induction_alphabet=16, induction_skip=100000)
+    with pytest.raises(ValueError, match="induction_skip must be >= 0"):
+        SampleMaker(tok, DOCS, 128, seed=5, induction_alphabet=16, induction_skip=-1)

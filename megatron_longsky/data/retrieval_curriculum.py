@@ -79,11 +79,12 @@ class SampleMaker:
 
     def __init__(self, tokenizer, documents: Sequence[str], seq_length: int, seed: int = 0, alphabet: int = 12,
                  stream: np.ndarray | None = None, max_lines: int = 20000, induction_alphabet: int = 64,
-                 induction_segment: int = 24, aligned_text: bool = False):
+                 induction_segment: int = 24, aligned_text: bool = False, induction_skip: int = 0):
         """``stream``: the documents' tokens back to back, EOD between (e.g. the ``.bin`` of
         their preprocessed dataset); encoded here when not given. ``max_lines``: filler lines kept.
         ``induction_alphabet`` / ``induction_segment``: the ``induction`` kind's symbols and the
-        length of its repeated segment. ``aligned_text``: ``text`` samples are whole
+        length of its repeated segment; ``induction_skip``: that many of the most frequent
+        tokens (digits apart) are left out of the alphabet. ``aligned_text``: ``text`` samples are whole
         ``seq_length`` sequences of the stream (e.g. CIP's, which are built back to back at that
         length), not windows at random offsets."""
         self.tok = tokenizer
@@ -104,17 +105,20 @@ class SampleMaker:
                      for ids in tokenizer.encode_batch(list(documents))]
             stream = np.concatenate(parts)
         self.stream = np.asarray(stream, dtype=np.int64)
-        self.induction_ids = self._frequent_tokens(induction_alphabet)
+        self.induction_ids = self._frequent_tokens(induction_alphabet, induction_skip)
         self.induction_segment = induction_segment
         self.aligned_text = aligned_text
         if aligned_text and len(self.stream) < seq_length:
             raise ValueError(f"aligned text samples need at least one {seq_length}-token sequence in the stream")
 
-    def _frequent_tokens(self, count: int) -> list[int]:
-        """The ``count`` most frequent tokens of the stream (specials excluded), with the
-        digits' tokens among them: the needle's and the recall samples' values are digits."""
+    def _frequent_tokens(self, count: int, skip: int = 0) -> list[int]:
+        """The ``count`` most frequent tokens of the stream (specials excluded) after the
+        ``skip`` most frequent, with the digits' tokens among them: the needle's and the recall
+        samples' values are digits."""
         if count < 2:
             raise ValueError(f"induction_alphabet must be >= 2, got {count}")
+        if skip < 0:
+            raise ValueError(f"induction_skip must be >= 0, got {skip}")
         specials = {t for t in (self.tok.eod_id, self.tok.bos_id, getattr(self.tok, "pad_id", None)) if t is not None}
         digits = []
         for d in "0123456789":
@@ -123,13 +127,12 @@ class SampleMaker:
                 digits.append(ids[0])
         counts = np.bincount(self.stream, minlength=1)
         chosen = list(digits[:count])
-        for token in np.argsort(-counts, kind="stable").tolist():
-            if len(chosen) >= count or counts[token] == 0:
-                break
-            if token not in specials and token not in chosen:
-                chosen.append(token)
-        if len(chosen) < 2:
-            raise ValueError("the corpus has fewer than 2 distinct tokens for the induction samples")
+        ranked = [t for t in np.argsort(-counts, kind="stable").tolist()
+                  if counts[t] > 0 and t not in specials and t not in chosen]
+        chosen += ranked[skip:skip + count - len(chosen)]
+        if len(chosen) < 2 or (skip and len(ranked) <= skip and len(chosen) < count):
+            raise ValueError(f"the corpus has {len(ranked)} distinct tokens besides the digits: too few for "
+                             f"induction_alphabet {count} after induction_skip {skip}")
         return sorted(chosen)
 
     # -- kinds ----------------------------------------------------------------------------

@@ -83,6 +83,7 @@ def build_curriculum(ctx: Context) -> dict:
     maker = SampleMaker(ctx.tokenizer(), read_documents(ctx.path("corpus/train.jsonl")), cfg.base_seq_length,
                         seed=cfg.seed + 17, alphabet=cfg.curriculum_alphabet,
                         induction_alphabet=cfg.induction_alphabet, induction_segment=cfg.induction_segment,
+                        induction_skip=cfg.induction_skip,
                         stream=np.fromfile(bin_path(train), dtype=index_dtype(train)))
     out = {}
     if cfg.copy_warmup_iters > 0:
