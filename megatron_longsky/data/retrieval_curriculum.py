@@ -129,11 +129,11 @@ class SampleMaker:
         chosen = list(digits[:count])
         ranked = [t for t in np.argsort(-counts, kind="stable").tolist()
                   if counts[t] > 0 and t not in specials and t not in chosen]
-        chosen += ranked[skip:skip + count - len(chosen)]
-        if len(chosen) < 2 or (skip and len(ranked) <= skip and len(chosen) < count):
+        extra = ranked[skip:skip + count - len(chosen)]
+        if len(chosen) + len(extra) < 2 or (len(chosen) < count and skip and not extra):
             raise ValueError(f"the corpus has {len(ranked)} distinct tokens besides the digits: too few for "
                              f"induction_alphabet {count} after induction_skip {skip}")
-        return sorted(chosen)
+        return sorted(chosen + extra)
 
     # -- kinds ----------------------------------------------------------------------------
 

@@ -253,12 +253,13 @@ def _curriculum_section(ctx: Context) -> str:
                         "(specials included), then grown to the tokenizer's vocabulary row by row "
                         "(`megatron_longsky/convert/grow_vocab.py`) and imported" if warm.get("tokenizer") else ""))
     mixed = ", ".join(f"{k} {base['counts'][k]}" for k in retrieval_kinds if base["counts"].get(k))
+    skipped = f" after the first {cfg.induction_skip}" if cfg.induction_skip else ""
     lines.append(f"- then {cfg.base_iters} iterations on training-corpus text windows (loss on every token) "
                  f"mixed with retrieval samples ({mixed or 'none'} of {base['samples']} samples)")
     lines.append(f"- retrieval samples are {retrieval_tokens / max(1, total_tokens):.0%} of the base stage's "
                  "tokens. `induction`: chunks copied from a random source over "
                  f"{cfg.induction_alphabet} of the corpus's frequent tokens (the digits, then the most frequent"
-                 f"{f' after the first {cfg.induction_skip}' if cfg.induction_skip else ''}) "
+                 f"{skipped}) "
                  "(`induction_text`: from a corpus-text window), loss on each chunk after its first token; "
                  "`repeat_small`: a line over a small alphabet repeated (loss on the repeat); "
                  "`repeat_words`: the same with corpus words; `recall`: made-up key -> 3-6 digit value facts "
