@@ -41,6 +41,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from megatron_longsky.config import ConfigError
 from megatron_longsky.data.recall_drills import draw_facts, filler_lines
 
 # (fact, question, answer prefix); the value follows the prefix after a space.
@@ -116,9 +117,9 @@ class SampleMaker:
         ``skip`` most frequent, with the digits' tokens among them: the needle's and the recall
         samples' values are digits."""
         if count < 2:
-            raise ValueError(f"induction_alphabet must be >= 2, got {count}")
+            raise ConfigError(f"induction_alphabet must be >= 2, got {count}")
         if skip < 0:
-            raise ValueError(f"induction_skip must be >= 0, got {skip}")
+            raise ConfigError(f"induction_skip must be >= 0, got {skip}")
         specials = {t for t in (self.tok.eod_id, self.tok.bos_id, getattr(self.tok, "pad_id", None)) if t is not None}
         digits = []
         for d in "0123456789":
@@ -131,8 +132,8 @@ class SampleMaker:
                   if counts[t] > 0 and t not in specials and t not in chosen]
         extra = ranked[skip:skip + count - len(chosen)]
         if len(chosen) + len(extra) < 2 or (len(chosen) < count and skip and not extra):
-            raise ValueError(f"the corpus has {len(ranked)} distinct tokens besides the digits: too few for "
-                             f"induction_alphabet {count} after induction_skip {skip}")
+            raise ConfigError(f"the corpus has {len(ranked)} distinct tokens besides the digits: too few for "
+                              f"induction_alphabet {count} after induction_skip {skip}")
         return sorted(chosen + extra)
 
     # -- kinds ----------------------------------------------------------------------------
