@@ -10,6 +10,12 @@ if _os.environ.get("LONGSKY_DEVICE", "").strip().lower() == "cpu":
 
     _hide()
 
+from megatron_longsky.runtime.jit_fuser import install_jit_fuser_hook as _install_jit_fuser_hook
+
+# On CPU, megatron-core's torch.compile-decorated fusions would import torch._inductor in every
+# process for functions a CPU process never calls (runtime/jit_fuser.py).
+_install_jit_fuser_hook()
+
 import warnings as _warnings
 
 # megatron-core warnings that say nothing to our users: the CPU path has neither TE nor apex by
