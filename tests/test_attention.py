@@ -159,7 +159,7 @@ class _SingleGroup:
         return 0
 
 
-def _core_attention(block_size, mask_type="causal", heads=4, groups=2):
+def _core_attention(block_size, mask_type="causal", heads=4, groups=2, dense_max_tokens=512):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -169,7 +169,7 @@ def _core_attention(block_size, mask_type="causal", heads=4, groups=2):
                                num_query_groups=groups, kv_channels=8, attention_dropout=0.0, hidden_dropout=0.0)
     pgs = types.SimpleNamespace(tp=_SingleGroup(), cp=_SingleGroup())
     return LongSkyCoreAttention(config, 1, getattr(AttnMaskType, mask_type), "self", pg_collection=pgs,
-                                block_size=block_size)
+                                block_size=block_size, dense_max_tokens=dense_max_tokens)
 
 
 def _reference_sbhd(q, k, v, causal=True):
@@ -184,10 +184,10 @@ def _reference_sbhd(q, k, v, causal=True):
     return out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
 
 
-@pytest.mark.parametrize("block_size", [4, 1024])  # blockwise path, single-block SDPA path
-def test_core_attention_module_matches_reference(block_size):
+@pytest.mark.parametrize("block_size,dense_max_tokens", [(4, 0), (1024, 512)])  # blockwise path, one SDPA call
+def test_core_attention_module_matches_reference(block_size, dense_max_tokens):
     torch.manual_seed(0)
-    module = _core_attention(block_size)
+    module = _core_attention(block_size, dense_max_tokens=dense_max_tokens)
     q, k, v = torch.randn(12, 2, 4, 8), torch.randn(12, 2, 2, 8), torch.randn(12, 2, 2, 8)
     out = module(q, k, v, None)
     assert out.shape == (12, 2, 32)
@@ -280,3 +280,22 @@ def test_blocks_follow_cp_chunks_and_documents():
     assert _block_bounds(pos, seg, 32) == [(0, 10), (10, 16), (16, 36)]
     many_short = torch.arange(4).repeat(256)  # 256 documents of 4 tokens
     assert len(_block_bounds(many_short, torch.arange(256).repeat_interleave(4), 64)) == 64
+
+
+@pytest.mark.parametrize("length,path", [(12, "dense"), (13, "blockwise")])
+def test_core_attention_one_sdpa_call_up_to_dense_max_tokens_not_block_size(monkeypatch, length, path):
+    """An unpacked CP=1 sequence longer than a block but within dense_max_tokens is one SDPA
+    call (with blocks of 256, 257-512-token sequences used to go blockwise: 1.8-3.5x slower)."""
+    from megatron_longsky.attention import core_attention
+
+    calls = []
+    for name in ("dense_attention", "blockwise_attention"):
+        real = getattr(core_attention, name)
+        monkeypatch.setattr(core_attention, name,
+                            lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    torch.manual_seed(0)
+    module = _core_attention(4, dense_max_tokens=12)
+    q, k, v = torch.randn(length, 2, 4, 8), torch.randn(length, 2, 2, 8), torch.randn(length, 2, 2, 8)
+    out = module(q, k, v, None)
+    assert calls == [f"{path}_attention"]
+    torch.testing.assert_close(out, _reference_sbhd(q, k, v), atol=1e-5, rtol=1e-5)

@@ -10,8 +10,8 @@ this one supports both on any process group (gloo on CPU, NCCL on GPU):
 * Packed: ``packed_seq_params.cu_seqlens_q(_padded)`` over the unsharded row confine
   attention to each document (at CP > 1 each document is zig-zag split on its own).
 * Long sequences: :mod:`blockwise` online softmax over K/V blocks; no s x s mask or
-  score matrix exists. A problem that fits in one block goes to
-  ``scaled_dot_product_attention`` with that block's mask.
+  score matrix exists. A short sequence (at most ``DENSE_MAX_TOKENS``, CP=1, unpacked) goes
+  to one ``scaled_dot_product_attention`` call with its [S, S] mask.
 
 Shapes follow megatron: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np*hn];
 THD (packed): q [t, np, hn], k/v [t, ng, hn] -> [t, np*hn].
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 # per-block buffers (4096: 6x slower, 10x the memory); on packed rows 256 is as fast as 512
 # or faster (benchmarks/blockwise_blocks.py).
 DEFAULT_BLOCK_SIZE = 256
+# The longest unpacked CP=1 sequence attended in one SDPA call (one [S, S] mask and score
+# matrix) rather than blockwise: a separate limit from the block size, which is tuned for
+# the blockwise path (benchmarks/dense_threshold.py: at 512 tokens one call is 1.8-3.5x faster
+# than 256-row blocks).
+DENSE_MAX_TOKENS = 512
 _logged_cp_settings: set = set()
 
 from megatron.core.transformer.enums import AttnMaskType
@@ -48,7 +53,7 @@ class LongSkyCoreAttention(MegatronModule):
     def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None,
-                 block_size: int = DEFAULT_BLOCK_SIZE):
+                 block_size: int = DEFAULT_BLOCK_SIZE, dense_max_tokens: int = DENSE_MAX_TOKENS):
         super().__init__(config=config)
         from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -65,6 +70,9 @@ class LongSkyCoreAttention(MegatronModule):
         self.block_size = int(block_size)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.dense_max_tokens = int(dense_max_tokens)
+        if self.dense_max_tokens < 0:
+            raise ValueError(f"dense_max_tokens must be >= 0, got {dense_max_tokens}")
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         if config.apply_query_key_layer_scaling:
             scale /= self.layer_number
@@ -142,9 +150,9 @@ class LongSkyCoreAttention(MegatronModule):
             out = self._masked_dense(q, k, v, attention_mask, causal)
         else:
             q_pos, k_pos, q_seg, k_seg = self._positions(sq, k.shape[2], query.device, packed_seq_params)
-            # One block (and no CP chunks or documents for the blocks to follow): one SDPA call.
-            single = q.shape[2] <= self.block_size and k.shape[2] <= self.block_size
-            if single and self.cp_size == 1 and packed_seq_params is None:
+            # A short sequence with no CP chunks or documents for blocks to follow: one SDPA call.
+            short = q.shape[2] <= self.dense_max_tokens and k.shape[2] <= self.dense_max_tokens
+            if short and self.cp_size == 1 and packed_seq_params is None:
                 out = dense_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, scale=self.softmax_scale, causal=causal)
             else:
                 out = blockwise_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, scale=self.softmax_scale,

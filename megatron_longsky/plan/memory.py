@@ -48,7 +48,7 @@ size, ``B`` activation bytes):
   With FP8 attention (``model.fp8_attention``, TE) q, k, v and the output are kept as FP8
   copies (1 byte) instead; ``multi_head`` also hands ``linear_proj`` an FP8 input.
 * core attention, ``longsky`` (ours, no TE): megatron-core's unfused RoPE keeps cos and sin
-  (``4 d``); when the rank's problem fits in one block, SDPA keeps q, K/V repeated to every
+  (``4 d``); for a short CP=1 sequence (``DENSE_MAX_TOKENS``), one SDPA call keeps q, K/V repeated to every
   head over the gathered sequence, its output and a fp32 ``t x s`` mask; otherwise the
   blockwise kernel keeps q (groups folded), the gathered K and V, its output and positions.
 
@@ -95,7 +95,7 @@ class PlanInput:
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
     # 'te': Transformer Engine's fused attention (GPU); 'longsky': our core attention
-    # (CPU / no TE): one SDPA call when the sequence fits in a block, else blockwise.
+    # (CPU / no TE): one SDPA call for a short sequence (DENSE_MAX_TOKENS), else blockwise.
     attention: Literal["te", "longsky"] = "te"
     # Our attention's block size (None: its default, LongSkyCoreAttention's DEFAULT_BLOCK_SIZE).
     attention_block_size: Optional[int] = None
@@ -216,8 +216,10 @@ def _attention_path(p: PlanInput) -> str:
     """'te', 'dense' (ours, one block) or 'blockwise' (ours, online softmax over blocks)."""
     if p.attention == "te":
         return "te"
-    # LongSkyCoreAttention: one SDPA call only for a CP=1 sequence within one block.
-    single = p.context_parallel == 1 and p.model.seq_length <= block_size(p)
+    # LongSkyCoreAttention: one SDPA call only for a short CP=1 sequence.
+    from megatron_longsky.attention.core_attention import DENSE_MAX_TOKENS
+
+    single = p.context_parallel == 1 and p.model.seq_length <= DENSE_MAX_TOKENS
     return "dense" if single else "blockwise"
 
 
