@@ -67,8 +67,14 @@ def test_alphabet_tokenizer_and_growth_keep_every_token_row(tmp_path, bpe):
 
     written = np.fromfile(bin_path(f"{prefix}_tokens_document"), dtype=index_dtype(f"{prefix}_tokens_document"))
     assert written.max() < small_tok.vocab_size
-    with pytest.raises(ValueError, match="only induction"):
+    with pytest.raises(ValueError, match="can be written in the alphabet's ids"):
         write_curriculum(maker, Mix(text=1), 2, tmp_path / "bad", tokenizer=small_tok, remap=alphabet["remap"])
+    # keyed samples are alphabet tokens too (they need a longer sequence)
+    long_maker = SampleMaker(full, docs, 128, seed=1, induction_alphabet=12, induction_segment=4)
+    assert long_maker.induction_ids == maker.induction_ids
+    stats = write_curriculum(long_maker, Mix(keyed=1, induction=1), 6, tmp_path / "keyed", tokenizer=small_tok,
+                             remap=alphabet["remap"])
+    assert stats["samples"] == 6
 
     small = _small_model(tmp_path, tmp_path / "alphabet")
     before = _weights(small)

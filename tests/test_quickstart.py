@@ -49,6 +49,7 @@ def test_quickstart_report_has_every_stage(quickstart_run):
     assert len(claims) == 2 + 5, claims
     # The graded needle view: one fraction per stage and length, read from the sweep's cases.
     assert "Answer tokens predicted" in text
+    assert "The same sweep with 1 distractor needle" in text
     needle_state = json.loads((run_dir / "state.json").read_text())["stages"]["needle_long_sft"]["results"]
     assert set(needle_state["token_accuracy_per_length"]) == {str(n) for n in SMALL["needle_lengths"]}
     assert all(0.0 <= v <= 1.0 for v in needle_state["token_accuracy_per_length"].values())
@@ -82,6 +83,11 @@ def test_quickstart_summary_json_schema(quickstart_run):
         assert set(summary[key]) == set(MODELS), key
     assert all(set(summary["needle"][m]) == lengths for m in MODELS)
     assert all(0.0 <= v <= 1.0 for m in MODELS for v in summary["needle"][m].values())
+    # The second sweep, with a distractor needle per sample (the default needle_distractors=1).
+    assert summary["needle_distractors"] == 1
+    assert set(summary["needle_with_distractors"]) == set(MODELS)
+    assert all(set(summary["needle_with_distractors"][m]) == lengths for m in MODELS)
+    assert all(0.0 <= v <= 1.0 for m in MODELS for v in summary["needle_with_distractors"][m].values())
     assert set(summary["synl"]) == {"sft", "long_sft"}
     heldout = summary["synl_generation"]["heldout"]
     kinds = {k for k in heldout if not k.startswith("fallback/")}

@@ -28,7 +28,7 @@ def maker(tok, seq_length=256, seed=0):
 
 def test_every_kind_is_exactly_seq_length_with_targets(tok):
     m = maker(tok)
-    for kind in ("induction", "repeat_small", "repeat_words", "recall", "text"):
+    for kind in ("induction", "repeat_small", "repeat_words", "recall", "keyed", "text"):
         for _ in range(20):
             ids, mask = m.sample(kind)
             assert len(ids) == len(mask) == 256, kind
@@ -172,3 +172,61 @@ def test_induction_skip_leaves_out_the_most_frequent_tokens_but_keeps_the_digits
         SampleMaker(tok, DOCS, 128, seed=5, induction_alphabet=16, induction_skip=100000)
     with pytest.raises(ValueError, match="induction_skip must be >= 0"):
         SampleMaker(tok, DOCS, 128, seed=5, induction_alphabet=16, induction_skip=-1)
+
+
+def test_keyed_values_are_told_apart_by_the_key_alone(tok):
+    """Every asked value follows the same separator as every other record's value, so one token
+    of context never picks it; key + separator picks exactly one record."""
+    from megatron_longsky.data.retrieval_curriculum import KEYED_RECORDS, KEYED_VALUE_TOKENS
+
+    m = SampleMaker(tok, DOCS, 128, seed=7, induction_alphabet=24)
+    for _ in range(50):
+        ids, mask = m.keyed()
+        assert len(ids) == len(mask) == 128 and set(ids[len(m.bos):]) <= set(m.induction_ids)
+        starts = [i for i in range(1, len(mask)) if mask[i] and not mask[i - 1]]
+        assert KEYED_RECORDS[0] <= len(starts) <= KEYED_RECORDS[1]
+        assert all(mask[s:s + KEYED_VALUE_TOKENS] == [1] * KEYED_VALUE_TOKENS for s in starts)
+        assert sum(mask) == len(starts) * KEYED_VALUE_TOKENS
+        first = starts[0] - 2  # the queries start here: nothing before them is a target
+        assert not any(mask[:first])
+        seps = {ids[s - 1] for s in starts}
+        assert len(seps) == 1  # one separator for all records
+        for s in starts:
+            key, sep, value = ids[s - 2], ids[s - 1], ids[s:s + KEYED_VALUE_TOKENS]
+            context = ids[:first]
+            after_sep = [context[j + 1:j + 1 + KEYED_VALUE_TOKENS] for j in range(len(context)) if context[j] == sep]
+            assert len(after_sep) == len(starts) >= 3  # the separator alone: every record
+            after_key = [context[j + 2:j + 2 + KEYED_VALUE_TOKENS] for j in range(len(context) - 2)
+                         if context[j:j + 2] == [key, sep]]
+            assert after_key == [value]  # key + separator: the asked record only
+
+
+
+def test_quickstart_report_names_the_keyed_warmup(tmp_path):
+    from megatron_longsky.quickstart.config import QuickstartConfig
+    from megatron_longsky.quickstart.context import Context
+    from megatron_longsky.quickstart.report_builder import _curriculum_section
+    from megatron_longsky.quickstart.runner import StageRecord, StageRunner
+
+    cfg = QuickstartConfig(copy_warmup_iters=400, keyed_warmup_iters=200, base_iters=800, base_keyed_share=0.1)
+    runner = StageRunner(tmp_path, fingerprint={})
+    runner.records["curriculum"] = StageRecord("curriculum", 1.0, {
+        "warmup": {"samples": 6400, "tokens": 819200, "target_tokens": 500000, "counts": {"induction": 6400}},
+        "keyed": {"samples": 3200, "tokens": 409600, "target_tokens": 60000, "counts": {"keyed": 3200}},
+        "base": {"samples": 12800, "tokens": 1638400, "target_tokens": 1300000,
+                 "counts": {"recall": 3200, "keyed": 1280, "text": 8320}}})
+    text = _curriculum_section(Context(cfg, tmp_path, runner))
+    assert "400 of 1400 base iterations" in text and "200 of 1400 base iterations (14%) on keyed samples" in text
+    assert "recall 3200, keyed 1280 of 12800 samples" in text
+    share = (819200 + 409600 + 1638400 * 4480 / 12800) / (819200 + 409600 + 1638400)
+    assert f"{share:.0%} of the base stage's tokens" in text
+
+
+@pytest.mark.parametrize("overrides", [dict(keyed_warmup_iters=100, copy_warmup_iters=0),
+                                       dict(keyed_warmup_iters=100, retrieval_curriculum=False),
+                                       dict(base_keyed_share=0.7), dict(base_keyed_share=-0.1)])
+def test_quickstart_refuses_keyed_settings_it_would_ignore(overrides):
+    from megatron_longsky.quickstart.config import QuickstartConfig
+
+    with pytest.raises(ValueError, match="keyed"):
+        QuickstartConfig(**overrides)

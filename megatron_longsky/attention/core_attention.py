@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 256
 # The longest unpacked CP=1 sequence attended in one SDPA call (one [S, S] mask and score
 # matrix) rather than blockwise: a separate limit from the block size, which is tuned for
-# the blockwise path (benchmarks/dense_threshold.py: at 512 tokens one call is 1.8-3.5x faster
-# than 256-row blocks).
+# the blockwise path (benchmarks/dense_threshold.py, forward + backward: at 384-512 tokens one
+# call is 1.3-2.0x faster than 256-row blocks; they break even at 1024-2048, where the [S, S]
+# scores of a micro-batch of 4 already take 64-256 MiB).
 DENSE_MAX_TOKENS = 512
 _logged_cp_settings: set = set()
 

@@ -24,6 +24,14 @@ Sample kinds, each exactly ``seq_length`` tokens:
   by an answer prefix and the value; the loss is on the value tokens only. Several facts
   share one attribute, so only the key tells them apart (the general skill: match a
   key, copy what followed it).
+- ``keyed``: records ``key sep value`` over the induction alphabet (one ``sep`` for every
+  record of a sample, single-token keys, values of ``KEYED_VALUE_TOKENS`` tokens) among random
+  tokens, then the records asked again in another order, ``key sep`` followed by the value; the
+  loss is on the values. The token before every value is the same ``sep``, so matching it
+  finds all the records' values and only the key one token further back tells them apart: the
+  skill that finds one fact among others of the same wording ("... of amber falcon is 4821937"
+  beside "... of quiet raven is 7302215", or one row of a table), which the ``induction``
+  copy alone does not give (benchmarks/RESULTS.md, "Needle with distractors").
 - ``text``: a window of corpus text with the loss on every token (the language model).
 
 Nothing here is the needle test's: keys are made-up syllable names (not its
@@ -54,6 +62,10 @@ TEMPLATES = (
      "We set the {attr} of {key} to"),
 )
 SMALL_ALPHABET = tuple("bcdfghjklmnpqrstvwxz")
+KEYED_RECORDS = (3, 6)  # records per keyed sample
+KEYED_VALUE_TOKENS = 4
+KEYED_GAP = 6  # at most this many random tokens before each record
+ALPHABET_KINDS = {"induction", "keyed"}  # the kinds made of induction-alphabet tokens only
 REPEAT_HEADS = ("Sequence", "Items", "Tokens", "List", "Words")
 
 
@@ -66,6 +78,7 @@ class Mix:
     repeat_small: float = 0.0
     repeat_words: float = 0.0
     recall: float = 0.0
+    keyed: float = 0.0
     text: float = 0.0
 
     def kinds(self) -> tuple[list[str], list[float]]:
@@ -168,6 +181,31 @@ class SampleMaker:
             ids += ids[at:at + n]
             mask += [0] + [1] * (n - 1)
         return self.bos + ids, [0] * len(self.bos) + mask
+
+    def keyed(self) -> tuple[list[int], list[int]]:
+        rng = self.rng
+        body = self.seq_length - len(self.bos)
+        sep = rng.choice(self.induction_ids)
+        others = [t for t in self.induction_ids if t != sep]
+        records = rng.randint(*KEYED_RECORDS)
+        record = 2 + KEYED_VALUE_TOKENS
+        if len(others) < records or body < records * (KEYED_GAP + 2 * record):
+            raise ValueError(f"seq_length {self.seq_length} and induction_alphabet {len(self.induction_ids)} are "
+                             f"too small for a keyed sample of {records} records")
+        keys = rng.sample(others, records)
+        # Nothing but the records has the separator, so "key sep" occurs once per record.
+        values = [[rng.choice(others) for _ in range(KEYED_VALUE_TOKENS)] for _ in keys]
+        ids: list[int] = []
+        for key, value in zip(keys, values):
+            ids += [rng.choice(others) for _ in range(rng.randint(0, KEYED_GAP))] + [key, sep] + value
+        mask = [0] * len(ids)
+        order = list(range(records))
+        rng.shuffle(order)
+        for i in order:
+            ids += [keys[i], sep] + values[i]
+            mask += [0, 0] + [1] * KEYED_VALUE_TOKENS
+        front = [rng.choice(others) for _ in range(body - len(ids))]
+        return self.bos + front + ids, [0] * (len(self.bos) + len(front)) + mask
 
     def repeat(self, small: bool) -> tuple[list[int], list[int]]:
         rng = self.rng
@@ -279,6 +317,8 @@ class SampleMaker:
             return self.repeat(small=False)
         if kind == "recall":
             return self.recall()
+        if kind == "keyed":
+            return self.keyed()
         if kind == "text":
             return self.text()
         raise ValueError(f"unknown curriculum sample kind {kind!r}")
@@ -346,12 +386,13 @@ def write_curriculum(maker: SampleMaker, mix: Mix, count: int, output_prefix: st
     """Write ``count`` samples as an SFT dataset at ``output_prefix`` (and, with ``text_jsonl``,
     the non-``text`` samples' decoded text, for the evaluation-unseen check). Returns counts.
     ``tokenizer`` / ``remap``: write the samples in another tokenizer's ids (the alphabet's, see
-    :func:`write_alphabet_tokenizer`: induction samples only)."""
+    :func:`write_alphabet_tokenizer`: induction and keyed samples only)."""
     from megatron_longsky.sft.preprocess import SFTPreprocessConfig, SFTWriter
     from megatron_longsky.utils.atomic import atomic_path
 
-    if remap is not None and mix.kinds()[0] != ["induction"]:
-        raise ValueError(f"only induction samples can be written in the alphabet's ids, not {mix.kinds()[0]}")
+    if remap is not None and not set(mix.kinds()[0]) <= ALPHABET_KINDS:
+        raise ValueError(f"only {sorted(ALPHABET_KINDS)} samples can be written in the alphabet's ids, "
+                         f"not {mix.kinds()[0]}")
     writer = SFTWriter(SFTPreprocessConfig(output_prefix=str(output_prefix), overwrite=True), tokenizer or maker.tok)
     counts: dict[str, int] = {}
     target_tokens = 0

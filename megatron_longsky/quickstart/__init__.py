@@ -72,6 +72,8 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     models = ["base", "cpt"] + (["cpt_concat"] if cfg.ablation else []) + ["sft", "long_sft"]
     for model in models:
         runner.run(f"needle_{model}", lambda m=model: evals.needle(ctx, m))
+        if cfg.needle_distractors:
+            runner.run(f"needle_distractors_{model}", lambda m=model: evals.needle(ctx, m, cfg.needle_distractors))
         runner.run(f"ppl_{model}", lambda m=model: evals.perplexity(ctx, m, cfg.long_seq_length))
     for model in ("sft", "long_sft"):
         runner.run(f"synl_{model}", lambda m=model: evals.synl_accuracy(ctx, m))
@@ -82,7 +84,7 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
     return report
 
 
-ITERATION_FIELDS = ("copy_warmup_iters", "base_iters", "cpt_iters", "sft_iters", "long_sft_iters")
+ITERATION_FIELDS = ("copy_warmup_iters", "keyed_warmup_iters", "base_iters", "cpt_iters", "sft_iters", "long_sft_iters")
 
 
 def scaled(cfg: QuickstartConfig, scale: float) -> QuickstartConfig:

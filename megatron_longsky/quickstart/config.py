@@ -67,6 +67,14 @@ class QuickstartConfig:
     # The warm-up's learning rate after its linear ramp (10% of its iterations): the copy
     # forms in a phase change, which a decaying rate delays.
     copy_warmup_decay: Literal["cosine", "constant", "linear"] = "constant"
+    # Then this many iterations on keyed samples alone (records "key sep value" over the same
+    # alphabet, asked again: only the key tells the values apart), from the warm-up's weights and
+    # in its vocabulary. The copy alone finds a needle by its wording, and a second needle of the
+    # same wording halves the hit rate (benchmarks/RESULTS.md, "Needle with distractors"). Off by
+    # default: the key match formed on the alphabet (keyed loss 3.6 -> 0.2 in 300 iterations) but
+    # the base model's needle with a distractor stayed at chance. Mixed into the warm-up from its
+    # start, keyed samples kept the copy from forming within 400 iterations.
+    keyed_warmup_iters: int = 0
     warmup_induction: float = 1.0
     warmup_repeat_small: float = 0.0
     warmup_repeat_words: float = 0.0
@@ -92,6 +100,8 @@ class QuickstartConfig:
     base_recall_share: float = 0.25
     # Share of induction samples in the base mix (keeps the copy formed in the warm-up).
     base_induction_share: float = 0.15
+    # Share of keyed samples in the base mix (e.g. with keyed_warmup_iters; 0: none).
+    base_keyed_share: float = 0.0
     # Share of CPT samples that are recall samples at long_seq_length (made-up key -> value
     # facts among corpus lines, asked at the end; loss on the values), the rest whole CIP (or,
     # for the ablation, concatenated) sequences. Natural text at this scale has few long-range
@@ -126,6 +136,10 @@ class QuickstartConfig:
     needle_lengths: list[int] = field(default_factory=lambda: [128, 256, 512])
     needle_depths: int = 5
     needle_samples: int = 6
+    # A second sweep per model with this many distractors: needles with other keys that are not
+    # asked about. One needle can be found by copying what follows its wording; with a distractor
+    # only the key tells the two apart, which is what a table lookup needs. 0: no second sweep.
+    needle_distractors: int = 1
     # Held-out documents for perplexity and loss by position (at most; those long enough).
     ppl_documents: int = 16
 
@@ -134,10 +148,11 @@ class QuickstartConfig:
         ``base_iters`` used to fail after the data stages, a minute in)."""
         from dataclasses import fields
 
-        may_be_zero = {"copy_warmup_iters", "copy_warmup_bytes", "induction_skip"}
+        may_be_zero = {"copy_warmup_iters", "copy_warmup_bytes", "induction_skip", "needle_distractors",
+                       "keyed_warmup_iters"}
         fractions = {"recall_fraction", "drill_fraction", "drill_repeat_share", "long_sft_general",
                      "warmup_induction", "warmup_repeat_small", "warmup_repeat_words", "warmup_recall",
-                     "base_recall_share", "base_induction_share", "cpt_recall_share"}
+                     "base_recall_share", "base_induction_share", "base_keyed_share", "cpt_recall_share"}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and f.name != "seed" and value < (0 if f.name in may_be_zero else 1):
@@ -161,9 +176,15 @@ class QuickstartConfig:
                 raise ValueError("copy_warmup_alphabet_vocab needs a warm-up of induction samples only "
                                  f"(warmup_induction > 0, got {self.warmup_induction}; other shares {others}) "
                                  f"and tokenizer=bpe (got {self.tokenizer}); or set copy_warmup_alphabet_vocab=false")
-        if self.base_recall_share + self.base_induction_share > 1:
+        if self.keyed_warmup_iters and not (self.retrieval_curriculum and self.copy_warmup_iters):
+            raise ValueError(f"keyed_warmup_iters {self.keyed_warmup_iters} follows the copy warm-up: it needs "
+                             f"retrieval_curriculum=true and copy_warmup_iters > 0 (got {self.retrieval_curriculum}, "
+                             f"{self.copy_warmup_iters})")
+        retrieval = self.base_recall_share + self.base_induction_share + self.base_keyed_share
+        if retrieval > 1:
             raise ValueError(f"base_recall_share {self.base_recall_share} + base_induction_share "
-                             f"{self.base_induction_share} exceed 1 (the rest of the base mix is corpus text)")
+                             f"{self.base_induction_share} + base_keyed_share {self.base_keyed_share} exceed 1 "
+                             "(the rest of the base mix is corpus text)")
         if self.synl_min_tokens > self.synl_max_tokens:
             raise ValueError(f"synl_min_tokens {self.synl_min_tokens} exceeds synl_max_tokens {self.synl_max_tokens}")
         if not self.needle_lengths or min(self.needle_lengths) < 1:

@@ -103,8 +103,14 @@ def build_curriculum(ctx: Context) -> dict:
                                          ctx.path("corpus/retrieval_warmup.jsonl"), **vocabulary)
         if vocabulary:
             out["warmup"].update(tokenizer=alphabet["dir"], vocab_size=alphabet["vocab_size"])
-    base = Mix(recall=cfg.base_recall_share, induction=cfg.base_induction_share,
-               text=1.0 - cfg.base_recall_share - cfg.base_induction_share)
+        if cfg.keyed_warmup_iters > 0:  # after the copy, in the same vocabulary
+            out["keyed"] = write_curriculum(maker, Mix(keyed=1.0), cfg.keyed_warmup_iters * cfg.global_batch_size,
+                                            ctx.path("data/curriculum_keyed"),
+                                            ctx.path("corpus/retrieval_keyed.jsonl"), **vocabulary)
+            if vocabulary:
+                out["keyed"].update(tokenizer=alphabet["dir"], vocab_size=alphabet["vocab_size"])
+    base = Mix(recall=cfg.base_recall_share, induction=cfg.base_induction_share, keyed=cfg.base_keyed_share,
+               text=1.0 - cfg.base_recall_share - cfg.base_induction_share - cfg.base_keyed_share)
     out["base"] = write_curriculum(maker, base, cfg.base_iters * cfg.global_batch_size,
                                    ctx.path("data/curriculum_base"), ctx.path("corpus/retrieval_base.jsonl"))
     for name in out:
@@ -247,11 +253,16 @@ def check_evaluation_unseen(ctx: Context) -> dict:
     from megatron_longsky.eval.needle import NeedleBuilder, NeedleConfig
 
     cfg = ctx.cfg
-    builder = NeedleBuilder(NeedleConfig(lengths=cfg.needle_lengths, num_depths=cfg.needle_depths,
-                                         samples=cfg.needle_samples, seed=cfg.seed, mode="base"), ctx.tokenizer())
-    values = sorted({n["value"] for point in builder.grid() for n in builder.build(*point).needles})
+    values = set()
+    for distractors in sorted({0, cfg.needle_distractors}):  # the sweeps the evaluation runs
+        builder = NeedleBuilder(NeedleConfig(lengths=cfg.needle_lengths, num_depths=cfg.needle_depths,
+                                             samples=cfg.needle_samples, seed=cfg.seed, mode="base",
+                                             num_distractors=distractors), ctx.tokenizer())
+        values |= {n["value"] for point in builder.grid() for n in builder.build(*point).needles}
+    values = sorted(values)
     texts = []
-    for split in ("train", "retrieval_warmup", "retrieval_base", "retrieval_cpt_cip", "retrieval_cpt_concat"):
+    for split in ("train", "retrieval_warmup", "retrieval_keyed", "retrieval_base", "retrieval_cpt_cip",
+                  "retrieval_cpt_concat"):
         if ctx.path(f"corpus/{split}.jsonl").exists():
             with open(ctx.path(f"corpus/{split}.jsonl"), encoding="utf-8") as f:
                 texts += [json.loads(line)["text"] for line in f]

@@ -9,14 +9,15 @@ from megatron_longsky.quickstart.context import Context
 from megatron_longsky.quickstart.launch import run_longsky
 
 
-def needle(ctx: Context, model: str) -> dict:
+def needle(ctx: Context, model: str, distractors: int = 0) -> dict:
     cfg = ctx.cfg
     ckpt = ctx.runner.results(model)["checkpoint"]
-    out = ctx.path(f"eval/{model}/needle")
+    name = f"needle_distractors_{distractors}" if distractors else "needle"
+    out = ctx.path(f"eval/{model}/{name}")
     run_longsky(["needle", "--checkpoint", ckpt, "--lengths", ",".join(map(str, cfg.needle_lengths)),
                  "--depths", str(cfg.needle_depths), "--samples", str(cfg.needle_samples),
-                 "--seed", str(cfg.seed), "--mode", "base", "--output", str(out)],
-                ctx.path(f"logs/needle_{model}.log"))
+                 "--seed", str(cfg.seed), "--mode", "base", "--distractors", str(distractors), "--output", str(out)],
+                ctx.path(f"logs/{name}_{model}.log"))
     data = json.loads((out / "needle.json").read_text(encoding="utf-8"))
     return {"dir": str(out), "json": str(out / "needle.json"), "accuracy": data["accuracy"],
             "per_length": data["per_length"], "longest_length_all_passed": data["longest_length_all_passed"],

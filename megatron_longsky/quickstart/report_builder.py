@@ -25,6 +25,7 @@ def _needle_section(ctx: Context, models: list[str]) -> tuple[str, dict]:
         rows.append([TITLES[m]] + [f"{r['per_length'].get(str(n), 0.0):.0%}" for n in lengths]
                     + [f"{r['accuracy']:.0%}", r["longest_length_all_passed"] or "none"])
     token_rows = [[TITLES[m]] + [_token_accuracy(ctx, m, [n]) for n in lengths] for m in models]
+    distracted = _distractor_table(ctx, models)
     text = "\n".join([
         "## Needle in a haystack (after each stage)", "",
         f"Teacher-forced exact match of the needle's value (base mode), {ctx.cfg.needle_depths} depths x "
@@ -37,8 +38,23 @@ def _needle_section(ctx: Context, models: list[str]) -> tuple[str, dict]:
         "view of the same cases; the value's first token can be the space before its digits, which a "
         "model gets without retrieving anything):", "",
         table(["model"] + [f"{n} tokens" for n in lengths], token_rows),
-    ])
+    ] + distracted)
     return text, results
+
+
+def _distractor_table(ctx: Context, models: list[str]) -> list[str]:
+    """The same sweep with distractor needles (other keys, never asked about)."""
+    n = ctx.cfg.needle_distractors
+    if not n or not all(ctx.runner.results(f"needle_distractors_{m}") for m in models):
+        return []
+    lengths = ctx.cfg.needle_lengths
+    rows = [[TITLES[m]] + [f"{ctx.runner.results(f'needle_distractors_{m}')['per_length'].get(str(L), 0.0):.0%}"
+                           for L in lengths] for m in models]
+    return ["", f"The same sweep with {n} distractor needle{'s' if n > 1 else ''} (the same wording with "
+            "other keys and values, never asked about): a model that copies whatever follows the needle's "
+            f"wording, without matching the key, finds the asked value about {1 / (n + 1):.0%} as often as "
+            "above. This is the skill a table lookup needs (SynL below).", "",
+            table(["model"] + [f"{L} tokens" for L in lengths], rows)]
 
 
 def _token_accuracy(ctx: Context, model: str, lengths: list[int]) -> str:
@@ -200,10 +216,11 @@ def build_report(ctx: Context, models: list[str], wall_seconds: float) -> Path:
     for s in train_stages:
         r = res(s)
         if s == "base" and warmup:
-            w = warmup
-            rows.append(["base: retrieval warm-up", w["seq_length"], w["rope_base"], w["context_parallel"],
-                         w["processes"], w["iterations"], w["first_loss"], w["final_loss"],
-                         f"{w['tokens_per_s']:.0f}" if w.get("tokens_per_s") else "-"])
+            for title, w in (("base: retrieval warm-up", warmup), ("base: keyed warm-up", warmup.get("keyed"))):
+                if w:
+                    rows.append([title, w["seq_length"], w["rope_base"], w["context_parallel"], w["processes"],
+                                 w["iterations"], w["first_loss"], w["final_loss"],
+                                 f"{w['tokens_per_s']:.0f}" if w.get("tokens_per_s") else "-"])
         rows.append([TITLES[s], r["seq_length"], r["rope_base"], r["context_parallel"], r["processes"],
                      r["iterations"], r["first_loss"], r["final_loss"],
                      f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "-"])
@@ -228,11 +245,11 @@ def _curriculum_section(ctx: Context) -> str:
     cfg, cur = ctx.cfg, ctx.runner.results("curriculum")
     if not cur:
         return ""
-    warm, base = cur.get("warmup"), cur["base"]
-    iters = (cfg.copy_warmup_iters if warm else 0) + cfg.base_iters
+    warm, keyed, base = cur.get("warmup"), cur.get("keyed"), cur["base"]
+    iters = (cfg.copy_warmup_iters if warm else 0) + (cfg.keyed_warmup_iters if keyed else 0) + cfg.base_iters
     total_tokens = sum(c["tokens"] for c in cur.values())
-    retrieval_kinds = ("recall", "induction", "induction_text")
-    retrieval_tokens = (warm["tokens"] if warm else 0) + base["tokens"] * sum(
+    retrieval_kinds = ("recall", "induction", "induction_text", "keyed")
+    retrieval_tokens = (warm["tokens"] if warm else 0) + (keyed["tokens"] if keyed else 0) + base["tokens"] * sum(
         base["counts"].get(k, 0) for k in retrieval_kinds) / max(1, base["samples"])
     lines = [
         "### Retrieval curriculum (the stand-in for a pretrained model that already retrieves)",
@@ -252,6 +269,10 @@ def _curriculum_section(ctx: Context) -> str:
                      + (f"; trained by a model whose vocabulary is the alphabet's {warm['vocab_size']} tokens "
                         "(specials included), then grown to the tokenizer's vocabulary row by row "
                         "(`megatron_longsky/convert/grow_vocab.py`) and imported" if warm.get("tokenizer") else ""))
+    if keyed:
+        lines.append(f"- then {cfg.keyed_warmup_iters} of {iters} base iterations ({cfg.keyed_warmup_iters / iters:.0%}) "
+                     f"on keyed samples alone ({keyed['samples']} samples, {keyed['target_tokens']} loss tokens of "
+                     f"{keyed['tokens']}), in the warm-up's vocabulary: the key match, once the copy has formed")
     mixed = ", ".join(f"{k} {base['counts'][k]}" for k in retrieval_kinds if base["counts"].get(k))
     skipped = f" after the first {cfg.induction_skip}" if cfg.induction_skip else ""
     lines.append(f"- then {cfg.base_iters} iterations on training-corpus text windows (loss on every token) "
@@ -262,7 +283,9 @@ def _curriculum_section(ctx: Context) -> str:
                  f"{skipped}) "
                  "(`induction_text`: from a corpus-text window), loss on each chunk after its first token; "
                  "`repeat_small`: a line over a small alphabet repeated (loss on the repeat); "
-                 "`repeat_words`: the same with corpus words; `recall`: made-up key -> 3-6 digit value facts "
+                 "`repeat_words`: the same with corpus words; `keyed`: records `key sep value` over the same "
+                 "alphabet, one separator for all, asked again (loss on the values: only the key tells them "
+                 "apart); `recall`: made-up key -> 3-6 digit value facts "
                  "among corpus lines, then questions and answer prefixes (loss on the values). Keys, wording, "
                  "values and filler are never the needle test's (see the unseen check).")
     return "\n".join(lines)

@@ -92,6 +92,11 @@ def build_summary(ctx: Context, models: list[str]) -> dict:
     for m in models:
         needle = res(f"needle_{m}")
         summary["needle"][m] = {str(n): needle["per_length"].get(str(n), 0.0) for n in cfg.needle_lengths}
+        distracted = res(f"needle_distractors_{m}")
+        if distracted:
+            summary["needle_distractors"] = cfg.needle_distractors
+            summary.setdefault("needle_with_distractors", {})[m] = {
+                str(n): distracted["per_length"].get(str(n), 0.0) for n in cfg.needle_lengths}
         ppl = res(f"ppl_{m}")
         summary["perplexity"][m] = ppl["overall_ppl"]
         within, beyond = loss_split(ppl["buckets"], cfg.base_seq_length)

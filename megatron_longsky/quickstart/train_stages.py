@@ -93,6 +93,13 @@ def pretrain_base(ctx: Context) -> dict:
                    decay_style=cfg.copy_warmup_decay, tokenizer_dir=alphabet)
         warmup = run_job(ctx, "base_copy", job)
         init = warmup["checkpoint"]
+        if "keyed" in curriculum:  # the key match, once the copy has formed
+            job = _job(ctx, "base_keyed", seq_length=cfg.base_seq_length, rope_base=cfg.base_rope_base,
+                       data={"kind": "sft", "prefixes": [curriculum["keyed"]["prefix"]], "packed": False},
+                       iters=cfg.keyed_warmup_iters, lr=cfg.copy_warmup_lr, init_from=init,
+                       decay_style=cfg.copy_warmup_decay, tokenizer_dir=alphabet)
+            warmup["keyed"] = run_job(ctx, "base_keyed", job)
+            init = warmup["keyed"]["checkpoint"]
         if alphabet:
             init = grow_warmup_vocabulary(ctx, init)
             warmup["grown_checkpoint"] = init
