@@ -117,6 +117,17 @@ def test_quickstart_rerun_resumes_without_recomputing(quickstart_run):
     assert (run_dir / "state.json").read_text() == before
 
 
+def test_a_needle_sweep_that_cannot_be_built_stops_the_run_before_training(tmp_path):
+    """Three distractors and their question do not fit in 128 tokens: refused right after the
+    tokenizer exists (it used to surface in the evaluation, after every training stage)."""
+    from megatron_longsky.eval.errors import EvalInputError
+
+    with pytest.raises(EvalInputError, match="length 128 is too short"):
+        run(QuickstartConfig(**{**SMALL, "needle_distractors": 3}), tmp_path)
+    stages = json.loads((tmp_path / "state.json").read_text())["stages"]
+    assert "tokenizer" in stages and "base" not in stages and "curriculum" not in stages
+
+
 def test_loss_split_at_the_base_length():
     buckets = [{"start": 1, "end": 2, "tokens": 2, "nll": 5.0}, {"start": 2, "end": 4, "tokens": 4, "nll": 2.0},
                {"start": 4, "end": 8, "tokens": 8, "nll": 9.0}, {"start": 8, "end": 16, "tokens": 0, "nll": float("nan")}]

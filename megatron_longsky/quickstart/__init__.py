@@ -55,6 +55,7 @@ def run(cfg: QuickstartConfig, run_dir: Path, fresh: bool = False) -> Path:
 
     runner.run("corpus", lambda: data.build_corpus(ctx))
     runner.run("tokenizer", lambda: data.build_tokenizer_stage(ctx))
+    runner.run("needle_sweeps", lambda: data.check_needle_sweeps(ctx))
     runner.run("preprocess", lambda: data.preprocess_corpus(ctx))
     runner.run("curriculum", lambda: data.build_curriculum(ctx))
     runner.run("base", lambda: train.pretrain_base(ctx))

@@ -247,19 +247,32 @@ def synl_counts(path: Path) -> dict:
     return dict(sorted(counts.items()))
 
 
-def check_evaluation_unseen(ctx: Context) -> dict:
-    """Count the needle sweep's values and haystack sentences that occur in the training
-    corpus (they should not: the evaluation must measure retrieval, not memory)."""
+def _needle_samples(ctx: Context) -> tuple[list, object]:
+    """Every prompt of the needle sweeps the evaluation runs (alone, and with distractors)."""
     from megatron_longsky.eval.needle import NeedleBuilder, NeedleConfig
 
     cfg = ctx.cfg
-    values = set()
-    for distractors in sorted({0, cfg.needle_distractors}):  # the sweeps the evaluation runs
+    samples, builder = [], None
+    for distractors in sorted({0, cfg.needle_distractors}):
         builder = NeedleBuilder(NeedleConfig(lengths=cfg.needle_lengths, num_depths=cfg.needle_depths,
                                              samples=cfg.needle_samples, seed=cfg.seed, mode="base",
                                              num_distractors=distractors), ctx.tokenizer())
-        values |= {n["value"] for point in builder.grid() for n in builder.build(*point).needles}
-    values = sorted(values)
+        samples += [builder.build(*point) for point in builder.grid()]
+    return samples, builder.haystack
+
+
+def check_needle_sweeps(ctx: Context) -> dict:
+    """Build every needle prompt once the tokenizer exists: a sweep that cannot be built (e.g.
+    too many distractors for the shortest length) is refused before any training, not after it."""
+    samples, _ = _needle_samples(ctx)
+    return {"prompts": len(samples), "needles": sum(len(s.needles) for s in samples)}
+
+
+def check_evaluation_unseen(ctx: Context) -> dict:
+    """Count the needle sweep's values and haystack sentences that occur in the training
+    corpus (they should not: the evaluation must measure retrieval, not memory)."""
+    samples, haystack = _needle_samples(ctx)
+    values = sorted({n["value"] for sample in samples for n in sample.needles})
     texts = []
     for split in ("train", "retrieval_warmup", "retrieval_keyed", "retrieval_base", "retrieval_cpt_cip",
                   "retrieval_cpt_concat"):
@@ -267,7 +280,7 @@ def check_evaluation_unseen(ctx: Context) -> dict:
             with open(ctx.path(f"corpus/{split}.jsonl"), encoding="utf-8") as f:
                 texts += [json.loads(line)["text"] for line in f]
     text = "\n".join(texts)
-    sentences = builder.haystack.sentences[:500]
+    sentences = haystack.sentences[:500]
     return {"needle_values": len(values), "needle_values_in_training": sum(v in text for v in values),
             "haystack_sentences_checked": len(sentences),
             "haystack_sentences_in_training": sum(s in text for s in sentences)}
