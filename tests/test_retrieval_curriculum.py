@@ -230,3 +230,12 @@ def test_quickstart_refuses_keyed_settings_it_would_ignore(overrides):
 
     with pytest.raises(ValueError, match="keyed"):
         QuickstartConfig(**overrides)
+
+
+@pytest.mark.parametrize("seq_length,alphabet", [(100, 64), (128, 6)])
+def test_keyed_samples_that_cannot_fit_are_a_config_error(tok, seq_length, alphabet):
+    from megatron_longsky.config import ConfigError
+
+    m = SampleMaker(tok, DOCS, seq_length, seed=1, induction_alphabet=alphabet)
+    with pytest.raises(ConfigError, match="too small for a keyed sample"):
+        m.keyed()

@@ -189,9 +189,12 @@ class SampleMaker:
         others = [t for t in self.induction_ids if t != sep]
         records = rng.randint(*KEYED_RECORDS)
         record = 2 + KEYED_VALUE_TOKENS
-        if len(others) < records or body < records * (KEYED_GAP + 2 * record):
-            raise ValueError(f"seq_length {self.seq_length} and induction_alphabet {len(self.induction_ids)} are "
-                             f"too small for a keyed sample of {records} records")
+        # Checked for the most records a sample can have, so that no seed can fail later.
+        if len(others) < KEYED_RECORDS[1] or body < KEYED_RECORDS[1] * (KEYED_GAP + 2 * record):
+            raise ConfigError(f"seq_length {self.seq_length} and induction_alphabet {len(self.induction_ids)} are "
+                              f"too small for a keyed sample of {records} records (it needs seq_length >= "
+                              f"{len(self.bos) + KEYED_RECORDS[1] * (KEYED_GAP + 4 + 2 * KEYED_VALUE_TOKENS)} and "
+                              f"induction_alphabet >= {KEYED_RECORDS[1] + 1})")
         keys = rng.sample(others, records)
         # Nothing but the records has the separator, so "key sep" occurs once per record.
         values = [[rng.choice(others) for _ in range(KEYED_VALUE_TOKENS)] for _ in keys]
