@@ -53,7 +53,8 @@ def _distractor_table(ctx: Context, models: list[str]) -> list[str]:
     return ["", f"The same sweep with {n} distractor needle{'s' if n > 1 else ''} (the same wording with "
             "other keys and values, never asked about): a model that copies whatever follows the needle's "
             f"wording, without matching the key, finds the asked value about {1 / (n + 1):.0%} as often as "
-            "above. This is the skill a table lookup needs (SynL below).", "",
+            "above. Matching the key is what a table lookup needs (SynL below): every row has the same "
+            "wording.", "",
             table(["model"] + [f"{L} tokens" for L in lengths], rows)]
 
 
