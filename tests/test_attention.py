@@ -285,7 +285,7 @@ def test_blocks_follow_cp_chunks_and_documents():
 @pytest.mark.parametrize("length,path", [(12, "dense"), (13, "blockwise")])
 def test_core_attention_one_sdpa_call_up_to_dense_max_tokens_not_block_size(monkeypatch, length, path):
     """An unpacked CP=1 sequence longer than a block but within dense_max_tokens is one SDPA
-    call (with blocks of 256, 257-512-token sequences used to go blockwise: 1.8-3.5x slower)."""
+    call (with blocks of 256, 257-512-token sequences used to go blockwise: 1.3-2.0x slower)."""
     from megatron_longsky.attention import core_attention
 
     calls = []

@@ -201,7 +201,6 @@ def test_keyed_values_are_told_apart_by_the_key_alone(tok):
             assert after_key == [value]  # key + separator: the asked record only
 
 
-
 def test_quickstart_report_names_the_keyed_warmup(tmp_path):
     from megatron_longsky.quickstart.config import QuickstartConfig
     from megatron_longsky.quickstart.context import Context

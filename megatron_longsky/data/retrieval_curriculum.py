@@ -187,14 +187,15 @@ class SampleMaker:
         body = self.seq_length - len(self.bos)
         sep = rng.choice(self.induction_ids)
         others = [t for t in self.induction_ids if t != sep]
-        records = rng.randint(*KEYED_RECORDS)
-        record = 2 + KEYED_VALUE_TOKENS
-        # Checked for the most records a sample can have, so that no seed can fail later.
-        if len(others) < KEYED_RECORDS[1] or body < KEYED_RECORDS[1] * (KEYED_GAP + 2 * record):
+        # Checked for the most records a sample can have (each stated with its gap, then asked),
+        # so that no seed can fail later.
+        most = KEYED_RECORDS[1]
+        need = len(self.bos) + most * (KEYED_GAP + 2 * (2 + KEYED_VALUE_TOKENS))
+        if len(others) < most or self.seq_length < need:
             raise ConfigError(f"seq_length {self.seq_length} and induction_alphabet {len(self.induction_ids)} are "
-                              f"too small for a keyed sample of {records} records (it needs seq_length >= "
-                              f"{len(self.bos) + KEYED_RECORDS[1] * (KEYED_GAP + 4 + 2 * KEYED_VALUE_TOKENS)} and "
-                              f"induction_alphabet >= {KEYED_RECORDS[1] + 1})")
+                              f"too small for a keyed sample of up to {most} records (it needs seq_length >= "
+                              f"{need} and induction_alphabet >= {most + 1})")
+        records = rng.randint(*KEYED_RECORDS)
         keys = rng.sample(others, records)
         # Nothing but the records has the separator, so "key sep" occurs once per record.
         values = [[rng.choice(others) for _ in range(KEYED_VALUE_TOKENS)] for _ in keys]

@@ -213,7 +213,7 @@ class LayerActivations:
 
 
 def _attention_path(p: PlanInput) -> str:
-    """'te', 'dense' (ours, one block) or 'blockwise' (ours, online softmax over blocks)."""
+    """'te', 'dense' (ours, one SDPA call) or 'blockwise' (ours, online softmax over blocks)."""
     if p.attention == "te":
         return "te"
     # LongSkyCoreAttention: one SDPA call only for a short CP=1 sequence.
